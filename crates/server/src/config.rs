@@ -1,0 +1,79 @@
+//! Configuration of `switchboard serve`: every flag is also a `SWITCHBOARD_*` variable, and
+//! the defaults make `switchboard serve` work on a fresh machine.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::domain::DomainConfig;
+use crate::store::sqlite::SqliteOptions;
+
+/// How commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    /// fsync every (group) commit: an answered write survives power loss.
+    Full,
+    /// Leave flushing to the OS: survives a crash of switchboard, not of the machine.
+    Normal,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `switchboard serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Register this API key for the default account (instead of printing a new one).
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Require this `partner-key` header on every API call.
+    #[arg(long, env = "SWITCHBOARD_PARTNER_KEY", hide_env_values = true)]
+    pub partner_key: Option<String>,
+    /// Seconds an agent stays online after agentOnlinePing.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_WINDOW", default_value_t = 150)]
+    pub presence_window: u64,
+    /// Durability of commits.
+    #[arg(long, env = "SWITCHBOARD_SYNC", value_enum, default_value = "full")]
+    pub sync: SyncMode,
+    /// Most writes committed together in one transaction.
+    #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_MAX", default_value_t = 512)]
+    pub group_commit_max: usize,
+    /// Log format (the level comes from RUST_LOG, default info).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// The domain settings these flags ask for.
+    pub fn domain_config(&self) -> DomainConfig {
+        DomainConfig {
+            presence_window: Duration::from_secs(self.presence_window),
+            partner_key: self.partner_key.clone().filter(|k| !k.is_empty()),
+            ..DomainConfig::default()
+        }
+    }
+
+    /// The SQLite settings these flags ask for.
+    pub fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            synchronous_full: self.sync == SyncMode::Full,
+            max_batch: self.group_commit_max,
+            ..SqliteOptions::default()
+        }
+    }
+}

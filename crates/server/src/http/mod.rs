@@ -1,0 +1,414 @@
+//! HTTP: the axum router, the extractors, and the one place that maps errors to responses.
+//!
+//! Every response that is not a success carries Brevo's error body
+//! `{"code": "...", "message": "..."}` with `Content-Type: application/json`, including
+//! the ones axum would produce itself (unknown route, wrong method, bad path, bad JSON,
+//! oversized body).
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use switchboard_wire::{ErrorBody, ErrorCode};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::domain::{Domain, DomainError};
+
+pub mod openapi;
+mod v3;
+
+/// Largest request body accepted (1 MiB).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The domain service.
+    pub domain: Arc<Domain>,
+}
+
+/// The whole HTTP application: Brevo's `/v3` API, the OpenAPI document and `/health`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v3/openapi.json", get(openapi::serve))
+        .merge(v3::routes())
+        .fallback(unknown_route)
+        .layer(axum::middleware::from_fn(json_method_not_allowed))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(state)
+}
+
+/// Collapses repeated slashes (`/v3//conversations`), which SDKs produce when their base
+/// URL ends with `/`. Applied before routing; never answers with a redirect.
+pub fn collapse_slashes(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.contains("//") {
+        let mut collapsed = String::with_capacity(path.len());
+        for c in path.chars() {
+            if !(c == '/' && collapsed.ends_with('/')) {
+                collapsed.push(c);
+            }
+        }
+        let pq = match req.uri().query() {
+            Some(q) => format!("{collapsed}?{q}"),
+            None => collapsed,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::DocumentNotFound,
+        format!(
+            "no such endpoint: {method} {}; the API is described at /v3/openapi.json",
+            uri.path()
+        ),
+    )
+}
+
+/// Turns axum's bare 405 into Brevo's error body, keeping the `Allow` header.
+async fn json_method_not_allowed(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let res = next.run(req).await;
+    if res.status() != StatusCode::METHOD_NOT_ALLOWED
+        || res.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return res;
+    }
+    let allow = res.headers().get(header::ALLOW).cloned();
+    let mut out = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{method} method is not allowed on {path}{}",
+            allow
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(|a| format!("; allowed: {a}"))
+                .unwrap_or_default()
+        ),
+    )
+    .into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
+
+/// An error answer: status, Brevo code and a message a developer can act on.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        use ErrorCode as C;
+        let (status, code) = match &e {
+            DomainError::Missing(_) => (StatusCode::BAD_REQUEST, C::MissingParameter),
+            DomainError::Invalid(_) => (StatusCode::BAD_REQUEST, C::InvalidParameter),
+            DomainError::OutOfRange(_) => (StatusCode::BAD_REQUEST, C::OutOfRange),
+            DomainError::NotFound(_) => (StatusCode::NOT_FOUND, C::DocumentNotFound),
+            DomainError::PermissionDenied(_) => (StatusCode::BAD_REQUEST, C::PermissionDenied),
+            DomainError::Duplicate(_) => (StatusCode::BAD_REQUEST, C::DuplicateParameter),
+            DomainError::KeyReused(_) => (StatusCode::BAD_REQUEST, C::DuplicateRequest),
+            DomainError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, C::Unauthorized),
+            DomainError::Store(inner) => {
+                // Nothing was committed (the store answers only after a commit), so a 5xx
+                // here is safe for SDKs that retry.
+                tracing::error!(error = %inner, source = ?std::error::Error::source(inner), "storage failure");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    C::BadRequest,
+                    "internal error: the request was not applied; it is safe to retry",
+                );
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
+    }
+}
+
+/// Result type of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller's account, from the `api-key` (and `partner-key`) header.
+pub struct Auth(pub String);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let account = state
+            .domain
+            .authenticate(header("api-key"), header("partner-key"))
+            .await?;
+        Ok(Auth(account))
+    }
+}
+
+/// The `{id}` of a path, percent-decoded. An undecodable id cannot exist: 404.
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::DocumentNotFound,
+                "the id in the path is not valid UTF-8 once percent-decoded, so no such message exists",
+            )),
+        }
+    }
+}
+
+/// A JSON object body, with Brevo errors for every way it can be wrong. An empty body
+/// counts as `{}`, so that the missing fields are named.
+pub struct JsonBody<T> {
+    /// The parsed body.
+    pub value: T,
+    /// The raw bytes, for idempotency fingerprints.
+    pub raw: Bytes,
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::OutOfRange,
+                format!("request body is larger than {MAX_BODY_BYTES} bytes (1 MiB)"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
+        let raw = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
+            Ok(b) => b,
+            Err(e) => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                while let Some(s) = source {
+                    if s.is::<http_body_util::LengthLimitError>() {
+                        return Err(too_large());
+                    }
+                    source = s.source();
+                }
+                return Err(ApiError::bad_request(
+                    ErrorCode::BadRequest,
+                    format!("could not read the request body: {e}"),
+                ));
+            }
+        };
+        let value = parse_json(&raw)?;
+        Ok(JsonBody { value, raw })
+    }
+}
+
+/// Parses a JSON object, naming the offending field on a type error.
+pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    let text: &[u8] = if raw.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        raw
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if path != "." => ApiError::bad_request(
+                ErrorCode::InvalidParameter,
+                format!("invalid value for {path}: {inner}"),
+            ),
+            serde_json::error::Category::Data => ApiError::bad_request(
+                ErrorCode::InvalidParameter,
+                format!("request body must be a JSON object: {inner}"),
+            ),
+            _ => ApiError::bad_request(
+                ErrorCode::BadRequest,
+                format!("request body is not valid JSON: {inner}"),
+            ),
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::bad_request(
+            ErrorCode::BadRequest,
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    Ok(value)
+}
+
+/// The optional `Idempotency-Key` header (switchboard extension).
+pub struct IdempotencyKeyHeader(pub Option<String>);
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        idempotency_key(&parts.headers).map(IdempotencyKeyHeader)
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::bad_request(
+            ErrorCode::InvalidParameter,
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ),
+        )
+    };
+    let key = value.to_str().map_err(|_| invalid())?.trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(invalid());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// A JSON response from bytes already serialised (idempotent replays).
+pub fn raw_json(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if body.is_empty() {
+        return status.into_response();
+    }
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Canonical JSON of a body (keys sorted at every level), so that a retry that
+/// re-serialises the same object in another key order or spacing matches.
+pub fn canonical_json(raw: &[u8]) -> String {
+    fn sort(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<_> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort(v))).collect())
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(sort).collect())
+            }
+            other => other,
+        }
+    }
+    match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(v) => sort(v).to_string(),
+        Err(_) => String::from_utf8_lossy(raw).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collapses_double_slashes_and_keeps_query() {
+        let req = Request::builder()
+            .uri("/v3//conversations///messages?x=1")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(
+            collapse_slashes(req).uri().to_string(),
+            "/v3/conversations/messages?x=1"
+        );
+    }
+
+    #[test]
+    fn canonical_json_ignores_order_and_spacing() {
+        assert_eq!(
+            canonical_json(br#"{"b": 1, "a": {"d": 2, "c": 3}}"#),
+            canonical_json(br#"{"a":{"c":3,"d":2},"b":1}"#)
+        );
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct B {
+            text: Option<String>,
+        }
+        let e = parse_json::<B>(br#"{"text": 5}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidParameter);
+        assert!(e.message.contains("text"), "{}", e.message);
+        let e = parse_json::<B>(b"{\"text\": ").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = parse_json::<B>(b"[1]").unwrap_err();
+        assert!(e.message.contains("JSON object"), "{}", e.message);
+        assert!(parse_json::<B>(b"  ").is_ok());
+    }
+}

@@ -1,0 +1,63 @@
+//! The OpenAPI 3 document of everything switchboard serves, generated from the handlers'
+//! annotations and the wire types, so it cannot drift from the code.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::v3;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "switchboard",
+        description = "A self-hosted live-chat server that speaks the Brevo Conversations API. \
+            Paths under /v3/conversations are Brevo's, with Brevo's statuses and error body \
+            {code, message}. Extensions Brevo lacks are marked as such in their descriptions.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        v3::agent_online_ping,
+        v3::send_message,
+        v3::get_message,
+        v3::edit_message,
+        v3::delete_message,
+        v3::push_message,
+        v3::get_pushed,
+        v3::edit_pushed,
+        v3::delete_pushed,
+        v3::visitor_group,
+    ),
+    modifiers(&Security),
+    tags((name = "Conversations", description = "Brevo's Conversations API"))
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api-key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "api-key",
+                "An API key of the account (switchboard keys create). partner-key is accepted \
+                 too and checked only when the server is configured with one.",
+            ))),
+        );
+    }
+}
+
+/// The document as JSON, built once.
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+}
+
+pub(super) async fn serve() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], document())
+}

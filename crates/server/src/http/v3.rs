@@ -1,0 +1,428 @@
+//! Brevo's Conversations API under `/v3`: paths, methods and statuses exactly as Brevo has them.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use switchboard_wire::{
+    AgentOnlinePingRequest, ConversationsMessage, ErrorBody, MessageType, PushMessageRequest,
+    SendMessageRequest, UpdateMessageRequest, VisitorGroupRequest, VisitorGroupResponse,
+};
+
+use super::{
+    canonical_json, raw_json, ApiResult, AppState, Auth, IdPath, IdempotencyKeyHeader, JsonBody,
+};
+use crate::domain::{
+    html_of, parse_mark, AgentMessage, AgentRef, Idem, IdempotencyKey, Outcome, PushedMessage,
+    Text, VisitorId,
+};
+use crate::ids;
+use crate::store::{MessageRow, StoredResponse};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v3/conversations/agentOnlinePing", post(agent_online_ping))
+        .route("/v3/conversations/messages", post(send_message))
+        .route(
+            "/v3/conversations/messages/{id}",
+            axum::routing::get(get_message)
+                .put(edit_message)
+                .delete(delete_message),
+        )
+        .route("/v3/conversations/pushedMessages", post(push_message))
+        .route(
+            "/v3/conversations/pushedMessages/{id}",
+            axum::routing::get(get_pushed)
+                .put(edit_pushed)
+                .delete(delete_pushed),
+        )
+        .route("/v3/conversations/visitorGroup", put(visitor_group))
+}
+
+/// The wire form of a stored message.
+pub fn to_wire(m: &MessageRow) -> ConversationsMessage {
+    ConversationsMessage {
+        id: m.id.clone(),
+        kind: if m.kind == "visitor" {
+            MessageType::Visitor
+        } else {
+            MessageType::Agent
+        },
+        html: html_of(&m.text),
+        text: m.text.clone(),
+        visitor_id: m.visitor_id.clone(),
+        agent_id: m.agent_id.clone(),
+        agent_name: m.agent_name.clone(),
+        agent_userpic: m.agent_userpic.clone(),
+        created_at: m.created_at,
+        is_pushed: m.is_pushed,
+        is_missed: m.is_missed,
+        is_missed_by_visitor: m.is_missed_by_visitor,
+        is_trigger: m.is_trigger,
+        received_from: m.received_from.clone(),
+    }
+}
+
+fn render(m: &MessageRow) -> StoredResponse {
+    StoredResponse {
+        status: 200,
+        body: serde_json::to_string(&to_wire(m)).unwrap_or_default(),
+    }
+}
+
+fn fingerprint(method: &str, path: &str, raw: &[u8]) -> String {
+    let mut material = format!("{method} {path}\n").into_bytes();
+    material.extend_from_slice(canonical_json(raw).as_bytes());
+    ids::sha256_hex(&material)
+}
+
+fn message_response(outcome: Outcome<MessageRow>) -> Response {
+    match outcome {
+        Outcome::Fresh(m) => Json(to_wire(&m)).into_response(),
+        Outcome::Replayed(r) => raw_json(r.status, r.body),
+    }
+}
+
+const IDEMPOTENCY_DOC: &str = "switchboard extension: a retry with the same key and body within 24 hours returns the first response and writes nothing; the same key with another body is refused with 400 duplicate_request.";
+
+/// Sets an agent's status to online for the presence window (150 s by default).
+#[utoipa::path(
+    post,
+    path = "/v3/conversations/agentOnlinePing",
+    tag = "Conversations",
+    summary = "Sets agent's status to online for 2-3 minutes",
+    description = "Marks the agent online for the presence window (default 150 s). Ping every minute while the agent is to be considered online. The agent is named by agentId, or by agentEmail (with agentName to create an agent that does not exist yet). Pushed messages prefer online agents.",
+    request_body = AgentOnlinePingRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_DOC)),
+    responses(
+        (status = 201, description = "The agent is online. The body is empty."),
+        (status = 400, description = "Missing or invalid agent", body = ErrorBody),
+        (status = 401, description = "Missing or unknown api-key", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn agent_online_ping(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    body: JsonBody<AgentOnlinePingRequest>,
+) -> ApiResult<Response> {
+    let b = body.value;
+    let agent = AgentRef::parse(b.agent_id, b.agent_email, b.agent_name)?;
+    let idem = key.map(|key| IdempotencyKey {
+        fingerprint: fingerprint("POST", "agentOnlinePing", &body.raw),
+        key,
+    });
+    match state
+        .domain
+        .agent_online_ping(&account, &agent, idem)
+        .await?
+    {
+        Outcome::Fresh(()) => Ok(StatusCode::CREATED.into_response()),
+        Outcome::Replayed(r) => Ok(raw_json(r.status, r.body)),
+    }
+}
+
+/// Sends a message to a visitor on behalf of an agent.
+#[utoipa::path(
+    post,
+    path = "/v3/conversations/messages",
+    tag = "Conversations",
+    summary = "Send a message as an agent",
+    description = "Writes a message from an agent to a visitor. The visitor and its conversation come into being with the first message. Name the agent by agentId, or by agentEmail; an unknown agentEmail with agentName creates that agent (Brevo's dummy agent). receivedFrom marks the message so a two-way integration can recognise its own echoes.",
+    request_body = SendMessageRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_DOC)),
+    responses(
+        (status = 200, description = "The new message", body = ConversationsMessage),
+        (status = 400, description = "Missing or invalid field", body = ErrorBody),
+        (status = 401, description = "Missing or unknown api-key", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn send_message(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    body: JsonBody<SendMessageRequest>,
+) -> ApiResult<Response> {
+    let b = body.value;
+    let input = AgentMessage {
+        visitor_id: VisitorId::parse(b.visitor_id)?,
+        text: Text::parse(b.text)?,
+        agent: AgentRef::parse(b.agent_id, b.agent_email, b.agent_name)?,
+        received_from: parse_mark("receivedFrom", b.received_from)?,
+    };
+    let idem = key.map(|key| Idem {
+        key: IdempotencyKey {
+            fingerprint: fingerprint("POST", "messages", &body.raw),
+            key,
+        },
+        render: &render,
+    });
+    let outcome = state
+        .domain
+        .send_agent_message(&account, input, idem)
+        .await?;
+    Ok(message_response(outcome))
+}
+
+/// Sends an automated message to a visitor.
+#[utoipa::path(
+    post,
+    path = "/v3/conversations/pushedMessages",
+    tag = "Conversations",
+    summary = "Send an automated message to a visitor",
+    description = "Writes a pushed message (isPushed: true). The sender is agentId when given; else an agent of groupId, an online one first; else any agent of the account, an online one first. Pushed messages do not start a chat.",
+    request_body = PushMessageRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_DOC)),
+    responses(
+        (status = 200, description = "The new message", body = ConversationsMessage),
+        (status = 400, description = "Missing or invalid field, or no agent to send as", body = ErrorBody),
+        (status = 401, description = "Missing or unknown api-key", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn push_message(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    body: JsonBody<PushMessageRequest>,
+) -> ApiResult<Response> {
+    let b = body.value;
+    let input = PushedMessage {
+        visitor_id: VisitorId::parse(b.visitor_id)?,
+        text: Text::parse(b.text)?,
+        agent_id: b.agent_id.filter(|s| !s.trim().is_empty()),
+        group_id: b.group_id.filter(|s| !s.trim().is_empty()),
+    };
+    let idem = key.map(|key| Idem {
+        key: IdempotencyKey {
+            fingerprint: fingerprint("POST", "pushedMessages", &body.raw),
+            key,
+        },
+        render: &render,
+    });
+    let outcome = state.domain.push_message(&account, input, idem).await?;
+    Ok(message_response(outcome))
+}
+
+/// Gets a message (not a pushed one).
+#[utoipa::path(
+    get,
+    path = "/v3/conversations/messages/{id}",
+    tag = "Conversations",
+    summary = "Get a message",
+    params(("id" = String, Path, description = "ID of the message")),
+    responses(
+        (status = 200, description = "The message", body = ConversationsMessage),
+        (status = 404, description = "No such message in this account (pushed messages live under /pushedMessages)", body = ErrorBody),
+        (status = 401, description = "Missing or unknown api-key", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn get_message(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+) -> ApiResult<Json<ConversationsMessage>> {
+    let m = state.domain.get_message(&account, &id, false).await?;
+    Ok(Json(to_wire(&m)))
+}
+
+/// Edits an agent's message.
+#[utoipa::path(
+    put,
+    path = "/v3/conversations/messages/{id}",
+    tag = "Conversations",
+    summary = "Update a message sent by an agent",
+    description = "Only agents' messages can be edited; a visitor's message gives 400 permission_denied. id and createdAt stay.",
+    params(("id" = String, Path, description = "ID of the message")),
+    request_body = UpdateMessageRequest,
+    responses(
+        (status = 200, description = "The edited message", body = ConversationsMessage),
+        (status = 400, description = "Missing text, or a visitor's message", body = ErrorBody),
+        (status = 404, description = "No such message", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn edit_message(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+    body: JsonBody<UpdateMessageRequest>,
+) -> ApiResult<Json<ConversationsMessage>> {
+    edit(state, account, id, false, body.value).await
+}
+
+/// Deletes an agent's message.
+#[utoipa::path(
+    delete,
+    path = "/v3/conversations/messages/{id}",
+    tag = "Conversations",
+    summary = "Delete a message sent by an agent",
+    description = "Only agents' messages can be deleted; a visitor's message gives 400 permission_denied. A deleted message is gone for every later call.",
+    params(("id" = String, Path, description = "ID of the message")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "A visitor's message", body = ErrorBody),
+        (status = 404, description = "No such message", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn delete_message(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+) -> ApiResult<StatusCode> {
+    state.domain.delete_message(&account, &id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Gets a pushed message.
+#[utoipa::path(
+    get,
+    path = "/v3/conversations/pushedMessages/{id}",
+    tag = "Conversations",
+    summary = "Get an automated message",
+    params(("id" = String, Path, description = "ID of the message sent previously")),
+    responses(
+        (status = 200, description = "The message", body = ConversationsMessage),
+        (status = 404, description = "No such pushed message in this account", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn get_pushed(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+) -> ApiResult<Json<ConversationsMessage>> {
+    let m = state.domain.get_message(&account, &id, true).await?;
+    Ok(Json(to_wire(&m)))
+}
+
+/// Edits a pushed message.
+#[utoipa::path(
+    put,
+    path = "/v3/conversations/pushedMessages/{id}",
+    tag = "Conversations",
+    summary = "Update an automated message",
+    params(("id" = String, Path, description = "ID of the message")),
+    request_body = UpdateMessageRequest,
+    responses(
+        (status = 200, description = "The edited message", body = ConversationsMessage),
+        (status = 400, description = "Missing text", body = ErrorBody),
+        (status = 404, description = "No such pushed message", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn edit_pushed(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+    body: JsonBody<UpdateMessageRequest>,
+) -> ApiResult<Json<ConversationsMessage>> {
+    edit(state, account, id, true, body.value).await
+}
+
+/// Deletes a pushed message.
+#[utoipa::path(
+    delete,
+    path = "/v3/conversations/pushedMessages/{id}",
+    tag = "Conversations",
+    summary = "Delete an automated message",
+    params(("id" = String, Path, description = "ID of the message")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such pushed message", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn delete_pushed(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(id): IdPath,
+) -> ApiResult<StatusCode> {
+    state.domain.delete_message(&account, &id, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn edit(
+    state: AppState,
+    account: String,
+    id: String,
+    pushed: bool,
+    body: UpdateMessageRequest,
+) -> ApiResult<Json<ConversationsMessage>> {
+    let text = Text::parse(body.text)?;
+    let m = state
+        .domain
+        .edit_message(&account, &id, pushed, text)
+        .await?;
+    Ok(Json(to_wire(&m)))
+}
+
+/// Query string of `PUT /visitorGroup`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct VisitorGroupQuery {
+    /// The visitor, when the body does not name it (Brevo's spec and SDKs send only groupId).
+    visitor_id: Option<String>,
+}
+
+/// Assigns a visitor to a group, or removes it from its group.
+#[utoipa::path(
+    put,
+    path = "/v3/conversations/visitorGroup",
+    tag = "Conversations",
+    summary = "Set visitor group assignment",
+    description = "groupId assigns the visitor to that group; null or \"\" removes it from its group. Brevo's spec omits the visitor: switchboard takes visitorId from the body or from the visitorId query parameter (the body wins).",
+    params(VisitorGroupQuery),
+    request_body = VisitorGroupRequest,
+    responses(
+        (status = 200, description = "The assignment", body = VisitorGroupResponse),
+        (status = 400, description = "visitorId or groupId missing, or an unknown group", body = ErrorBody),
+        (status = 404, description = "The visitor is not found", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn visitor_group(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    query: Result<Query<VisitorGroupQuery>, axum::extract::rejection::QueryRejection>,
+    body: JsonBody<VisitorGroupRequest>,
+) -> ApiResult<Json<VisitorGroupResponse>> {
+    let from_query = query.ok().and_then(|Query(q)| q.visitor_id);
+    let b = body.value;
+    let visitor = b
+        .visitor_id
+        .filter(|v| !v.trim().is_empty())
+        .or(from_query.filter(|v| !v.trim().is_empty()));
+    let Some(visitor) = visitor else {
+        return Err(crate::domain::DomainError::Missing(
+            "visitorId is required: pass it in the body or as the visitorId query parameter".into(),
+        )
+        .into());
+    };
+    let visitor = VisitorId::parse(Some(visitor))?;
+    let group = match b.group_id {
+        None => {
+            return Err(crate::domain::DomainError::Missing(
+                "groupId is required: a group id, or null to remove the visitor from its group"
+                    .into(),
+            )
+            .into())
+        }
+        Some(g) => g.filter(|g| !g.trim().is_empty()),
+    };
+    state
+        .domain
+        .set_visitor_group(&account, &visitor, group.as_deref())
+        .await?;
+    Ok(Json(VisitorGroupResponse {
+        visitor_id: visitor.as_str().to_owned(),
+        group_id: group,
+    }))
+}

@@ -1,0 +1,73 @@
+//! Identifiers and secrets: Brevo-like ids, API keys and their hashes.
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+/// Meteor's "unmistakable" alphabet, which Brevo's ids use (no 0 1 I O U V l).
+pub const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// A random id of `len` characters from [`ALPHABET`].
+pub fn random_id(len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// A 17-character id, like Brevo's message, agent, group and conversation ids.
+pub fn new_id() -> String {
+    random_id(17)
+}
+
+/// A 32-character visitor id, like the ones Brevo's widget generates.
+pub fn new_visitor_id() -> String {
+    random_id(32)
+}
+
+/// A new API key shaped like Brevo's: `xkeysib-<64 hex>-<16 alphanumerics>`.
+pub fn new_api_key() -> String {
+    let mut rng = rand::rng();
+    let secret: [u8; 32] = rng.random();
+    format!("xkeysib-{}-{}", hex::encode(secret), random_id(16))
+}
+
+/// The stored form of an API key: hex SHA-256. Keys are 256-bit random, so a fast hash is
+/// enough; no password hashing is needed.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The part of a key shown in listings.
+pub fn key_prefix(key: &str) -> String {
+    key.chars().take(14).collect()
+}
+
+/// Hex SHA-256 of arbitrary bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_use_the_brevo_alphabet() {
+        for _ in 0..100 {
+            let id = new_id();
+            assert_eq!(id.len(), 17);
+            assert!(id.bytes().all(|b| ALPHABET.contains(&b)), "{id}");
+        }
+        assert_eq!(new_visitor_id().len(), 32);
+    }
+
+    #[test]
+    fn api_keys_look_like_brevo_keys_and_hash_stably() {
+        let k = new_api_key();
+        assert!(k.starts_with("xkeysib-"));
+        assert_eq!(k.len(), 8 + 64 + 1 + 16);
+        assert_eq!(hash_key(&k), hash_key(&k));
+        assert_ne!(hash_key(&k), hash_key(&new_api_key()));
+        assert_eq!(hash_key(&k).len(), 64);
+    }
+}

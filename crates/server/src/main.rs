@@ -1,0 +1,442 @@
+//! The `switchboard` binary: the server and its administration verbs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use switchboard_server::config::{LogFormat, ServeArgs};
+use switchboard_server::domain::{Clock, Domain, DomainConfig};
+use switchboard_server::store::sqlite::SqliteOptions;
+use switchboard_server::store::{AgentRow, ApiKey, GroupRow};
+use tokio::net::TcpListener;
+
+/// switchboard: a self-hosted live-chat server that speaks the Brevo Conversations API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Database file (created when missing).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHBOARD_DB",
+        default_value = "./switchboard.db"
+    )]
+    db: PathBuf,
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Manage agents.
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    /// Manage agent groups.
+    #[command(subcommand)]
+    Groups(GroupsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCmd {
+    /// Create an account and print its first API key (shown once).
+    Create { name: String },
+    /// List accounts.
+    List,
+}
+
+#[derive(Debug, clap::Args)]
+struct AccountArg {
+    /// Account id (default: the default account).
+    #[arg(long, env = "SWITCHBOARD_ACCOUNT")]
+    account: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create an API key (shown once).
+    Create {
+        #[command(flatten)]
+        account: AccountArg,
+        /// A label for the key.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        account: AccountArg,
+    },
+    /// Revoke a key by its id.
+    Revoke {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Key id, from `keys list`.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCmd {
+    /// Add an agent.
+    Add {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Email (unique in the account).
+        #[arg(long)]
+        email: Option<String>,
+        /// Picture URL.
+        #[arg(long)]
+        userpic: Option<String>,
+        /// Group id to join (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List agents.
+    List {
+        #[command(flatten)]
+        account: AccountArg,
+    },
+    /// Remove an agent.
+    Remove {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Agent id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupsCmd {
+    /// Add a group.
+    Add {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Group name (unique in the account).
+        name: String,
+    },
+    /// List groups.
+    List {
+        #[command(flatten)]
+        account: AccountArg,
+    },
+    /// Remove a group.
+    Remove {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Group id.
+        id: String,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(&cli.db, args).await,
+        other => {
+            let domain = switchboard_server::open(
+                &cli.db,
+                SqliteOptions {
+                    read_connections: 1,
+                    ..SqliteOptions::default()
+                },
+                DomainConfig::default(),
+                Clock::System,
+            )
+            .await?;
+            let result = admin(&domain, other, cli.json).await;
+            domain.store().close().await;
+            result
+        }
+    }
+}
+
+async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_format);
+    let domain = switchboard_server::open(
+        db,
+        args.sqlite_options(),
+        args.domain_config(),
+        Clock::System,
+    )
+    .await?;
+    let boot = domain
+        .bootstrap(args.api_key.as_deref())
+        .await
+        .context("preparing the default account")?;
+    if let Some(key) = &boot.new_key {
+        println!(
+            "created the default account {} with API key (shown once, keep it): {key}",
+            boot.account.id
+        );
+    }
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, db = %db.display(), "switchboard is ready");
+    switchboard_server::serve(domain, listener, shutdown_signal()).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn agent_json(a: &AgentRow, groups: &[String], online: bool) -> serde_json::Value {
+    serde_json::to_value(switchboard_wire::Agent {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        email: a.email.clone(),
+        userpic: a.userpic.clone(),
+        groups: groups.to_vec(),
+        online,
+    })
+    .unwrap_or_default()
+}
+
+fn group_json(g: &GroupRow) -> serde_json::Value {
+    json!({ "id": g.id, "name": g.name })
+}
+
+fn key_json(k: &ApiKey) -> serde_json::Value {
+    json!({
+        "id": k.id, "accountId": k.account_id, "name": k.name, "prefix": k.prefix,
+        "createdAt": k.created_at, "revokedAt": k.revoked_at,
+    })
+}
+
+fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if json_out {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+async fn admin(domain: &Arc<Domain>, cmd: Command, j: bool) -> anyhow::Result<()> {
+    match cmd {
+        Command::Serve(_) => unreachable!("handled by run"),
+        Command::Accounts(AccountsCmd::Create { name }) => {
+            let (account, key) = domain.create_account(&name).await?;
+            print(
+                j,
+                json!({"id": account.id, "name": account.name, "apiKey": key.key}),
+                || {
+                    format!(
+                        "account {} ({})\nAPI key (shown once, keep it): {}",
+                        account.id, account.name, key.key
+                    )
+                },
+            );
+        }
+        Command::Accounts(AccountsCmd::List) => {
+            let accounts = domain.list_accounts().await?;
+            let v: Vec<_> = accounts
+                .iter()
+                .map(|a| json!({"id": a.id, "name": a.name, "isDefault": a.is_default, "createdAt": a.created_at}))
+                .collect();
+            print(j, json!(v), || {
+                accounts
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}  {}{}",
+                            a.id,
+                            a.name,
+                            if a.is_default { "  (default)" } else { "" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Keys(KeysCmd::Create { account, name }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let key = domain.create_key(&account.id, &name).await?;
+            let mut v = key_json(&key.record);
+            v["apiKey"] = json!(key.key);
+            print(j, v, || {
+                format!(
+                    "key {} for account {}\nAPI key (shown once, keep it): {}",
+                    key.record.id, account.id, key.key
+                )
+            });
+        }
+        Command::Keys(KeysCmd::List { account }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let keys = domain.list_keys(&account.id).await?;
+            print(
+                j,
+                json!(keys.iter().map(key_json).collect::<Vec<_>>()),
+                || {
+                    keys.iter()
+                        .map(|k| {
+                            format!(
+                                "{}  {}…  {}{}",
+                                k.id,
+                                k.prefix,
+                                k.name,
+                                if k.revoked_at.is_some() {
+                                    "  (revoked)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Keys(KeysCmd::Revoke { account, id }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            domain.revoke_key(&account.id, &id).await?;
+            print(j, json!({"id": id, "revoked": true}), || {
+                format!("revoked key {id} (running servers stop accepting it within 5 seconds)")
+            });
+        }
+        Command::Agents(AgentsCmd::Add {
+            account,
+            name,
+            email,
+            userpic,
+            groups,
+        }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let (agent, groups) = domain
+                .add_agent(
+                    &account.id,
+                    &name,
+                    email.as_deref(),
+                    userpic.as_deref(),
+                    &groups,
+                )
+                .await?;
+            print(j, agent_json(&agent, &groups, false), || {
+                format!("agent {} ({})", agent.id, agent.name)
+            });
+        }
+        Command::Agents(AgentsCmd::List { account }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let agents = domain.list_agents(&account.id).await?;
+            let v: Vec<_> = agents
+                .iter()
+                .map(|(a, g)| agent_json(a, g, domain.is_online(a)))
+                .collect();
+            print(j, json!(v), || {
+                agents
+                    .iter()
+                    .map(|(a, g)| {
+                        format!(
+                            "{}  {}  {}  groups: [{}]{}",
+                            a.id,
+                            a.name,
+                            a.email.as_deref().unwrap_or("-"),
+                            g.join(", "),
+                            if domain.is_online(a) {
+                                "  (online)"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Agents(AgentsCmd::Remove { account, id }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            domain.remove_agent(&account.id, &id).await?;
+            print(j, json!({"id": id, "removed": true}), || {
+                format!("removed agent {id}")
+            });
+        }
+        Command::Groups(GroupsCmd::Add { account, name }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let group = domain.add_group(&account.id, &name).await?;
+            print(j, group_json(&group), || {
+                format!("group {} ({})", group.id, group.name)
+            });
+        }
+        Command::Groups(GroupsCmd::List { account }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let groups = domain.list_groups(&account.id).await?;
+            print(
+                j,
+                json!(groups.iter().map(group_json).collect::<Vec<_>>()),
+                || {
+                    groups
+                        .iter()
+                        .map(|g| format!("{}  {}", g.id, g.name))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Groups(GroupsCmd::Remove { account, id }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            domain.remove_group(&account.id, &id).await?;
+            print(j, json!({"id": id, "removed": true}), || {
+                format!("removed group {id}")
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,964 @@
+//! The embedded SQLite backend.
+//!
+//! Reads go through a small pool; every write goes through one writer task that commits all
+//! writes queued at that moment in a single transaction (group commit), then answers each
+//! waiting caller. With WAL and `synchronous=FULL` the commit is fsynced before anyone is
+//! answered, so an acknowledged write survives SIGKILL and power loss, and the fsync cost is
+//! shared by the whole batch.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Tuning of the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// fsync every commit (`FULL`, the default) or leave it to the OS (`NORMAL`: survives a
+    /// process crash, not a power cut).
+    pub synchronous_full: bool,
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Connections for reads.
+    pub read_connections: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous_full: true,
+            max_batch: 512,
+            read_connections: 4,
+        }
+    }
+}
+
+/// What a job leaves for the writer: whether it succeeded (else its savepoint is rolled
+/// back) and how to answer its caller once the commit outcome is known.
+struct JobDone {
+    ok: bool,
+    answer: Box<dyn FnOnce(Option<&str>) + Send>,
+}
+
+type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
+
+enum WriterMsg {
+    Job(Job),
+    Stop(oneshot::Sender<()>),
+}
+
+/// State owned by the writer task.
+struct WriterCtx {
+    conn: SqliteConnection,
+    /// (account, visitor) -> conversation id, for visitors known to exist. Only the writer
+    /// creates visitors, so this cannot go stale within one process.
+    conversations: HashMap<(String, String), String>,
+    /// Entries added in the current transaction, forgotten again if it fails.
+    added: Vec<(String, String)>,
+}
+
+const CONVERSATION_CACHE_MAX: usize = 200_000;
+
+/// SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: mpsc::Sender<WriterMsg>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, runs the migrations and
+    /// starts the writer task.
+    pub async fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
+        let connect = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if options.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .log_statements(tracing::log::LevelFilter::Trace);
+
+        let mut conn = connect.connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .min_connections(1)
+            .connect_with(connect)
+            .await?;
+
+        let (tx, rx) = mpsc::channel(8192);
+        let ctx = WriterCtx {
+            conn,
+            conversations: HashMap::new(),
+            added: Vec::new(),
+        };
+        tokio::spawn(writer_loop(ctx, rx, options.max_batch.max(1)));
+        Ok(Self { pool, writer: tx })
+    }
+
+    /// Runs `f` inside the writer's next transaction and returns its result once committed.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
+        let job: Job = Box::new(move |ctx| {
+            Box::pin(async move {
+                let result = f(ctx).await;
+                let ok = result.is_ok();
+                JobDone {
+                    ok,
+                    answer: Box::new(move |commit_error| {
+                        let _ = tx.send(match commit_error {
+                            None => result,
+                            Some(e) => Err(StoreError::Commit(e.to_owned())),
+                        });
+                    }),
+                }
+            })
+        });
+        self.writer
+            .send(WriterMsg::Job(job))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::Aborted)?
+    }
+}
+
+async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut stop: Option<oneshot::Sender<()>> = None;
+    while stop.is_none() {
+        match rx.recv().await {
+            Some(WriterMsg::Job(job)) => batch.push(job),
+            Some(WriterMsg::Stop(done)) => stop = Some(done),
+            None => break,
+        }
+        while batch.len() < max_batch && stop.is_none() {
+            match rx.try_recv() {
+                Ok(WriterMsg::Job(job)) => batch.push(job),
+                Ok(WriterMsg::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            run_batch(&mut ctx, &mut batch).await;
+        }
+    }
+    // Answer anything still queued with an error rather than leaving callers hanging.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let WriterMsg::Stop(done) = msg {
+            let _ = done.send(());
+        }
+    }
+    let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(ctx.conn.close());
+    if let Err(e) = close.await {
+        tracing::warn!(error = %e, "closing the writer connection");
+    }
+    if let Some(done) = stop {
+        let _ = done.send(());
+    }
+}
+
+/// Runs one statement. Boxed: it keeps the writer task's future provably `Send` (sqlx's
+/// executor impls trip the compiler's higher-ranked lifetime inference otherwise).
+fn exec<'a>(
+    conn: &'a mut SqliteConnection,
+    sql: &'a str,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move { sqlx::Executor::execute(conn, sql).await.map(|_| ()) })
+}
+
+fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Job>) -> BoxFuture<'a, ()> {
+    Box::pin(run_batch_inner(ctx, batch))
+}
+
+async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Job>) {
+    if let Err(e) = exec(&mut ctx.conn, "BEGIN IMMEDIATE").await {
+        tracing::error!(error = %e, jobs = batch.len(), "could not start a write transaction");
+        // Dropping the jobs answers their callers with an error; nothing was written.
+        batch.clear();
+        return;
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    let single = batch.len() == 1;
+    for job in batch.drain(..) {
+        // One failing job must not leave half its writes behind, nor undo the others'.
+        if !single {
+            if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
+                tracing::error!(error = %e, "savepoint");
+            }
+        }
+        let done = job(ctx).await;
+        if !single {
+            if !done.ok {
+                if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
+                    tracing::error!(error = %e, "rolling back to savepoint");
+                }
+            }
+            if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
+                tracing::error!(error = %e, "releasing savepoint");
+            }
+        }
+        answers.push(done);
+    }
+    if single && !answers[0].ok {
+        // A lone failed job: nothing of it may stay.
+        let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+        ctx.forget_added();
+        for done in answers {
+            (done.answer)(None);
+        }
+        return;
+    }
+    match exec(&mut ctx.conn, "COMMIT").await {
+        Ok(()) => {
+            ctx.added.clear();
+            for done in answers {
+                (done.answer)(None);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed; the batch is rolled back");
+            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            ctx.forget_added();
+            let msg = e.to_string();
+            for done in answers {
+                (done.answer)(Some(&msg));
+            }
+        }
+    }
+}
+
+impl WriterCtx {
+    fn forget_added(&mut self) {
+        for key in self.added.drain(..) {
+            self.conversations.remove(&key);
+        }
+    }
+
+    /// The conversation of a visitor, creating visitor and conversation on first contact.
+    async fn conversation_for(
+        &mut self,
+        account_id: &str,
+        visitor_id: &str,
+        now: i64,
+    ) -> Result<String, sqlx::Error> {
+        let key = (account_id.to_owned(), visitor_id.to_owned());
+        if let Some(id) = self.conversations.get(&key) {
+            return Ok(id.clone());
+        }
+        sqlx::query(
+            "INSERT INTO visitors (account_id, id, created_at, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (account_id, id) DO NOTHING",
+        )
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(now)
+        .bind(now)
+        .execute(&mut self.conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO conversations (id, account_id, visitor_id, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (account_id, visitor_id) DO NOTHING",
+        )
+        .bind(crate::ids::new_id())
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(now)
+        .execute(&mut self.conn)
+        .await?;
+        let id: String = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE account_id = ? AND visitor_id = ?",
+        )
+        .bind(account_id)
+        .bind(visitor_id)
+        .fetch_one(&mut self.conn)
+        .await?;
+        if self.conversations.len() >= CONVERSATION_CACHE_MAX {
+            self.conversations.clear();
+        }
+        self.conversations.insert(key.clone(), id.clone());
+        self.added.push(key);
+        Ok(id)
+    }
+}
+
+/// Looks up an idempotency key inside the writer's transaction.
+async fn idem_check<T>(
+    conn: &mut SqliteConnection,
+    account_id: &str,
+    rec: &IdempotencyRecord,
+) -> StoreResult<Option<Guarded<T>>> {
+    let row: Option<(String, i64, String, i64)> = sqlx::query_as(
+        "SELECT fingerprint, status, body, created_at FROM idempotency_keys \
+         WHERE account_id = ? AND key = ?",
+    )
+    .bind(account_id)
+    .bind(&rec.key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some((fp, status, body, created)) if created >= rec.now - rec.retention_ms => {
+            if fp == rec.fingerprint {
+                Some(Guarded::Replayed(StoredResponse {
+                    status: u16::try_from(status).unwrap_or(200),
+                    body,
+                }))
+            } else {
+                Some(Guarded::KeyReused)
+            }
+        }
+        _ => None,
+    })
+}
+
+async fn idem_save(
+    conn: &mut SqliteConnection,
+    account_id: &str,
+    rec: &IdempotencyRecord,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO idempotency_keys (account_id, key, fingerprint, status, body, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, key) DO UPDATE SET \
+         fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body, \
+         created_at = excluded.created_at",
+    )
+    .bind(account_id)
+    .bind(&rec.key)
+    .bind(&rec.fingerprint)
+    .bind(i64::from(rec.response.status))
+    .bind(&rec.response.body)
+    .bind(rec.now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(what.to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "seq, id, account_id, conversation_id, visitor_id, type, text, \
+     agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+     is_trigger, received_from, created_at, updated_at, deleted_at";
+
+const AGENT_COLUMNS: &str =
+    "id, account_id, name, email, userpic, is_dummy, online_until, created_at";
+
+async fn insert_agent(
+    conn: &mut SqliteConnection,
+    account_id: &str,
+    a: &NewAgent,
+) -> StoreResult<AgentRow> {
+    let email_key = a.email.as_deref().map(|e| e.trim().to_lowercase());
+    sqlx::query(
+        "INSERT INTO agents (id, account_id, name, email, email_key, userpic, is_dummy, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&a.id)
+    .bind(account_id)
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(&email_key)
+    .bind(&a.userpic)
+    .bind(a.is_dummy)
+    .bind(a.created_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| conflict_on_unique(e, "an agent with this email"))?;
+    for group in &a.groups {
+        sqlx::query("INSERT INTO group_members (group_id, agent_id, account_id) VALUES (?, ?, ?)")
+            .bind(group)
+            .bind(&a.id)
+            .bind(account_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(AgentRow {
+        id: a.id.clone(),
+        account_id: account_id.to_owned(),
+        name: a.name.clone(),
+        email: a.email.clone(),
+        userpic: a.userpic.clone(),
+        is_dummy: a.is_dummy,
+        online_until: 0,
+        created_at: a.created_at,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)> {
+        let name = name.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let existing: Option<Account> = sqlx::query_as(
+                    "SELECT id, name, is_default, created_at FROM accounts WHERE is_default = 1",
+                )
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                if let Some(a) = existing {
+                    return Ok((a, false));
+                }
+                let account = Account {
+                    id: crate::ids::new_id(),
+                    name,
+                    is_default: true,
+                    created_at: now,
+                };
+                sqlx::query(
+                    "INSERT INTO accounts (id, name, is_default, created_at) VALUES (?, ?, 1, ?)",
+                )
+                .bind(&account.id)
+                .bind(&account.name)
+                .bind(now)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok((account, true))
+            })
+        })
+        .await
+    }
+
+    async fn create_account(&self, id: &str, name: &str, now: i64) -> StoreResult<Account> {
+        let account = Account {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            is_default: false,
+            created_at: now,
+        };
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO accounts (id, name, is_default, created_at) VALUES (?, ?, 0, ?)",
+                )
+                .bind(&account.id)
+                .bind(&account.name)
+                .bind(now)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(account)
+            })
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> StoreResult<Vec<Account>> {
+        Ok(sqlx::query_as(
+            "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
+        Ok(
+            sqlx::query_as("SELECT id, name, is_default, created_at FROM accounts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
+        let key = key.clone();
+        let key_hash = key_hash.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&key.id)
+                .bind(&key.account_id)
+                .bind(&key.name)
+                .bind(&key_hash)
+                .bind(&key.prefix)
+                .bind(key.created_at)
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "this API key"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn account_for_key(&self, key_hash: &str) -> StoreResult<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT account_id, key_hash FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_api_keys(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, prefix, created_at, revoked_at FROM api_keys \
+             WHERE account_id = ? ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
+        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = ? \
+                     WHERE account_id = ? AND id = ? AND revoked_at IS NULL",
+                )
+                .bind(now)
+                .bind(&account_id)
+                .bind(&key_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow> {
+        let (account_id, agent) = (account_id.to_owned(), agent.clone());
+        self.write(move |ctx| {
+            Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
+        })
+        .await
+    }
+
+    async fn agent_by_email_or_create(
+        &self,
+        account_id: &str,
+        agent: &NewAgent,
+    ) -> StoreResult<AgentRow> {
+        let (account_id, agent) = (account_id.to_owned(), agent.clone());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
+                let existing: Option<AgentRow> = sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
+                ))
+                .bind(&account_id)
+                .bind(&email_key)
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                match existing {
+                    Some(a) => Ok(a),
+                    None => insert_agent(&mut ctx.conn, &account_id, &agent).await,
+                }
+            })
+        })
+        .await
+    }
+
+    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND id = ?"
+        ))
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
+        ))
+        .bind(account_id)
+        .bind(email.trim().to_lowercase())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
+        let agents: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let members: Vec<(String, String)> = sqlx::query_as(
+            "SELECT agent_id, group_id FROM group_members WHERE account_id = ? ORDER BY group_id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for (agent, group) in members {
+            groups.entry(agent).or_default().push(group);
+        }
+        Ok(agents
+            .into_iter()
+            .map(|a| {
+                let g = groups.remove(&a.id).unwrap_or_default();
+                (a, g)
+            })
+            .collect())
+    }
+
+    async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("DELETE FROM agents WHERE account_id = ? AND id = ?")
+                    .bind(&account_id)
+                    .bind(&id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn set_agent_online_until(
+        &self,
+        account_id: &str,
+        agent_id: &str,
+        until: i64,
+        idem: Option<IdempotencyRecord>,
+    ) -> StoreResult<Guarded<bool>> {
+        let (account_id, agent_id) = (account_id.to_owned(), agent_id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                if let Some(rec) = &idem {
+                    if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
+                        return Ok(g);
+                    }
+                }
+                let r = sqlx::query(
+                    "UPDATE agents SET online_until = max(online_until, ?) \
+                     WHERE account_id = ? AND id = ?",
+                )
+                .bind(until)
+                .bind(&account_id)
+                .bind(&agent_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                let found = r.rows_affected() > 0;
+                if let (true, Some(rec)) = (found, &idem) {
+                    idem_save(&mut ctx.conn, &account_id, rec).await?;
+                }
+                Ok(Guarded::Applied(found))
+            })
+        })
+        .await
+    }
+
+    async fn pick_agent(
+        &self,
+        account_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<AgentRow>> {
+        let agent_columns = AGENT_COLUMNS
+            .split(", ")
+            .map(|c| format!("a.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = match group_id {
+            Some(g) => {
+                sqlx::query_as(&format!(
+                    "SELECT {agent_columns} FROM agents a \
+                     JOIN group_members m ON m.agent_id = a.id AND m.group_id = ? \
+                     WHERE a.account_id = ? ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
+                ))
+                .bind(g)
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(&format!(
+                    "SELECT {agent_columns} FROM agents a WHERE a.account_id = ? \
+                     ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
+                ))
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        Ok(row)
+    }
+
+    async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
+        let group = group.clone();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO groups (id, account_id, name, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&group.id)
+                .bind(&group.account_id)
+                .bind(&group.name)
+                .bind(group.created_at)
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "a group with this name"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = ? AND id = ?",
+        )
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = ? \
+             ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("DELETE FROM groups WHERE account_id = ? AND id = ?")
+                    .bind(&account_id)
+                    .bind(&id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn insert_message(
+        &self,
+        mut m: MessageRow,
+        idem: Option<IdempotencyRecord>,
+    ) -> StoreResult<Guarded<MessageRow>> {
+        self.write(move |ctx| {
+            Box::pin(async move {
+                if let Some(rec) = &idem {
+                    if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
+                        return Ok(g);
+                    }
+                }
+                m.conversation_id = ctx
+                    .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
+                    .await?;
+                m.seq = sqlx::query_scalar(
+                    "INSERT INTO messages (id, account_id, conversation_id, visitor_id, type, \
+                     text, agent_id, agent_name, agent_userpic, is_pushed, is_missed, \
+                     is_missed_by_visitor, is_trigger, received_from, created_at, updated_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                )
+                .bind(&m.id)
+                .bind(&m.account_id)
+                .bind(&m.conversation_id)
+                .bind(&m.visitor_id)
+                .bind(&m.kind)
+                .bind(&m.text)
+                .bind(&m.agent_id)
+                .bind(&m.agent_name)
+                .bind(&m.agent_userpic)
+                .bind(m.is_pushed)
+                .bind(m.is_missed)
+                .bind(m.is_missed_by_visitor)
+                .bind(m.is_trigger)
+                .bind(&m.received_from)
+                .bind(m.created_at)
+                .bind(m.updated_at)
+                .fetch_one(&mut ctx.conn)
+                .await?;
+                if let Some(rec) = &idem {
+                    idem_save(&mut ctx.conn, &m.account_id, rec).await?;
+                }
+                Ok(Guarded::Applied(m))
+            })
+        })
+        .await
+    }
+
+    async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE id = ? AND account_id = ? AND deleted_at IS NULL"
+        ))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn update_message_text(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        text: &str,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        let (account_id, id, text) = (account_id.to_owned(), id.to_owned(), text.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let sql = format!(
+                    "UPDATE messages SET text = ?, updated_at = ? WHERE id = ? AND account_id = ? \
+                     AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
+                     RETURNING {MESSAGE_COLUMNS}"
+                );
+                let row: Option<MessageRow> = sqlx::query_as(&sql)
+                    .bind(&text)
+                    .bind(now)
+                    .bind(&id)
+                    .bind(&account_id)
+                    .bind(pushed)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+            })
+        })
+        .await
+    }
+
+    async fn delete_message(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let sql = format!(
+                    "UPDATE messages SET deleted_at = ?, updated_at = ? WHERE id = ? \
+                     AND account_id = ? AND is_pushed = ? AND deleted_at IS NULL \
+                     AND type = 'agent' RETURNING {MESSAGE_COLUMNS}"
+                );
+                let row: Option<MessageRow> = sqlx::query_as(&sql)
+                    .bind(now)
+                    .bind(now)
+                    .bind(&id)
+                    .bind(&account_id)
+                    .bind(pushed)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+            })
+        })
+        .await
+    }
+
+    async fn set_visitor_group(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<()>> {
+        let (account_id, visitor_id) = (account_id.to_owned(), visitor_id.to_owned());
+        let group_id = group_id.map(str::to_owned);
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE visitors SET group_id = ?, updated_at = ? \
+                     WHERE account_id = ? AND id = ?",
+                )
+                .bind(&group_id)
+                .bind(now)
+                .bind(&account_id)
+                .bind(&visitor_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok((r.rows_affected() > 0).then_some(()))
+            })
+        })
+        .await
+    }
+
+    async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+                    .bind(before)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected())
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.pool.close().await;
+    }
+}
+
+/// Tells "no such message" from "a visitor's message" after a guarded UPDATE matched nothing.
+async fn classify_change(
+    conn: &mut SqliteConnection,
+    row: Option<MessageRow>,
+    account_id: &str,
+    id: &str,
+    pushed: bool,
+) -> StoreResult<MessageChange> {
+    if let Some(row) = row {
+        return Ok(MessageChange::Done(row));
+    }
+    let kind: Option<String> = sqlx::query_scalar(
+        "SELECT type FROM messages WHERE id = ? AND account_id = ? AND is_pushed = ? \
+         AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(account_id)
+    .bind(pushed)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match kind.as_deref() {
+        Some("visitor") => MessageChange::NotAgentMessage,
+        _ => MessageChange::NotFound,
+    })
+}
