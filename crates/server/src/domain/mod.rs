@@ -828,7 +828,7 @@ fn change_result(
     verb: &str,
 ) -> DomainResult<MessageRow> {
     match change {
-        MessageChange::Done(m) => Ok(m),
+        MessageChange::Done(m) => Ok(*m),
         MessageChange::NotFound => Err(not_found(id, pushed)),
         MessageChange::NotAgentMessage => Err(DomainError::PermissionDenied(format!(
             "only agents' messages can be {verb}; message {id} was sent by the visitor"

@@ -271,6 +271,14 @@ pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     } else {
         raw
     };
+    // serde's derived structs would also read an array positionally: refuse it up front.
+    let first = text.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidParameter,
+            "request body must be a JSON object",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -199,7 +199,7 @@ pub enum Guarded<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageChange {
     /// Applied; the message as it is now (for a delete, as it was).
-    Done(MessageRow),
+    Done(Box<MessageRow>),
     /// No such live message of that kind in the account.
     NotFound,
     /// The message is a visitor's; only agents' messages can change.

@@ -50,8 +50,11 @@ impl Default for SqliteOptions {
 /// back) and how to answer its caller once the commit outcome is known.
 struct JobDone {
     ok: bool,
-    answer: Box<dyn FnOnce(Option<&str>) + Send>,
+    answer: Answer,
 }
+
+/// Answers a job's caller, given the commit error if the commit failed.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
 
@@ -946,7 +949,7 @@ async fn classify_change(
     pushed: bool,
 ) -> StoreResult<MessageChange> {
     if let Some(row) = row {
-        return Ok(MessageChange::Done(row));
+        return Ok(MessageChange::Done(Box::new(row)));
     }
     let kind: Option<String> = sqlx::query_scalar(
         "SELECT type FROM messages WHERE id = ? AND account_id = ? AND is_pushed = ? \

@@ -1,0 +1,255 @@
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::{TestServer, KEY};
+
+#[tokio::test]
+async fn missing_and_empty_fields_are_named() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    let cases = [
+        (json!({}), "missing_parameter", "visitorId"),
+        (json!({"visitorId": "v"}), "missing_parameter", "text"),
+        (
+            json!({"visitorId": "", "text": "t", "agentId": a}),
+            "missing_parameter",
+            "visitorId",
+        ),
+        (
+            json!({"visitorId": "v", "text": "", "agentId": a}),
+            "missing_parameter",
+            "text",
+        ),
+        (
+            json!({"visitorId": "v", "text": "   ", "agentId": a}),
+            "missing_parameter",
+            "text",
+        ),
+        (
+            json!({"visitorId": "v", "text": null, "agentId": a}),
+            "missing_parameter",
+            "text",
+        ),
+        (
+            json!({"visitorId": 12, "text": "t", "agentId": a}),
+            "invalid_parameter",
+            "visitorId",
+        ),
+        (
+            json!({"visitorId": "v", "text": ["t"], "agentId": a}),
+            "invalid_parameter",
+            "text",
+        ),
+        (
+            json!({"visitorId": "v", "text": "t", "agentId": true}),
+            "invalid_parameter",
+            "agentId",
+        ),
+        (
+            json!({"visitorId": "v", "text": "t", "agentEmail": "not-an-email", "agentName": "X"}),
+            "invalid_parameter",
+            "agentEmail",
+        ),
+    ];
+    for (body, code, field) in cases {
+        let r = s.post("/v3/conversations/messages", body.clone()).await;
+        let msg = r.expect_error(400, code);
+        assert!(msg.contains(field), "{body}: {msg}");
+    }
+    for path in [
+        "/v3/conversations/pushedMessages",
+        "/v3/conversations/messages",
+    ] {
+        let r = s.post(path, json!({"text": "t"})).await;
+        assert!(r
+            .expect_error(400, "missing_parameter")
+            .contains("visitorId"));
+    }
+    assert_eq!(s.count("messages").await, 0);
+}
+
+#[tokio::test]
+async fn text_length_limit_is_out_of_range() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    let ok = "é".repeat(100_000);
+    s.post(
+        "/v3/conversations/messages",
+        json!({"visitorId": "v", "text": ok, "agentId": a}),
+    )
+    .await
+    .ok();
+    let long = "a".repeat(100_001);
+    let r = s
+        .post(
+            "/v3/conversations/messages",
+            json!({"visitorId": "v", "text": long, "agentId": a}),
+        )
+        .await;
+    let msg = r.expect_error(400, "out_of_range");
+    assert!(msg.contains("100000"), "{msg}");
+    assert_eq!(s.count("messages").await, 1);
+}
+
+#[tokio::test]
+async fn malformed_and_non_object_json() {
+    let s = TestServer::start().await;
+    for (body, code) in [
+        ("{\"visitorId\": ", "bad_request"),
+        ("{'visitorId': 'v'}", "bad_request"),
+        ("{} trailing", "bad_request"),
+        ("[1, 2]", "invalid_parameter"),
+        ("\"text\"", "invalid_parameter"),
+    ] {
+        let r = s
+            .raw(
+                s.request(Method::POST, "/v3/conversations/messages")
+                    .header("api-key", KEY)
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .await;
+        r.expect_error(400, code);
+    }
+}
+
+#[tokio::test]
+async fn empty_bodies_give_a_normal_400() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    let m = s
+        .post(
+            "/v3/conversations/messages",
+            json!({"visitorId": "v", "text": "t", "agentId": a}),
+        )
+        .await
+        .ok()
+        .clone();
+    // Python SDK: PUT without body, Content-Length 0 with a JSON content type.
+    let r = s
+        .raw(
+            s.request(
+                Method::PUT,
+                &format!("/v3/conversations/messages/{}", m["id"].as_str().unwrap()),
+            )
+            .header("api-key", KEY)
+            .header("content-type", "application/json")
+            .header("content-length", "0"),
+        )
+        .await;
+    assert!(r.expect_error(400, "missing_parameter").contains("text"));
+    // POST with no body and no content type at all.
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/messages")
+                .header("api-key", KEY),
+        )
+        .await;
+    assert!(r
+        .expect_error(400, "missing_parameter")
+        .contains("visitorId"));
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/agentOnlinePing")
+                .header("api-key", KEY),
+        )
+        .await;
+    r.expect_error(400, "missing_parameter");
+}
+
+#[tokio::test]
+async fn body_over_one_mib_is_413() {
+    let s = TestServer::start().await;
+    let big = format!(
+        "{{\"visitorId\":\"v\",\"text\":\"{}\"}}",
+        "a".repeat(1024 * 1024)
+    );
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/messages")
+                .header("api-key", KEY)
+                .body(big.clone()),
+        )
+        .await;
+    r.expect_error(413, "out_of_range");
+    // Chunked, so no Content-Length announces it.
+    let stream = futures::stream::iter(
+        big.into_bytes()
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/messages")
+                .header("api-key", KEY)
+                .body(reqwest::Body::wrap_stream(stream)),
+        )
+        .await;
+    r.expect_error(413, "out_of_range");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let s = TestServer::start().await;
+    let r = s.get("/v3/conversations/nothing").await;
+    r.expect_error(404, "document_not_found");
+    let r = s.get("/").await;
+    r.expect_error(404, "document_not_found");
+    // `undefined` from an SDK that lost the id is just an unknown id.
+    s.get("/v3/conversations/messages/undefined")
+        .await
+        .expect_error(404, "document_not_found");
+    let r = s
+        .call(Method::PATCH, "/v3/conversations/messages/abc", None)
+        .await;
+    let msg = r.expect_error(405, "method_not_allowed");
+    assert!(msg.contains("PATCH"), "{msg}");
+    let allow = r.headers["allow"].to_str().unwrap().to_owned();
+    for m in ["GET", "PUT", "DELETE"] {
+        assert!(allow.contains(m), "{allow}");
+    }
+    let r = s
+        .call(Method::GET, "/v3/conversations/messages", None)
+        .await;
+    r.expect_error(405, "method_not_allowed");
+    let r = s
+        .call(
+            Method::POST,
+            "/v3/conversations/visitorGroup",
+            Some(json!({})),
+        )
+        .await;
+    r.expect_error(405, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn ids_that_are_not_path_safe_stay_in_one_segment() {
+    let s = TestServer::start().await;
+    for id in ["a%2Fb", "a%20b", "%C3%A9t%C3%A9", "..%2F..%2Fetc", "%FF%FE"] {
+        let r = s.get(&format!("/v3/conversations/messages/{id}")).await;
+        r.expect_error(404, "document_not_found");
+    }
+}
+
+#[tokio::test]
+async fn never_a_redirect() {
+    let s = TestServer::start().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in [
+        "/v3/conversations/messages/",
+        "/v3/conversations/messages//x",
+        "/v3/",
+    ] {
+        let r = client
+            .get(format!("{}{path}", s.url))
+            .header("api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert!(!r.status().is_redirection(), "{path}: {}", r.status());
+    }
+}

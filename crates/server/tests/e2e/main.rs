@@ -1,0 +1,12 @@
+//! End-to-end tests: the real server over real HTTP, each test with its own database.
+
+mod harness;
+
+mod auth;
+mod errors;
+mod idempotency;
+mod messages;
+mod openapi;
+mod process;
+mod pushed;
+mod visitor_group;
