@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cache::{AgentCache, MessageCache};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -34,6 +35,11 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Connections for reads.
     pub read_connections: u32,
+    /// Recent messages kept in memory for reads (0 disables the cache).
+    pub message_cache: usize,
+    /// How long an agent looked up by id or email is trusted (changes made by another
+    /// process, such as the CLI, are seen after at most this long).
+    pub agent_cache_ttl: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -42,6 +48,8 @@ impl Default for SqliteOptions {
             synchronous_full: true,
             max_batch: 512,
             read_connections: 4,
+            message_cache: 10_000,
+            agent_cache_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -58,9 +66,27 @@ type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
 
+/// A new message: the hot path, coalesced with the other inserts of its batch into one
+/// multi-row INSERT when it carries no idempotency key.
+struct InsertJob {
+    row: MessageRow,
+    idem: Option<IdempotencyRecord>,
+    reply: oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+}
+
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum WriterMsg {
     Job(Job),
+    Insert(InsertJob),
     Stop(oneshot::Sender<()>),
+}
+
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Pending {
+    Job(Job),
+    Insert(InsertJob),
 }
 
 /// State owned by the writer task.
@@ -79,6 +105,8 @@ const CONVERSATION_CACHE_MAX: usize = 200_000;
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<WriterMsg>,
+    messages: MessageCache,
+    agents: AgentCache,
 }
 
 impl SqliteStore {
@@ -115,7 +143,12 @@ impl SqliteStore {
             added: Vec::new(),
         };
         tokio::spawn(writer_loop(ctx, rx, options.max_batch.max(1)));
-        Ok(Self { pool, writer: tx })
+        Ok(Self {
+            pool,
+            writer: tx,
+            messages: MessageCache::new(options.message_cache),
+            agents: AgentCache::new(options.agent_cache_ttl),
+        })
     }
 
     /// Runs `f` inside the writer's next transaction and returns its result once committed.
@@ -149,17 +182,19 @@ impl SqliteStore {
 }
 
 async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
     let mut stop: Option<oneshot::Sender<()>> = None;
     while stop.is_none() {
         match rx.recv().await {
-            Some(WriterMsg::Job(job)) => batch.push(job),
+            Some(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+            Some(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
             Some(WriterMsg::Stop(done)) => stop = Some(done),
             None => break,
         }
         while batch.len() < max_batch && stop.is_none() {
             match rx.try_recv() {
-                Ok(WriterMsg::Job(job)) => batch.push(job),
+                Ok(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+                Ok(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
                 Ok(WriterMsg::Stop(done)) => stop = Some(done),
                 Err(_) => break,
             }
@@ -193,68 +228,312 @@ fn exec<'a>(
     Box::pin(async move { sqlx::Executor::execute(conn, sql).await.map(|_| ()) })
 }
 
-fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Job>) -> BoxFuture<'a, ()> {
+fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
     Box::pin(run_batch_inner(ctx, batch))
 }
 
-async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Job>) {
+/// An answer owed to a caller once the commit outcome is known.
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Owed {
+    Job(Answer),
+    Insert(
+        oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+        StoreResult<Guarded<MessageRow>>,
+    ),
+}
+
+async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
+    let started = std::time::Instant::now();
+    let size = batch.len();
+    if let Some(rows) = ctx.fast_path_rows(batch) {
+        // Only new messages for known conversations: one multi-row INSERT in autocommit
+        // mode is atomic and durable on its own, so the batch costs one round trip.
+        let result = insert_rows(&mut ctx.conn, &rows).await;
+        tracing::debug!(
+            size,
+            total_us = started.elapsed().as_micros() as u64,
+            "group commit (single statement)"
+        );
+        answer_fast_path(batch, rows, result);
+        return;
+    }
     if let Err(e) = exec(&mut ctx.conn, "BEGIN IMMEDIATE").await {
         tracing::error!(error = %e, jobs = batch.len(), "could not start a write transaction");
         // Dropping the jobs answers their callers with an error; nothing was written.
         batch.clear();
         return;
     }
-    let mut answers = Vec::with_capacity(batch.len());
-    let single = batch.len() == 1;
-    for job in batch.drain(..) {
-        // One failing job must not leave half its writes behind, nor undo the others'.
-        if !single {
-            if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
-                tracing::error!(error = %e, "savepoint");
+    let mut owed: Vec<Owed> = Vec::with_capacity(batch.len());
+    let mut plain: Vec<InsertJob> = Vec::new();
+    for pending in batch.drain(..) {
+        match pending {
+            Pending::Job(job) => {
+                // One failing job must not leave half its writes behind, nor undo the others'.
+                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                owed.push(Owed::Job(done.answer));
             }
+            Pending::Insert(job) if job.idem.is_some() => {
+                let InsertJob { row, idem, reply } = job;
+                let result =
+                    in_savepoint_result(ctx, move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
+                        .await;
+                owed.push(Owed::Insert(reply, result));
+            }
+            Pending::Insert(job) => plain.push(job),
         }
-        let done = job(ctx).await;
-        if !single {
-            if !done.ok {
-                if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
-                    tracing::error!(error = %e, "rolling back to savepoint");
-                }
-            }
-            if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
-                tracing::error!(error = %e, "releasing savepoint");
-            }
-        }
-        answers.push(done);
     }
-    if single && !answers[0].ok {
-        // A lone failed job: nothing of it may stay.
-        let _ = exec(&mut ctx.conn, "ROLLBACK").await;
-        ctx.forget_added();
-        for done in answers {
-            (done.answer)(None);
+    if !plain.is_empty() {
+        for (reply, result) in insert_plain(ctx, plain).await {
+            owed.push(Owed::Insert(reply, result));
         }
-        return;
     }
-    match exec(&mut ctx.conn, "COMMIT").await {
+    let before_commit = started.elapsed();
+    let commit = exec(&mut ctx.conn, "COMMIT").await;
+    tracing::debug!(
+        size,
+        work_us = before_commit.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
+    let commit_error = match commit {
         Ok(()) => {
             ctx.added.clear();
-            for done in answers {
-                (done.answer)(None);
-            }
+            None
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = exec(&mut ctx.conn, "ROLLBACK").await;
             ctx.forget_added();
-            let msg = e.to_string();
-            for done in answers {
-                (done.answer)(Some(&msg));
+            Some(e.to_string())
+        }
+    };
+    for o in owed {
+        match o {
+            Owed::Job(answer) => answer(commit_error.as_deref()),
+            Owed::Insert(reply, result) => {
+                let _ = reply.send(match &commit_error {
+                    None => result,
+                    Some(e) => Err(StoreError::Commit(e.clone())),
+                });
             }
         }
     }
 }
 
+/// Answers the callers of a single-statement batch.
+fn answer_fast_path(
+    batch: &mut Vec<Pending>,
+    rows: Vec<MessageRow>,
+    result: StoreResult<Vec<(String, i64)>>,
+) {
+    let seqs: Result<HashMap<String, i64>, String> = match result {
+        Ok(s) => Ok(s.into_iter().collect()),
+        Err(e) => {
+            tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
+            Err(e.to_string())
+        }
+    };
+    for (pending, mut row) in batch.drain(..).zip(rows) {
+        if let Pending::Insert(job) = pending {
+            let answer = match &seqs {
+                Ok(seqs) => {
+                    row.seq = seqs.get(&row.id).copied().unwrap_or_default();
+                    Ok(Guarded::Applied(row))
+                }
+                Err(e) => Err(StoreError::Commit(e.clone())),
+            };
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Runs a job between SAVEPOINT and RELEASE, rolling back to the savepoint if it failed.
+async fn in_savepoint<F>(ctx: &mut WriterCtx, f: F) -> JobDone
+where
+    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone>,
+{
+    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
+        tracing::error!(error = %e, "savepoint");
+    }
+    let done = f(ctx).await;
+    finish_savepoint(ctx, done.ok).await;
+    done
+}
+
+async fn in_savepoint_result<T, F>(ctx: &mut WriterCtx, f: F) -> StoreResult<T>
+where
+    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>>,
+{
+    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
+        tracing::error!(error = %e, "savepoint");
+    }
+    let result = f(ctx).await;
+    finish_savepoint(ctx, result.is_ok()).await;
+    result
+}
+
+async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool) {
+    if !ok {
+        if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
+            tracing::error!(error = %e, "rolling back to savepoint");
+        }
+    }
+    if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
+        tracing::error!(error = %e, "releasing savepoint");
+    }
+}
+
+/// An insert guarded by an idempotency key: replay, refuse, or insert and remember.
+async fn insert_guarded(
+    ctx: &mut WriterCtx,
+    mut m: MessageRow,
+    idem: Option<IdempotencyRecord>,
+) -> StoreResult<Guarded<MessageRow>> {
+    if let Some(rec) = &idem {
+        if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
+            return Ok(g);
+        }
+    }
+    m.conversation_id = ctx
+        .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
+        .await?;
+    m.seq = insert_rows(&mut ctx.conn, std::slice::from_ref(&m))
+        .await?
+        .first()
+        .map(|(_, seq)| *seq)
+        .unwrap_or_default();
+    if let Some(rec) = &idem {
+        idem_save(&mut ctx.conn, &m.account_id, rec).await?;
+    }
+    Ok(Guarded::Applied(m))
+}
+
+/// Rows per multi-row INSERT (16 parameters each; SQLite allows 32,766 per statement).
+const INSERT_CHUNK: usize = 256;
+
+/// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
+/// rows are retried one by one so that one bad row fails alone.
+async fn insert_plain(
+    ctx: &mut WriterCtx,
+    jobs: Vec<InsertJob>,
+) -> Vec<(
+    oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+    StoreResult<Guarded<MessageRow>>,
+)> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut row = job.row.clone();
+        match ctx
+            .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
+            .await
+        {
+            Ok(c) => {
+                row.conversation_id = c;
+                ready.push((job, row));
+            }
+            Err(e) => out.push((job.reply, Err(e.into()))),
+        }
+    }
+    let mut rest = ready.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
+        let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
+        // One statement is atomic: a failure undoes all of it and nothing else.
+        let inserted = insert_rows(&mut ctx.conn, &rows).await;
+        match inserted {
+            Ok(seqs) => {
+                let seqs: HashMap<String, i64> = seqs.into_iter().collect();
+                for (job, mut row) in chunk {
+                    row.seq = seqs.get(&row.id).copied().unwrap_or_default();
+                    out.push((job.reply, Ok(Guarded::Applied(row))));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
+                for (job, row) in chunk {
+                    let result = in_savepoint_result(ctx, move |ctx| {
+                        Box::pin(insert_guarded(ctx, row, None))
+                    })
+                    .await;
+                    out.push((job.reply, result));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Inserts messages whose conversation is set; returns (id, seq) of each.
+///
+/// No RETURNING: sqlx hands each returned row across threads one by one, which cost more
+/// than the insert. SQLite gives the rows of one INSERT consecutive rowids in VALUES order
+/// (rowid = max + 1 each, and this connection is the only writer of messages), so the
+/// last rowid gives them all.
+fn insert_rows<'a>(
+    conn: &'a mut SqliteConnection,
+    rows: &'a [MessageRow],
+) -> BoxFuture<'a, StoreResult<Vec<(String, i64)>>> {
+    Box::pin(async move {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO messages (id, account_id, conversation_id, visitor_id, type, text, \
+             agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+             is_trigger, received_from, created_at, updated_at) ",
+        );
+        qb.push_values(rows, |mut b, m| {
+            b.push_bind(&m.id)
+                .push_bind(&m.account_id)
+                .push_bind(&m.conversation_id)
+                .push_bind(&m.visitor_id)
+                .push_bind(&m.kind)
+                .push_bind(&m.text)
+                .push_bind(&m.agent_id)
+                .push_bind(&m.agent_name)
+                .push_bind(&m.agent_userpic)
+                .push_bind(m.is_pushed)
+                .push_bind(m.is_missed)
+                .push_bind(m.is_missed_by_visitor)
+                .push_bind(m.is_trigger)
+                .push_bind(&m.received_from)
+                .push_bind(m.created_at)
+                .push_bind(m.updated_at);
+        });
+        let done = qb.build().execute(conn).await?;
+        let n = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        let first = done.last_insert_rowid() - n + 1;
+        Ok(rows
+            .iter()
+            .zip(first..)
+            .map(|(m, seq)| (m.id.clone(), seq))
+            .collect())
+    })
+}
+
 impl WriterCtx {
+    /// The rows of a batch that can be written by one statement: only plain inserts
+    /// (no idempotency key), all to visitors whose conversation is known, at most one chunk.
+    fn fast_path_rows(&self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
+        if batch.len() > INSERT_CHUNK {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let Pending::Insert(job) = pending else {
+                return None;
+            };
+            if job.idem.is_some() {
+                return None;
+            }
+            let key = (job.row.account_id.clone(), job.row.visitor_id.clone());
+            let conversation = self.conversations.get(&key)?;
+            let mut row = job.row.clone();
+            row.conversation_id = conversation.clone();
+            rows.push(row);
+        }
+        Some(rows)
+    }
+
     fn forget_added(&mut self) {
         for key in self.added.drain(..) {
             self.conversations.remove(&key);
@@ -558,6 +837,7 @@ impl Store for SqliteStore {
             Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
         })
         .await
+        .inspect(|_| self.agents.clear())
     }
 
     async fn agent_by_email_or_create(
@@ -583,26 +863,40 @@ impl Store for SqliteStore {
             })
         })
         .await
+        .inspect(|_| self.agents.clear())
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
-        Ok(sqlx::query_as(&format!(
+        let key = format!("id:{id}");
+        if let Some(hit) = self.agents.get(account_id, &key) {
+            return Ok(hit);
+        }
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND id = ?"
         ))
         .bind(account_id)
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        self.agents.put(account_id, &key, row.clone());
+        Ok(row)
     }
 
     async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
-        Ok(sqlx::query_as(&format!(
+        let email_key = email.trim().to_lowercase();
+        let key = format!("email:{email_key}");
+        if let Some(hit) = self.agents.get(account_id, &key) {
+            return Ok(hit);
+        }
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
         ))
         .bind(account_id)
-        .bind(email.trim().to_lowercase())
+        .bind(&email_key)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        self.agents.put(account_id, &key, row.clone());
+        Ok(row)
     }
 
     async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
@@ -644,6 +938,7 @@ impl Store for SqliteStore {
             })
         })
         .await
+        .inspect(|_| self.agents.clear())
     }
 
     async fn set_agent_online_until(
@@ -775,61 +1070,42 @@ impl Store for SqliteStore {
 
     async fn insert_message(
         &self,
-        mut m: MessageRow,
+        m: MessageRow,
         idem: Option<IdempotencyRecord>,
     ) -> StoreResult<Guarded<MessageRow>> {
-        self.write(move |ctx| {
-            Box::pin(async move {
-                if let Some(rec) = &idem {
-                    if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
-                        return Ok(g);
-                    }
-                }
-                m.conversation_id = ctx
-                    .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
-                    .await?;
-                m.seq = sqlx::query_scalar(
-                    "INSERT INTO messages (id, account_id, conversation_id, visitor_id, type, \
-                     text, agent_id, agent_name, agent_userpic, is_pushed, is_missed, \
-                     is_missed_by_visitor, is_trigger, received_from, created_at, updated_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                )
-                .bind(&m.id)
-                .bind(&m.account_id)
-                .bind(&m.conversation_id)
-                .bind(&m.visitor_id)
-                .bind(&m.kind)
-                .bind(&m.text)
-                .bind(&m.agent_id)
-                .bind(&m.agent_name)
-                .bind(&m.agent_userpic)
-                .bind(m.is_pushed)
-                .bind(m.is_missed)
-                .bind(m.is_missed_by_visitor)
-                .bind(m.is_trigger)
-                .bind(&m.received_from)
-                .bind(m.created_at)
-                .bind(m.updated_at)
-                .fetch_one(&mut ctx.conn)
-                .await?;
-                if let Some(rec) = &idem {
-                    idem_save(&mut ctx.conn, &m.account_id, rec).await?;
-                }
-                Ok(Guarded::Applied(m))
-            })
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriterMsg::Insert(InsertJob {
+                row: m,
+                idem,
+                reply,
+            }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        let result = rx.await.map_err(|_| StoreError::Aborted)??;
+        if let Guarded::Applied(row) = &result {
+            self.messages.committed([row]);
+        }
+        Ok(result)
     }
 
     async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
-        Ok(sqlx::query_as(&format!(
+        let generation = match self.messages.get(account_id, id) {
+            Ok(hit) => return Ok(hit.map(|m| (*m).clone())),
+            Err(generation) => generation,
+        };
+        let row: Option<MessageRow> = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages \
              WHERE id = ? AND account_id = ? AND deleted_at IS NULL"
         ))
         .bind(id)
         .bind(account_id)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        if let Some(r) = &row {
+            self.messages.fill(generation, r);
+        }
+        Ok(row)
     }
 
     async fn update_message_text(
@@ -841,25 +1117,30 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<MessageChange> {
         let (account_id, id, text) = (account_id.to_owned(), id.to_owned(), text.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let sql = format!(
+        let change = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let sql = format!(
                     "UPDATE messages SET text = ?, updated_at = ? WHERE id = ? AND account_id = ? \
                      AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
                      RETURNING {MESSAGE_COLUMNS}"
                 );
-                let row: Option<MessageRow> = sqlx::query_as(&sql)
-                    .bind(&text)
-                    .bind(now)
-                    .bind(&id)
-                    .bind(&account_id)
-                    .bind(pushed)
-                    .fetch_optional(&mut ctx.conn)
-                    .await?;
-                classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                    let row: Option<MessageRow> = sqlx::query_as(&sql)
+                        .bind(&text)
+                        .bind(now)
+                        .bind(&id)
+                        .bind(&account_id)
+                        .bind(pushed)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?;
+                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                })
             })
-        })
-        .await
+            .await?;
+        if let MessageChange::Done(row) = &change {
+            self.messages.committed([row.as_ref()]);
+        }
+        Ok(change)
     }
 
     async fn delete_message(
@@ -870,25 +1151,30 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreResult<MessageChange> {
         let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let sql = format!(
-                    "UPDATE messages SET deleted_at = ?, updated_at = ? WHERE id = ? \
+        let change = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "UPDATE messages SET deleted_at = ?, updated_at = ? WHERE id = ? \
                      AND account_id = ? AND is_pushed = ? AND deleted_at IS NULL \
                      AND type = 'agent' RETURNING {MESSAGE_COLUMNS}"
-                );
-                let row: Option<MessageRow> = sqlx::query_as(&sql)
-                    .bind(now)
-                    .bind(now)
-                    .bind(&id)
-                    .bind(&account_id)
-                    .bind(pushed)
-                    .fetch_optional(&mut ctx.conn)
-                    .await?;
-                classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                    );
+                    let row: Option<MessageRow> = sqlx::query_as(&sql)
+                        .bind(now)
+                        .bind(now)
+                        .bind(&id)
+                        .bind(&account_id)
+                        .bind(pushed)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?;
+                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                })
             })
-        })
-        .await
+            .await?;
+        if let MessageChange::Done(row) = &change {
+            self.messages.committed([row.as_ref()]);
+        }
+        Ok(change)
     }
 
     async fn set_visitor_group(

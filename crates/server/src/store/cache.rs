@@ -1,0 +1,209 @@
+//! In-memory caches of the SQLite backend, which is the only writer of its file's
+//! messages, so it can keep them coherent.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{AgentRow, MessageRow};
+
+/// Recently written or read messages, by id, bounded in count (oldest out first).
+///
+/// Coherence: the writer bumps a generation under the lock after every commit that changes
+/// messages; a reader that missed remembers the generation before it read the database and
+/// only caches its row if no commit happened meanwhile, so a stale row never enters.
+pub struct MessageCache {
+    inner: Mutex<MessageCacheInner>,
+    capacity: usize,
+}
+
+struct MessageCacheInner {
+    map: HashMap<String, Arc<MessageRow>>,
+    order: VecDeque<String>,
+    generation: u64,
+}
+
+impl MessageCache {
+    /// A cache of at most `capacity` messages (0 disables it).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(MessageCacheInner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                generation: 0,
+            }),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MessageCacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cached live message of this account, and else the generation to pass to
+    /// [`MessageCache::fill`] after reading the database.
+    pub fn get(&self, account_id: &str, id: &str) -> Result<Option<Arc<MessageRow>>, u64> {
+        let inner = self.lock();
+        match inner.map.get(id) {
+            Some(m) if m.account_id == account_id => Ok(Some(m.clone())),
+            // Cached, but another account's: no such message for this caller.
+            Some(_) => Ok(None),
+            None => Err(inner.generation),
+        }
+    }
+
+    /// Caches a row read from the database if nothing was committed since `generation`.
+    pub fn fill(&self, generation: u64, row: &MessageRow) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.generation == generation {
+            Self::put_locked(&mut inner, self.capacity, row.clone());
+        }
+    }
+
+    /// After a commit: these rows are now current (deleted ones are dropped).
+    pub fn committed<'a>(&self, rows: impl IntoIterator<Item = &'a MessageRow>) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        for row in rows {
+            if row.deleted_at.is_some() {
+                inner.map.remove(&row.id);
+            } else if self.capacity > 0 {
+                Self::put_locked(&mut inner, self.capacity, row.clone());
+            }
+        }
+    }
+
+    fn put_locked(inner: &mut MessageCacheInner, capacity: usize, row: MessageRow) {
+        let id = row.id.clone();
+        if inner.map.insert(id.clone(), Arc::new(row)).is_none() {
+            inner.order.push_back(id);
+        }
+        while inner.map.len() > capacity {
+            match inner.order.pop_front() {
+                Some(old) => {
+                    inner.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Ids removed by deletes linger in `order`; keep it from growing without bound.
+        if inner.order.len() > capacity.saturating_mul(2) {
+            let MessageCacheInner { map, order, .. } = inner;
+            order.retain(|id| map.contains_key(id));
+        }
+    }
+}
+
+/// Agents by id and by email, trusted for a short time: other processes (the CLI) may
+/// change agents, and this process's own changes clear it at once.
+pub struct AgentCache {
+    inner: Mutex<HashMap<AgentKey, (Option<AgentRow>, Instant)>>,
+    ttl: Duration,
+}
+
+const AGENT_CACHE_MAX: usize = 50_000;
+
+/// (account id, "id:<agent id>" or "email:<lower-cased email>")
+type AgentKey = (String, String);
+
+impl AgentCache {
+    /// A cache whose entries live `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            inner: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    /// A fresh entry for `(account, key)`: `Some(None)` means "known not to exist".
+    pub fn get(&self, account_id: &str, key: &str) -> Option<Option<AgentRow>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Allocation-free lookups would need a borrowed key type; the clone is cheap here.
+        let (row, at) = inner.get(&(account_id.to_owned(), key.to_owned()))?;
+        (at.elapsed() < self.ttl).then(|| row.clone())
+    }
+
+    /// Remembers the answer for `(account, key)`.
+    pub fn put(&self, account_id: &str, key: &str, row: Option<AgentRow>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.len() >= AGENT_CACHE_MAX {
+            inner.clear();
+        }
+        inner.insert(
+            (account_id.to_owned(), key.to_owned()),
+            (row, Instant::now()),
+        );
+    }
+
+    /// Forgets everything (after this process changed agents).
+    pub fn clear(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, text: &str) -> MessageRow {
+        MessageRow {
+            seq: 1,
+            id: id.into(),
+            account_id: "acc".into(),
+            conversation_id: "c".into(),
+            visitor_id: "v".into(),
+            kind: "agent".into(),
+            text: text.into(),
+            agent_id: None,
+            agent_name: None,
+            agent_userpic: None,
+            is_pushed: false,
+            is_missed: false,
+            is_missed_by_visitor: false,
+            is_trigger: false,
+            received_from: None,
+            created_at: 1,
+            updated_at: 1,
+            deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn a_read_that_raced_a_commit_is_not_cached() {
+        let c = MessageCache::new(10);
+        let generation = c.get("acc", "m1").unwrap_err();
+        // The writer commits an edit while the reader was reading the old row.
+        c.committed([&row("m1", "new")]);
+        c.fill(generation, &row("m1", "old"));
+        assert_eq!(c.get("acc", "m1").unwrap().unwrap().text, "new");
+    }
+
+    #[test]
+    fn deletes_evict_and_other_accounts_see_nothing() {
+        let c = MessageCache::new(10);
+        c.committed([&row("m1", "a")]);
+        assert!(c.get("other", "m1").unwrap().is_none());
+        let mut gone = row("m1", "a");
+        gone.deleted_at = Some(2);
+        c.committed([&gone]);
+        assert!(c.get("acc", "m1").is_err());
+    }
+
+    #[test]
+    fn capacity_is_bounded() {
+        let c = MessageCache::new(3);
+        for i in 0..10 {
+            c.committed([&row(&format!("m{i}"), "x")]);
+        }
+        assert!(c.get("acc", "m0").is_err());
+        assert!(c.get("acc", "m9").unwrap().is_some());
+        assert_eq!(c.lock().map.len(), 3);
+        assert!(c.lock().order.len() <= 6);
+    }
+}
