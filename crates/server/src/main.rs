@@ -12,6 +12,8 @@ use switchboard_server::store::sqlite::SqliteOptions;
 use switchboard_server::store::{AgentRow, ApiKey, GroupRow};
 use tokio::net::TcpListener;
 
+mod main_api;
+
 /// switchboard: a self-hosted live-chat server that speaks the Brevo Conversations API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -47,6 +49,16 @@ enum Command {
     /// Manage agent groups.
     #[command(subcommand)]
     Groups(GroupsCmd),
+    /// Agents' messages through the API: send, get, edit, delete.
+    #[command(subcommand)]
+    Msg(main_api::MsgCmd),
+    /// Automated (pushed) messages through the API: send, get, edit, delete.
+    #[command(subcommand)]
+    Push(main_api::PushCmd),
+    /// Mark an agent online through the API (agentOnlinePing).
+    Ping(main_api::PingArgs),
+    /// Assign a visitor to a group, or remove it from its group, through the API.
+    VisitorGroup(main_api::VisitorGroupArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +181,10 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&cli.db, args).await,
+        Command::Msg(cmd) => main_api::msg(cmd, cli.json).await,
+        Command::Push(cmd) => main_api::push(cmd, cli.json).await,
+        Command::Ping(args) => main_api::ping(args, cli.json).await,
+        Command::VisitorGroup(args) => main_api::visitor_group(args, cli.json).await,
         other => {
             let domain = switchboard_server::open(
                 &cli.db,
@@ -272,7 +288,11 @@ fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> Strin
 
 async fn admin(domain: &Arc<Domain>, cmd: Command, j: bool) -> anyhow::Result<()> {
     match cmd {
-        Command::Serve(_) => unreachable!("handled by run"),
+        Command::Serve(_)
+        | Command::Msg(_)
+        | Command::Push(_)
+        | Command::Ping(_)
+        | Command::VisitorGroup(_) => unreachable!("handled by run"),
         Command::Accounts(AccountsCmd::Create { name }) => {
             let (account, key) = domain.create_account(&name).await?;
             print(
