@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Most writes committed together in one transaction.
     #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_MAX", default_value_t = 512)]
     pub group_commit_max: usize,
+    /// Recent messages kept in memory for reads (0 disables the cache).
+    #[arg(long, env = "SWITCHBOARD_MESSAGE_CACHE", default_value_t = 10_000)]
+    pub message_cache: usize,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -73,6 +76,7 @@ impl ServeArgs {
         SqliteOptions {
             synchronous_full: self.sync == SyncMode::Full,
             max_batch: self.group_commit_max,
+            message_cache: self.message_cache,
             ..SqliteOptions::default()
         }
     }

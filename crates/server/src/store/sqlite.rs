@@ -142,7 +142,18 @@ impl SqliteStore {
             conversations: HashMap::new(),
             added: Vec::new(),
         };
-        tokio::spawn(writer_loop(ctx, rx, options.max_batch.max(1)));
+        // The writer gets a thread and runtime of its own: on the shared workers it waited
+        // behind every HTTP task at each step of a group commit, which made the commit cycle
+        // (and so the write throughput) depend on the request load.
+        let max_batch = options.max_batch.max(1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
+        std::thread::Builder::new()
+            .name("switchboard-writer".into())
+            .spawn(move || runtime.block_on(writer_loop(ctx, rx, max_batch)))
+            .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
         Ok(Self {
             pool,
             writer: tx,
