@@ -49,7 +49,7 @@ mod retry;
 
 pub use switchboard_wire as wire;
 pub use wire::{
-    AgentOnlinePingRequest, ConversationsMessage, MessageType, PushMessageRequest,
+    AgentOnlinePingRequest, ConversationsMessage, MessagePage, MessageType, PushMessageRequest,
     SendMessageRequest, UpdateMessageRequest, VisitorGroupRequest, VisitorGroupResponse,
 };
 
@@ -59,7 +59,7 @@ pub use client::{
 };
 pub use conversations::{AgentPing, Conversations, PushMessage, SendMessage};
 pub use error::{BoxError, Error, Result};
-pub use extensions::Extensions;
+pub use extensions::{Extensions, ListMessages};
 pub use retry::RetryPolicy;
 
 /// The README's examples, compiled as doctests.

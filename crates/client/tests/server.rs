@@ -10,8 +10,8 @@ use switchboard_client::wire::{
     VisitorGroupResponse,
 };
 use switchboard_client::{
-    AgentPing, Client, ConversationsMessage, Error, MessageType, PushMessage, RetryPolicy,
-    SendMessage,
+    AgentPing, Client, ConversationsMessage, Error, ListMessages, MessageType, PushMessage,
+    RetryPolicy, SendMessage,
 };
 use switchboard_server::domain::{Clock, Domain, DomainConfig, Text, VisitorId};
 use switchboard_server::store::sqlite::SqliteOptions;
@@ -887,4 +887,84 @@ async fn odd_ids_are_one_path_segment_and_not_found() {
     assert_eq!(conv.get_message(&real.id).await.expect("get"), real);
     assert_eq!(s.message_rows().await, 1);
     s.stop().await;
+}
+
+#[tokio::test]
+async fn list_visitor_messages_pages_through_a_conversation() {
+    let s = Server::start().await;
+    let liz = s.agent("Liz", None, &[]).await;
+    let c = s.client();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let m = c
+            .conversations()
+            .send_message(SendMessage::new("visitor/1", format!("m{i}")).agent_id(&liz))
+            .await
+            .expect("send");
+        ids.push(m.id);
+    }
+    let ext = c.extensions();
+    let all = ext
+        .list_visitor_messages("visitor/1", ListMessages::new())
+        .await
+        .expect("list");
+    assert_eq!(
+        all.messages
+            .iter()
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert!(!all.has_more);
+    assert_eq!(all.messages[4].text, "m4");
+
+    let newest = ext
+        .list_visitor_messages("visitor/1", ListMessages::new().limit(2))
+        .await
+        .expect("newest");
+    assert_eq!(
+        newest
+            .messages
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        [ids[3].as_str(), ids[4].as_str()]
+    );
+    assert!(newest.has_more);
+    let older = ext
+        .list_visitor_messages("visitor/1", ListMessages::new().limit(2).before(&ids[3]))
+        .await
+        .expect("older");
+    assert_eq!(
+        older
+            .messages
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        [ids[1].as_str(), ids[2].as_str()]
+    );
+    let after = ext
+        .list_visitor_messages("visitor/1", ListMessages::new().after(&ids[3]))
+        .await
+        .expect("after");
+    assert_eq!(
+        after
+            .messages
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        [ids[4].as_str()]
+    );
+    assert!(!after.has_more);
+
+    assert_not_found(
+        ext.list_visitor_messages("nobody", ListMessages::new())
+            .await,
+        "visitor nobody does not exist (a visitor exists once a message was sent to or by it)",
+    );
+    let err = ext
+        .list_visitor_messages("visitor/1", ListMessages::new().limit(500))
+        .await
+        .expect_err("limit too large");
+    assert_eq!(err.code(), Some("out_of_range"));
 }

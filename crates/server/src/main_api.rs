@@ -9,8 +9,8 @@ use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
 use switchboard_client::wire::{PushMessageRequest, SendMessageRequest};
 use switchboard_client::{
-    AgentOnlinePingRequest, Client, ConversationsMessage, Error, MessageType, PushMessage,
-    SendMessage, VisitorGroupRequest,
+    AgentOnlinePingRequest, Client, ConversationsMessage, Error, ListMessages, MessageType,
+    PushMessage, SendMessage, VisitorGroupRequest,
 };
 
 /// Where the API is and how to authenticate; flattened into every API verb.
@@ -100,6 +100,24 @@ pub enum MsgCmd {
         api: ApiArgs,
         /// Message id.
         id: String,
+    },
+    /// List a visitor's messages, oldest first (switchboard extension:
+    /// GET /conversations/visitors/{visitorId}/messages).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The visitor.
+        #[arg(long)]
+        visitor: String,
+        /// How many (1 to 100; the server's default is 50).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Only messages written before this message id.
+        #[arg(long, conflicts_with = "after")]
+        before: Option<String>,
+        /// Only messages written after this message id.
+        #[arg(long)]
+        after: Option<String>,
     },
 }
 
@@ -269,6 +287,41 @@ pub async fn msg(cmd: MsgCmd, json: bool) -> anyhow::Result<()> {
                 .await
                 .map_err(api_error)?;
             print_deleted(json, "message", &id);
+            Ok(())
+        }
+        MsgCmd::List {
+            api,
+            visitor,
+            limit,
+            before,
+            after,
+        } => {
+            let mut page = ListMessages::new();
+            if let Some(limit) = limit {
+                page = page.limit(limit);
+            }
+            if let Some(id) = before {
+                page = page.before(id);
+            }
+            if let Some(id) = after {
+                page = page.after(id);
+            }
+            let client = api.client()?;
+            let result = client
+                .extensions()
+                .list_visitor_messages(&visitor, page)
+                .await
+                .map_err(api_error)?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                for m in &result.messages {
+                    println!("{}", summary(m));
+                }
+                if result.has_more {
+                    println!("(more: --before or --after the first or last id above)");
+                }
+            }
             Ok(())
         }
     }

@@ -630,3 +630,52 @@ async fn errors_print_code_and_message_and_exit_non_zero() {
         .await;
     assert_eq!(out.code, Some(2), "{}", out.stderr);
 }
+
+#[tokio::test]
+async fn msg_list_pages_a_visitors_messages() {
+    let s = serve().await;
+    let liz = id_of(&s.admin(&["agents", "add", "--name", "Liz"]).await);
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        let sent = s
+            .run(&[
+                "--json",
+                "msg",
+                "send",
+                "--visitor",
+                "v1",
+                "--text",
+                text,
+                "--agent-id",
+                &liz,
+            ])
+            .await
+            .json();
+        ids.push(id_of(&sent));
+    }
+    let page = s
+        .run(&["--json", "msg", "list", "--visitor", "v1", "--limit", "2"])
+        .await
+        .json();
+    let got: Vec<String> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(id_of)
+        .collect();
+    assert_eq!(got, ids[1..]);
+    assert_eq!(page["hasMore"], true);
+    assert_eq!(
+        s.run(&["msg", "list", "--visitor", "v1", "--before", &ids[1]])
+            .await
+            .ok(),
+        format!("message {} (agent Liz → visitor v1): one\n", ids[0])
+    );
+    let missing = s.run(&["msg", "list", "--visitor", "nobody"]).await;
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing.stderr.contains("document_not_found"),
+        "{}",
+        missing.stderr
+    );
+}

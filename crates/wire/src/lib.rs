@@ -294,6 +294,22 @@ impl ErrorBody {
     }
 }
 
+/// One page of a visitor's messages (switchboard extension:
+/// `GET /v3/conversations/visitors/{visitorId}/messages`).
+///
+/// `messages` are in the order they were written, oldest first. Page backwards with
+/// `before=<id of the first message>`, forwards with `after=<id of the last message>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePage {
+    /// The messages of this page, oldest first.
+    pub messages: Vec<ConversationsMessage>,
+    /// Whether more messages lie beyond this page in the direction asked (older without
+    /// `after`, newer with it).
+    pub has_more: bool,
+}
+
 /// An agent (switchboard extension; Brevo manages agents only in its dashboard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

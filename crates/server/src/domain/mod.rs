@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::ids;
 use crate::store::{
     Account, AgentRow, ApiKey, GroupRow, Guarded, IdempotencyRecord, MessageChange, MessageRow,
-    NewAgent, Store, StoreError, StoredResponse,
+    NewAgent, Store, StoreError, StoredResponse, Window,
 };
 
 mod values;
@@ -786,6 +786,44 @@ impl Domain {
                     visitor_id.as_str()
                 ))
             })
+    }
+
+    /// A page of a visitor's live messages, oldest first, and whether there are more in
+    /// the direction asked. Cursors are message ids (a deleted message's id still works).
+    pub async fn list_visitor_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &VisitorId,
+        page: PageRequest,
+    ) -> DomainResult<(Vec<MessageRow>, bool)> {
+        let visitor = visitor_id.as_str();
+        if !self.store.visitor_exists(account_id, visitor).await? {
+            return Err(DomainError::NotFound(format!(
+                "visitor {visitor} does not exist (a visitor exists once a message was sent to or by it)"
+            )));
+        }
+        let position = |field: &'static str, id: String| async move {
+            match self.store.message_position(account_id, &id).await? {
+                Some((seq, v)) if v == visitor => Ok(seq),
+                _ => Err(DomainError::Invalid(format!(
+                    "{field} {id} is not a message of visitor {visitor}"
+                ))),
+            }
+        };
+        let window = match (page.before, page.after) {
+            (Some(_), Some(_)) => {
+                return Err(DomainError::Invalid(
+                    "give before or after, not both".into(),
+                ))
+            }
+            (Some(id), None) => Window::Before(position("before", id).await?),
+            (None, Some(id)) => Window::After(position("after", id).await?),
+            (None, None) => Window::Latest,
+        };
+        Ok(self
+            .store
+            .list_messages(account_id, visitor, window, page.limit)
+            .await?)
     }
 
     /// Forgets idempotency keys past their retention.

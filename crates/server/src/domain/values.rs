@@ -154,6 +154,44 @@ pub struct PushedMessage {
     pub group_id: Option<String>,
 }
 
+/// Largest page of messages.
+pub const MAX_PAGE: u32 = 100;
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// A request for a page of messages: cursors are message ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Messages written before this one.
+    pub before: Option<String>,
+    /// Messages written after this one.
+    pub after: Option<String>,
+    /// How many, 1 to [`MAX_PAGE`].
+    pub limit: u32,
+}
+
+impl PageRequest {
+    /// Parses the query parameters; a blank cursor counts as absent.
+    pub fn parse(
+        before: Option<String>,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<Self, DomainError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(DomainError::OutOfRange(format!(
+                "limit must be between 1 and {MAX_PAGE}, not {limit}"
+            )));
+        }
+        let cursor = |c: Option<String>| c.filter(|c| !c.trim().is_empty());
+        Ok(Self {
+            before: cursor(before),
+            after: cursor(after),
+            limit,
+        })
+    }
+}
+
 /// A required, non-blank name of at most [`MAX_LABEL_CHARS`] characters, trimmed.
 pub fn parse_name(field: &str, value: Option<&str>) -> Result<String, DomainError> {
     let name = value.map(str::trim).unwrap_or_default();

@@ -209,7 +209,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
             Err(_) => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::DocumentNotFound,
-                "the id in the path is not valid UTF-8 once percent-decoded, so no such message exists",
+                "the id in the path is not valid UTF-8 once percent-decoded, so nothing by that id exists",
             )),
         }
     }

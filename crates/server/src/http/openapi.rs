@@ -30,9 +30,13 @@ use super::v3;
         v3::edit_pushed,
         v3::delete_pushed,
         v3::visitor_group,
+        v3::list_visitor_messages,
     ),
     modifiers(&Security),
-    tags((name = "Conversations", description = "Brevo's Conversations API"))
+    tags(
+        (name = "Conversations", description = "Brevo's Conversations API"),
+        (name = "Extensions", description = "switchboard extensions that Brevo lacks")
+    )
 )]
 pub struct ApiDoc;
 

@@ -7,16 +7,17 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use switchboard_wire::{
-    AgentOnlinePingRequest, ConversationsMessage, ErrorBody, MessageType, PushMessageRequest,
-    SendMessageRequest, UpdateMessageRequest, VisitorGroupRequest, VisitorGroupResponse,
+    AgentOnlinePingRequest, ConversationsMessage, ErrorBody, ErrorCode, MessagePage, MessageType,
+    PushMessageRequest, SendMessageRequest, UpdateMessageRequest, VisitorGroupRequest,
+    VisitorGroupResponse,
 };
 
 use super::{
     canonical_json, raw_json, ApiResult, AppState, Auth, IdPath, IdempotencyKeyHeader, JsonBody,
 };
 use crate::domain::{
-    html_of, parse_mark, AgentMessage, AgentRef, Idem, IdempotencyKey, Outcome, PushedMessage,
-    Text, VisitorId,
+    html_of, parse_mark, AgentMessage, AgentRef, Idem, IdempotencyKey, Outcome, PageRequest,
+    PushedMessage, Text, VisitorId,
 };
 use crate::ids;
 use crate::store::{MessageRow, StoredResponse};
@@ -39,6 +40,10 @@ pub(super) fn routes() -> Router<AppState> {
                 .delete(delete_pushed),
         )
         .route("/v3/conversations/visitorGroup", put(visitor_group))
+        .route(
+            "/v3/conversations/visitors/{visitorId}/messages",
+            axum::routing::get(list_visitor_messages),
+        )
 }
 
 /// The wire form of a stored message.
@@ -424,5 +429,57 @@ pub(super) async fn visitor_group(
     Ok(Json(VisitorGroupResponse {
         visitor_id: visitor.as_str().to_owned(),
         group_id: group,
+    }))
+}
+
+/// Query string of the visitor message listing.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct PageQuery {
+    /// How many messages, 1 to 100 (default 50).
+    limit: Option<u32>,
+    /// Only messages written before the message with this id (to page backwards).
+    before: Option<String>,
+    /// Only messages written after the message with this id (to page forwards or catch up).
+    after: Option<String>,
+}
+
+/// Lists a visitor's messages, a page at a time (switchboard extension).
+#[utoipa::path(
+    get,
+    path = "/v3/conversations/visitors/{visitorId}/messages",
+    tag = "Extensions",
+    summary = "List a visitor's messages",
+    description = "switchboard extension (Brevo has no such call). The visitor's live messages, agents' (pushed ones included) and the visitor's own, oldest first. Without a cursor: the newest `limit` messages. `before=<message id>` pages backwards, `after=<message id>` forwards; hasMore tells whether more lie in that direction. A deleted message's id still works as a cursor.",
+    params(("visitorId" = String, Path, description = "The visitor"), PageQuery),
+    responses(
+        (status = 200, description = "A page of messages", body = MessagePage),
+        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 404, description = "No such visitor in this account", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn list_visitor_messages(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    IdPath(visitor): IdPath,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<MessagePage>> {
+    let Query(q) = query.map_err(|e| {
+        super::ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidParameter,
+            format!("invalid query string: {}", e.body_text()),
+        )
+    })?;
+    let visitor = VisitorId::parse(Some(visitor))?;
+    let page = PageRequest::parse(q.before, q.after, q.limit)?;
+    let (rows, has_more) = state
+        .domain
+        .list_visitor_messages(&account, &visitor, page)
+        .await?;
+    Ok(Json(MessagePage {
+        messages: rows.iter().map(to_wire).collect(),
+        has_more,
     }))
 }

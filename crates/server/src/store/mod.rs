@@ -207,6 +207,17 @@ pub enum MessageChange {
     NotAgentMessage,
 }
 
+/// Which slice of a conversation to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The newest messages.
+    Latest,
+    /// Messages written before this sequence number.
+    Before(i64),
+    /// Messages written after this sequence number.
+    After(i64),
+}
+
 /// Storage for everything switchboard keeps.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -309,6 +320,24 @@ pub trait Store: Send + Sync + 'static {
         group_id: Option<&str>,
         now: i64,
     ) -> StoreResult<Option<()>>;
+    /// Whether a visitor exists.
+    async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool>;
+    /// The sequence number and visitor of a message, deleted ones included (they still
+    /// mark a position in the conversation).
+    async fn message_position(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<(i64, String)>>;
+    /// Up to `limit` live messages of a visitor in `window`, oldest first, and whether more
+    /// lie beyond them in the window's direction.
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)>;
     /// Forgets idempotency records created before `before` (ms); returns how many.
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64>;
     /// Waits until every acknowledged write is on disk and stops the writer.

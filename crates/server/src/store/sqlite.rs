@@ -1215,6 +1215,69 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM visitors WHERE account_id = ? AND id = ?")
+                .bind(account_id)
+                .bind(visitor_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn message_position(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<(i64, String)>> {
+        Ok(
+            sqlx::query_as("SELECT seq, visitor_id FROM messages WHERE id = ? AND account_id = ?")
+                .bind(id)
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)> {
+        // One row more than asked tells whether there is more.
+        let fetch = i64::from(limit) + 1;
+        let base = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = ? AND visitor_id = ? \
+             AND deleted_at IS NULL"
+        );
+        let (sql, bound) = match window {
+            Window::Latest => (format!("{base} ORDER BY seq DESC LIMIT ?"), None),
+            Window::Before(seq) => (
+                format!("{base} AND seq < ? ORDER BY seq DESC LIMIT ?"),
+                Some(seq),
+            ),
+            Window::After(seq) => (
+                format!("{base} AND seq > ? ORDER BY seq ASC LIMIT ?"),
+                Some(seq),
+            ),
+        };
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(account_id)
+            .bind(visitor_id);
+        if let Some(seq) = bound {
+            query = query.bind(seq);
+        }
+        let mut rows = query.bind(fetch).fetch_all(&self.pool).await?;
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        if !matches!(window, Window::After(_)) {
+            rows.reverse();
+        }
+        Ok((rows, has_more))
+    }
+
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
         self.write(move |ctx| {
             Box::pin(async move {

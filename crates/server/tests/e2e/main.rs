@@ -5,6 +5,7 @@ mod harness;
 mod auth;
 mod errors;
 mod idempotency;
+mod listing;
 mod messages;
 mod openapi;
 mod process;

@@ -16,7 +16,9 @@ async fn openapi_document_matches_the_routes() {
             if item.get(method).is_some() {
                 operations.push(format!("{} {path}", method.to_uppercase()));
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-                let concrete = path.replace("{id}", "some-id");
+                let concrete = path
+                    .replace("{id}", "some-id")
+                    .replace("{visitorId}", "some-visitor");
                 let r = s.call(m, &concrete, Some(serde_json::json!({}))).await;
                 assert_ne!(r.status, 405, "{method} {path}");
                 if r.status == 404 {
@@ -34,6 +36,7 @@ async fn openapi_document_matches_the_routes() {
         "DELETE /v3/conversations/pushedMessages/{id}",
         "GET /v3/conversations/messages/{id}",
         "GET /v3/conversations/pushedMessages/{id}",
+        "GET /v3/conversations/visitors/{visitorId}/messages",
         "POST /v3/conversations/agentOnlinePing",
         "POST /v3/conversations/messages",
         "POST /v3/conversations/pushedMessages",
