@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::{AgentRow, MessageRow};
 
-/// Recently written or read messages, by id, bounded in count (oldest out first).
+/// Recently read messages, by id, bounded in count (oldest out first). Edits and deletes
+/// update it; new messages enter on their first read.
 ///
 /// Coherence: the writer bumps a generation under the lock after every commit that changes
 /// messages; a reader that missed remembers the generation before it read the database and

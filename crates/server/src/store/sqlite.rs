@@ -1093,11 +1093,9 @@ impl Store for SqliteStore {
             }))
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        let result = rx.await.map_err(|_| StoreError::Aborted)??;
-        if let Guarded::Applied(row) = &result {
-            self.messages.committed([row]);
-        }
-        Ok(result)
+        // Not cached here: the cache fills on reads, and a new id cannot be in it yet
+        // (misses are never cached), so writing it would cost every POST for nothing.
+        rx.await.map_err(|_| StoreError::Aborted)?
     }
 
     async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
