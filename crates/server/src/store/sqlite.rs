@@ -1125,31 +1125,8 @@ impl Store for SqliteStore {
         text: &str,
         now: i64,
     ) -> StoreResult<MessageChange> {
-        let (account_id, id, text) = (account_id.to_owned(), id.to_owned(), text.to_owned());
-        let change = self
-            .write(move |ctx| {
-                Box::pin(async move {
-                    let sql = format!(
-                    "UPDATE messages SET text = ?, updated_at = ? WHERE id = ? AND account_id = ? \
-                     AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
-                     RETURNING {MESSAGE_COLUMNS}"
-                );
-                    let row: Option<MessageRow> = sqlx::query_as(&sql)
-                        .bind(&text)
-                        .bind(now)
-                        .bind(&id)
-                        .bind(&account_id)
-                        .bind(pushed)
-                        .fetch_optional(&mut ctx.conn)
-                        .await?;
-                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
-                })
-            })
-            .await?;
-        if let MessageChange::Done(row) = &change {
-            self.messages.committed([row.as_ref()]);
-        }
-        Ok(change)
+        self.change_message(account_id, id, pushed, Change::Text(text.to_owned()), now)
+            .await
     }
 
     async fn delete_message(
@@ -1159,31 +1136,8 @@ impl Store for SqliteStore {
         pushed: bool,
         now: i64,
     ) -> StoreResult<MessageChange> {
-        let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        let change = self
-            .write(move |ctx| {
-                Box::pin(async move {
-                    let sql = format!(
-                        "UPDATE messages SET deleted_at = ?, updated_at = ? WHERE id = ? \
-                     AND account_id = ? AND is_pushed = ? AND deleted_at IS NULL \
-                     AND type = 'agent' RETURNING {MESSAGE_COLUMNS}"
-                    );
-                    let row: Option<MessageRow> = sqlx::query_as(&sql)
-                        .bind(now)
-                        .bind(now)
-                        .bind(&id)
-                        .bind(&account_id)
-                        .bind(pushed)
-                        .fetch_optional(&mut ctx.conn)
-                        .await?;
-                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
-                })
-            })
-            .await?;
-        if let MessageChange::Done(row) = &change {
-            self.messages.committed([row.as_ref()]);
-        }
-        Ok(change)
+        self.change_message(account_id, id, pushed, Change::Delete, now)
+            .await
     }
 
     async fn set_visitor_group(
@@ -1295,6 +1249,59 @@ impl Store for SqliteStore {
             let _ = rx.await;
         }
         self.pool.close().await;
+    }
+}
+
+/// What an edit or delete does to a live agent message.
+enum Change {
+    Text(String),
+    Delete,
+}
+
+impl SqliteStore {
+    /// Applies `change` to a live agent message of the account whose pushed flag is
+    /// `pushed`, then refreshes the message cache.
+    async fn change_message(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        change: Change,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let (set, value) = match change {
+                        Change::Text(text) => ("text = ?", Some(text)),
+                        Change::Delete => ("deleted_at = ?", None),
+                    };
+                    let sql = format!(
+                        "UPDATE messages SET {set}, updated_at = ? WHERE id = ? AND account_id = ? \
+                         AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
+                         RETURNING {MESSAGE_COLUMNS}"
+                    );
+                    let query = sqlx::query_as::<_, MessageRow>(&sql);
+                    let query = match value {
+                        Some(text) => query.bind(text),
+                        None => query.bind(now),
+                    };
+                    let row = query
+                        .bind(now)
+                        .bind(&id)
+                        .bind(&account_id)
+                        .bind(pushed)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?;
+                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                })
+            })
+            .await?;
+        if let MessageChange::Done(row) = &result {
+            self.messages.committed([row.as_ref()]);
+        }
+        Ok(result)
     }
 }
 
