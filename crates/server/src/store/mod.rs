@@ -120,7 +120,7 @@ pub struct GroupRow {
 }
 
 /// A message row, with the sender snapshot taken when it was written.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct MessageRow {
     /// Storage sequence number (monotonic); 0 before insertion.
     pub seq: i64,

@@ -1330,3 +1330,119 @@ async fn classify_change(
         _ => MessageChange::NotFound,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sqlx::Connection;
+
+    use super::*;
+
+    fn message(account: &str, id: &str, visitor: &str) -> MessageRow {
+        MessageRow {
+            id: id.into(),
+            account_id: account.into(),
+            visitor_id: visitor.into(),
+            kind: "agent".into(),
+            text: format!("text of {id}"),
+            created_at: 1,
+            updated_at: 1,
+            ..MessageRow::default()
+        }
+    }
+
+    fn agent(id: &str, email: &str, groups: &[&str]) -> NewAgent {
+        NewAgent {
+            id: id.into(),
+            name: id.into(),
+            email: Some(email.into()),
+            userpic: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            is_dummy: false,
+            created_at: 1,
+        }
+    }
+
+    /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
+    /// other jobs with them.
+    #[tokio::test]
+    async fn a_failing_job_in_a_batch_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Arc::new(
+            SqliteStore::open(&path, SqliteOptions::default())
+                .await
+                .unwrap(),
+        );
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        let acc = account.id.clone();
+        store
+            .create_agent(&acc, &agent("taken", "taken@x.com", &[]))
+            .await
+            .unwrap();
+
+        // Hold the write lock elsewhere so the jobs below queue up and commit together.
+        let mut blocker = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let (s, acc) = (store.clone(), acc.clone());
+            tasks.push(tokio::spawn(async move {
+                s.insert_message(message(&acc, &format!("m{i}"), "v"), None)
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        let (s, a) = (store.clone(), acc.clone());
+        // Fails after its first statement: the agent row is written, its group is not there.
+        let half = tokio::spawn(async move {
+            s.create_agent(&a, &agent("half", "half@x.com", &["no-such-group"]))
+                .await
+                .map(|_| ())
+        });
+        let (s, a) = (store.clone(), acc.clone());
+        let duplicate = tokio::spawn(async move {
+            s.create_agent(&a, &agent("dup", "TAKEN@x.com", &[]))
+                .await
+                .map(|_| ())
+        });
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+
+        for t in tasks {
+            t.await.unwrap().expect("valid inserts commit");
+        }
+        assert!(half.await.unwrap().is_err());
+        assert!(matches!(
+            duplicate.await.unwrap(),
+            Err(StoreError::Conflict(_))
+        ));
+
+        let count = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(count("SELECT count(*) FROM messages").await, 4);
+        assert_eq!(
+            count("SELECT count(*) FROM agents WHERE id = 'half'").await,
+            0,
+            "half-written agent left behind"
+        );
+        assert_eq!(count("SELECT count(*) FROM agents").await, 1);
+        store.close().await;
+    }
+}
