@@ -937,19 +937,9 @@ impl Store for SqliteStore {
     }
 
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query("DELETE FROM agents WHERE account_id = ? AND id = ?")
-                    .bind(&account_id)
-                    .bind(&id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
-        .inspect(|_| self.agents.clear())
+        self.delete_owned("agents", account_id, id)
+            .await
+            .inspect(|_| self.agents.clear())
     }
 
     async fn set_agent_online_until(
@@ -1065,18 +1055,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query("DELETE FROM groups WHERE account_id = ? AND id = ?")
-                    .bind(&account_id)
-                    .bind(&id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
+        self.delete_owned("groups", account_id, id).await
     }
 
     async fn insert_message(
@@ -1259,6 +1238,28 @@ enum Change {
 }
 
 impl SqliteStore {
+    /// Deletes the row `id` of an account from `table`; false if there is none.
+    async fn delete_owned(
+        &self,
+        table: &'static str,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<bool> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let sql = format!("DELETE FROM {table} WHERE account_id = ? AND id = ?");
+                let r = sqlx::query(&sql)
+                    .bind(&account_id)
+                    .bind(&id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
     /// Applies `change` to a live agent message of the account whose pushed flag is
     /// `pushed`, then refreshes the message cache.
     async fn change_message(
