@@ -237,6 +237,7 @@ async fn never_a_redirect() {
     let s = TestServer::start().await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(60))
         .build()
         .unwrap();
     for path in [

@@ -90,7 +90,10 @@ impl TestServer {
             domain,
             account: boot.account.id,
             db,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("http client"),
             shutdown: Some(tx),
             handle: Some(handle),
             dir: None,

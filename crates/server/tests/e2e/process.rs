@@ -75,7 +75,10 @@ async fn first_start_prints_one_key_that_works() {
         .unwrap_or_else(|| panic!("no key printed: {lines:?}"))
         .to_owned();
     assert!(key.starts_with("xkeysib-"));
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("http client");
     let health = http.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let r = http
@@ -134,7 +137,10 @@ async fn cli_manages_accounts_keys_agents_and_groups() {
 
     // The server accepts the CLI's key and sees the CLI's agent; the other account does not.
     let (mut child, url, _) = serve(&db, None).await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("http client");
     let send = |key: String| {
         http.post(format!("{url}/v3/conversations/pushedMessages"))
             .header("api-key", key)
@@ -173,7 +179,10 @@ async fn sigterm_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.db");
     let (mut child, url, _) = serve(&db, Some("k")).await;
-    let r = reqwest::Client::new()
+    let r = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("http client")
         .post(format!("{url}/v3/conversations/messages"))
         .header("api-key", "k")
         .json(&json!({"visitorId": "v", "text": "t", "agentEmail": "a@x.com", "agentName": "A"}))
@@ -208,7 +217,10 @@ async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.db");
     let (mut child, url, _) = serve(&db, Some("k")).await;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("http client");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let mut writers = Vec::new();
     for w in 0..16 {
