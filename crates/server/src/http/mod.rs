@@ -10,7 +10,6 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -42,7 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/openapi.json", get(openapi::serve))
         .merge(v3::routes())
         .fallback(unknown_route)
-        .layer(axum::middleware::from_fn(json_method_not_allowed))
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
@@ -92,34 +91,13 @@ async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// Turns axum's bare 405 into Brevo's error body, keeping the `Allow` header.
-async fn json_method_not_allowed(req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let res = next.run(req).await;
-    if res.status() != StatusCode::METHOD_NOT_ALLOWED
-        || res.headers().contains_key(header::CONTENT_TYPE)
-    {
-        return res;
-    }
-    let allow = res.headers().get(header::ALLOW).cloned();
-    let mut out = ApiError::new(
+/// A known path with a method it does not serve: Brevo's error body (axum adds `Allow`).
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::MethodNotAllowed,
-        format!(
-            "{method} method is not allowed on {path}{}",
-            allow
-                .as_ref()
-                .and_then(|a| a.to_str().ok())
-                .map(|a| format!("; allowed: {a}"))
-                .unwrap_or_default()
-        ),
+        format!("{method} method is not allowed on {}", uri.path()),
     )
-    .into_response();
-    if let Some(allow) = allow {
-        out.headers_mut().insert(header::ALLOW, allow);
-    }
-    out
 }
 
 /// An error answer: status, Brevo code and a message a developer can act on.
