@@ -665,6 +665,10 @@ const MESSAGE_COLUMNS: &str = "seq, id, account_id, conversation_id, visitor_id,
 const AGENT_COLUMNS: &str =
     "id, account_id, name, email, userpic, is_dummy, online_until, created_at";
 
+/// [`AGENT_COLUMNS`] of the table aliased `a`, for joins.
+const AGENT_COLUMNS_A: &str =
+    "a.id, a.account_id, a.name, a.email, a.userpic, a.is_dummy, a.online_until, a.created_at";
+
 async fn insert_agent(
     conn: &mut SqliteConnection,
     account_id: &str,
@@ -982,15 +986,10 @@ impl Store for SqliteStore {
         group_id: Option<&str>,
         now: i64,
     ) -> StoreResult<Option<AgentRow>> {
-        let agent_columns = AGENT_COLUMNS
-            .split(", ")
-            .map(|c| format!("a.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let row = match group_id {
             Some(g) => {
                 sqlx::query_as(&format!(
-                    "SELECT {agent_columns} FROM agents a \
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a \
                      JOIN group_members m ON m.agent_id = a.id AND m.group_id = ? \
                      WHERE a.account_id = ? ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
                 ))
@@ -1002,7 +1001,7 @@ impl Store for SqliteStore {
             }
             None => {
                 sqlx::query_as(&format!(
-                    "SELECT {agent_columns} FROM agents a WHERE a.account_id = ? \
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a WHERE a.account_id = ? \
                      ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
                 ))
                 .bind(account_id)
