@@ -43,11 +43,6 @@ pub fn id_at(ms: u64) -> String {
     id
 }
 
-/// A 32-character visitor id, like the ones Brevo's widget generates.
-pub fn new_visitor_id() -> String {
-    random_id(32)
-}
-
 /// A new API key shaped like Brevo's: `xkeysib-<64 hex>-<16 alphanumerics>`.
 pub fn new_api_key() -> String {
     let mut rng = rand::rng();
@@ -82,7 +77,6 @@ mod tests {
             assert_eq!(id.len(), 17);
             assert!(id.bytes().all(|b| ALPHABET.contains(&b)), "{id}");
         }
-        assert_eq!(new_visitor_id().len(), 32);
     }
 
     #[test]

@@ -185,16 +185,6 @@ impl Domain {
         &self.store
     }
 
-    /// The clock.
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &DomainConfig {
-        &self.config
-    }
-
     fn now(&self) -> i64 {
         self.clock.now_ms()
     }
