@@ -399,7 +399,8 @@ pub(super) async fn visitor_group(
     query: Result<Query<VisitorGroupQuery>, axum::extract::rejection::QueryRejection>,
     body: JsonBody<VisitorGroupRequest>,
 ) -> ApiResult<Json<VisitorGroupResponse>> {
-    let from_query = query.ok().and_then(|Query(q)| q.visitor_id);
+    let Query(q) = query.map_err(query_error)?;
+    let from_query = q.visitor_id;
     let b = body.value;
     let visitor = b
         .visitor_id
@@ -465,13 +466,7 @@ pub(super) async fn list_visitor_messages(
     IdPath(visitor): IdPath,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<MessagePage>> {
-    let Query(q) = query.map_err(|e| {
-        super::ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidParameter,
-            format!("invalid query string: {}", e.body_text()),
-        )
-    })?;
+    let Query(q) = query.map_err(query_error)?;
     let visitor = VisitorId::parse(Some(visitor))?;
     let page = PageRequest::parse(q.before, q.after, q.limit)?;
     let (rows, has_more) = state
@@ -482,4 +477,13 @@ pub(super) async fn list_visitor_messages(
         messages: rows.iter().map(to_wire).collect(),
         has_more,
     }))
+}
+
+/// A query string that does not parse: 400 in Brevo's body, naming the problem.
+fn query_error(e: axum::extract::rejection::QueryRejection) -> super::ApiError {
+    super::ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidParameter,
+        format!("invalid query string: {}", e.body_text()),
+    )
 }
