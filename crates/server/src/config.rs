@@ -51,6 +51,25 @@ pub struct ServeArgs {
     /// Recent messages kept in memory for reads (0 disables the cache).
     #[arg(long, env = "SWITCHBOARD_MESSAGE_CACHE", default_value_t = 10_000)]
     pub message_cache: usize,
+    /// Minutes without a (not pushed) message after which a chat ends.
+    #[arg(long, env = "SWITCHBOARD_CHAT_TIMEOUT", default_value_t = 30)]
+    pub chat_timeout: u64,
+    /// Messages a visitor may send per minute (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_VISITOR_RATE", default_value_t = 30)]
+    pub visitor_rate: u32,
+    /// Longest visitor message, in characters.
+    #[arg(long, env = "SWITCHBOARD_VISITOR_MAX_TEXT", default_value_t = 10_000)]
+    pub visitor_max_text: usize,
+    /// New visitor sessions per minute from one client address (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_SESSION_RATE", default_value_t = 60)]
+    pub session_rate: u32,
+    /// Seconds between pings on a visitor WebSocket; a socket silent for three times this
+    /// long is closed.
+    #[arg(long, env = "SWITCHBOARD_WS_PING", default_value_t = 30)]
+    pub ws_ping: u64,
+    /// Changes a live stream may have waiting before it is closed as too slow.
+    #[arg(long, env = "SWITCHBOARD_STREAM_BUFFER", default_value_t = 256)]
+    pub stream_buffer: usize,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -67,7 +86,25 @@ impl ServeArgs {
         DomainConfig {
             presence_window: Duration::from_secs(self.presence_window),
             partner_key: self.partner_key.clone().filter(|k| !k.is_empty()),
+            chat_timeout: Duration::from_secs(self.chat_timeout.saturating_mul(60)),
+            visitor_messages_per_minute: self.visitor_rate,
+            visitor_max_text: self.visitor_max_text.max(1),
+            sessions_per_minute: self.session_rate,
             ..DomainConfig::default()
+        }
+    }
+
+    /// The server settings these flags ask for.
+    pub fn serve_options(&self) -> crate::ServeOptions {
+        let ping = Duration::from_secs(self.ws_ping.max(1));
+        crate::ServeOptions {
+            streams: crate::http::streams::StreamConfig {
+                ping_interval: ping,
+                idle_timeout: ping * 3,
+                ..crate::http::streams::StreamConfig::default()
+            },
+            stream_buffer: self.stream_buffer.max(1),
+            ..crate::ServeOptions::default()
         }
     }
 

@@ -66,6 +66,106 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A public widget id: 24 lowercase hex characters, like Brevo's `BrevoConversationsID`.
+pub fn new_widget_id() -> String {
+    let bytes: [u8; 12] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+/// A secret identity key (64 hex characters) that signs visitor tokens and identity hashes.
+pub fn new_identity_key() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+/// A new visitor's id: 32 random alphanumerics (190 bits), unguessable.
+pub fn new_visitor_id() -> String {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| ALNUM[rng.random_range(0..ALNUM.len())] as char)
+        .collect()
+}
+
+fn hmac_sha256(key: &str, parts: &[&[u8]]) -> hmac::Hmac<Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
+        .expect("HMAC takes keys of any length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac
+}
+
+/// The identity hash a site sends to bind its own user id: lowercase hex
+/// HMAC-SHA256(identity key, visitor id).
+pub fn identity_hash(identity_key: &str, visitor_id: &str) -> String {
+    use hmac::Mac;
+    hex::encode(
+        hmac_sha256(identity_key, &[visitor_id.as_bytes()])
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Whether `hash` is the identity hash of `visitor_id` (constant time).
+pub fn verify_identity_hash(identity_key: &str, visitor_id: &str, hash: &str) -> bool {
+    use hmac::Mac;
+    match hex::decode(hash.trim()) {
+        Ok(bytes) => hmac_sha256(identity_key, &[visitor_id.as_bytes()])
+            .verify_slice(&bytes)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+const TOKEN_CONTEXT: &[u8] = b"switchboard visitor token v1\0";
+
+/// A visitor token: `v1.<hex visitor id>.<hex MAC>`, signed with the account's identity
+/// key over the account id too, so a token of one account is worthless in another.
+pub fn visitor_token(identity_key: &str, account_id: &str, visitor_id: &str) -> String {
+    use hmac::Mac;
+    let mac = hmac_sha256(
+        identity_key,
+        &[
+            TOKEN_CONTEXT,
+            account_id.as_bytes(),
+            b"\0",
+            visitor_id.as_bytes(),
+        ],
+    );
+    format!(
+        "v1.{}.{}",
+        hex::encode(visitor_id.as_bytes()),
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+/// The visitor id of a valid token of this account.
+pub fn verify_visitor_token(identity_key: &str, account_id: &str, token: &str) -> Option<String> {
+    use hmac::Mac;
+    let mut parts = token.trim().split('.');
+    let (Some("v1"), Some(visitor), Some(mac), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let visitor = String::from_utf8(hex::decode(visitor).ok()?).ok()?;
+    let mac = hex::decode(mac).ok()?;
+    hmac_sha256(
+        identity_key,
+        &[
+            TOKEN_CONTEXT,
+            account_id.as_bytes(),
+            b"\0",
+            visitor.as_bytes(),
+        ],
+    )
+    .verify_slice(&mac)
+    .ok()?;
+    Some(visitor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +206,31 @@ mod tests {
         assert_eq!(hash_key(&k), hash_key(&k));
         assert_ne!(hash_key(&k), hash_key(&new_api_key()));
         assert_eq!(hash_key(&k).len(), 64);
+    }
+
+    #[test]
+    fn tokens_verify_only_for_their_account_and_key() {
+        let t = visitor_token("k1", "acc", "visitor 1");
+        assert_eq!(
+            verify_visitor_token("k1", "acc", &t).as_deref(),
+            Some("visitor 1")
+        );
+        assert_eq!(verify_visitor_token("k1", "other", &t), None);
+        assert_eq!(verify_visitor_token("k2", "acc", &t), None);
+        let forged = t.replace(&hex::encode("visitor 1"), &hex::encode("visitor 2"));
+        assert_eq!(verify_visitor_token("k1", "acc", &forged), None);
+        assert_eq!(verify_visitor_token("k1", "acc", "garbage"), None);
+    }
+
+    #[test]
+    fn identity_hashes_bind_one_id() {
+        let h = identity_hash("secret", "user-42");
+        assert_eq!(h.len(), 64);
+        assert!(verify_identity_hash("secret", "user-42", &h));
+        assert!(!verify_identity_hash("secret", "user-43", &h));
+        assert!(!verify_identity_hash("other", "user-42", &h));
+        assert!(!verify_identity_hash("secret", "user-42", "zz"));
+        assert_eq!(new_visitor_id().len(), 32);
+        assert_eq!(new_widget_id().len(), 24);
     }
 }

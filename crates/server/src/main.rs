@@ -67,6 +67,14 @@ enum AccountsCmd {
     Create { name: String },
     /// List accounts.
     List,
+    /// Print an account's widget id and identity key (for the visitor API).
+    Widget {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Make a new identity key first (signs out every visitor of the account).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,7 +236,8 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     tracing::info!(%addr, db = %db.display(), "switchboard is ready");
-    switchboard_server::serve(domain, listener, shutdown_signal()).await?;
+    switchboard_server::serve_with(domain, listener, args.serve_options(), shutdown_signal())
+        .await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -326,6 +335,25 @@ async fn admin(domain: &Arc<Domain>, cmd: Command, j: bool) -> anyhow::Result<()
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+        Command::Accounts(AccountsCmd::Widget { account, rotate }) => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let w = if rotate {
+                domain.rotate_identity_key(&account.id).await?
+            } else {
+                domain.widget_of(&account.id).await?
+            };
+            print(
+                j,
+                json!({"accountId": w.account_id, "widgetId": w.widget_id, "identityKey": w.identity_key}),
+                || {
+                    format!(
+                        "widget id:    {}\nidentity key: {} (secret: sign visitorId binding with \
+                         HMAC-SHA256; keep it on your servers)",
+                        w.widget_id, w.identity_key
+                    )
+                },
+            );
         }
         Command::Keys(KeysCmd::Create { account, name }) => {
             let account = domain.resolve_account(account.account.as_deref()).await?;

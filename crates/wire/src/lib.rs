@@ -242,6 +242,9 @@ pub enum ErrorCode {
     NotAcceptable,
     /// The request is malformed.
     BadRequest,
+    /// Too many requests: wait for `Retry-After` seconds (visitor API only; `/v3` is
+    /// not rate limited).
+    TooManyRequests,
 }
 
 impl ErrorCode {
@@ -259,6 +262,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotAcceptable => "not_acceptable",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooManyRequests => "too_many_requests",
         }
     }
 }
@@ -441,4 +445,125 @@ mod tests {
             );
         }
     }
+}
+
+/// Body of `POST /widget/v1/{widgetId}/session` (switchboard visitor API): every field is
+/// optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct SessionRequest {
+    /// Resume the session of this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Bind a visitor id of the site's own (an existing user); needs `visitorHash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_id: Option<String>,
+    /// Lowercase hex HMAC-SHA256 of `visitorId`, keyed by the account's identity key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_hash: Option<String>,
+    /// Visitor's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Visitor's email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Browser language, e.g. `en-GB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser_language: Option<String>,
+    /// Page the visitor is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_url: Option<String>,
+    /// Title of that page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_title: Option<String>,
+    /// Attributes merged into the visitor's (like `updateIntegrationData`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Answer of `POST /widget/v1/{widgetId}/session`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct SessionResponse {
+    /// The visitor.
+    pub visitor_id: String,
+    /// The visitor's continuous conversation.
+    pub conversation_id: String,
+    /// The visitor token: `Authorization: Bearer <token>` on the other widget calls.
+    pub token: String,
+}
+
+/// Body of `POST /widget/v1/{widgetId}/messages`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct VisitorMessageRequest {
+    /// The message.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Page the visitor is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_url: Option<String>,
+    /// Title of that page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_title: Option<String>,
+}
+
+/// Body of `POST /widget/v1/{widgetId}/read`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct ReadRequest {
+    /// The newest agent message the visitor has read.
+    #[serde(default)]
+    pub message_id: Option<String>,
+}
+
+/// A page's link and title.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct StartPage {
+    /// URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// One event on a visitor WebSocket or the account's event stream (switchboard extension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct StreamEvent {
+    /// `messageCreated`, `messageUpdated`, `messageDeleted`, `conversationStarted`,
+    /// `conversationEnded`; on the visitor socket also `ready` and `pong`.
+    pub event: String,
+    /// Position in the feed: resume after it (absent on `pong`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<i64>,
+    /// The conversation (account stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// The visitor (account stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_id: Option<String>,
+    /// The message as it is now (created, updated; the first one of a started chat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<ConversationsMessage>,
+    /// The deleted message's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The chat that started or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_id: Option<String>,
+    /// Whether no agent was online when the chat started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_no_available_agent: Option<bool>,
+    /// The page the visitor was on when the chat started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_start_page: Option<StartPage>,
 }

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::ids;
 use crate::store::{
-    Account, AgentRow, ApiKey, GroupRow, Guarded, IdempotencyRecord, MessageChange, MessageRow,
-    NewAgent, Store, StoreError, StoredResponse, Window,
+    Account, AgentRow, ApiKey, EventKind, GroupRow, Guarded, IdempotencyRecord, MessageChange,
+    MessageRow, NewAgent, Store, StoreError, StoredResponse, Window,
 };
 
 mod values;
+mod widget;
 pub use values::*;
+pub use widget::{SessionStart, VisitorAuth, VisitorSession};
 
 /// Everything that can go wrong in a domain operation, by what the caller should do.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,14 @@ pub enum DomainError {
     /// The credentials are missing or wrong.
     #[error("{0}")]
     Unauthorized(String),
+    /// Too many requests; try again in `retry_after` seconds.
+    #[error("{message}")]
+    RateLimited {
+        /// What was limited.
+        message: String,
+        /// Seconds until a retry can succeed.
+        retry_after: u64,
+    },
     /// The storage failed; nothing was written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -127,6 +137,16 @@ pub struct DomainConfig {
     /// How long a verified API key is trusted without asking the database again (a revoked
     /// key stops working within this time).
     pub key_cache_ttl: Duration,
+    /// A chat ends after this long without a (not pushed) message.
+    pub chat_timeout: Duration,
+    /// Messages a visitor may send per minute (0: unlimited) ...
+    pub visitor_messages_per_minute: u32,
+    /// ... and at once.
+    pub visitor_burst: u32,
+    /// Longest visitor message, in characters.
+    pub visitor_max_text: usize,
+    /// New visitor sessions per minute from one client address (0: unlimited).
+    pub sessions_per_minute: u32,
 }
 
 impl Default for DomainConfig {
@@ -136,6 +156,11 @@ impl Default for DomainConfig {
             idempotency_retention: Duration::from_secs(24 * 3600),
             partner_key: None,
             key_cache_ttl: Duration::from_secs(5),
+            chat_timeout: Duration::from_secs(30 * 60),
+            visitor_messages_per_minute: 30,
+            visitor_burst: 10,
+            visitor_max_text: 10_000,
+            sessions_per_minute: 60,
         }
     }
 }
@@ -149,6 +174,9 @@ pub struct Domain {
     clock: Clock,
     /// key hash -> (account id, verified at)
     key_cache: RwLock<HashMap<String, (String, Instant)>>,
+    widgets: widget::WidgetCache,
+    visitor_limiter: widget::RateLimiter,
+    session_limiter: widget::RateLimiter,
 }
 
 /// A newly created API key; `key` is shown once and never stored.
@@ -173,6 +201,15 @@ impl Domain {
     /// A domain service over `store`.
     pub fn new(store: Arc<dyn Store>, config: DomainConfig, clock: Clock) -> Self {
         Self {
+            visitor_limiter: widget::RateLimiter::new(
+                config.visitor_messages_per_minute,
+                config.visitor_burst,
+            ),
+            session_limiter: widget::RateLimiter::new(
+                config.sessions_per_minute,
+                config.sessions_per_minute.max(1),
+            ),
+            widgets: std::sync::Mutex::new(HashMap::new()),
             store,
             config,
             clock,
@@ -629,12 +666,7 @@ impl Domain {
         visitor_id: &VisitorId,
         text: Text,
     ) -> DomainResult<MessageRow> {
-        let now = self.now();
-        let online = self
-            .store
-            .pick_agent(account_id, None, now)
-            .await?
-            .is_some_and(|a| a.online_until > now);
+        let online = self.store.any_agent_online(account_id, self.now()).await?;
         let row = self.new_message(
             account_id,
             visitor_id,

@@ -16,13 +16,15 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use switchboard_wire::{ErrorBody, ErrorCode};
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::domain::{Domain, DomainError};
 
 pub mod openapi;
+pub mod streams;
 mod v3;
+mod widget;
 
 /// Largest request body accepted (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -32,6 +34,12 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     /// The domain service.
     pub domain: Arc<Domain>,
+    /// Fan-out of committed changes to live streams.
+    pub hub: Arc<crate::realtime::Hub>,
+    /// Turns true when the server stops: live streams close.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Settings of the live streams.
+    pub streams: streams::StreamConfig,
 }
 
 /// The whole HTTP application: Brevo's `/v3` API, the OpenAPI document and `/health`.
@@ -40,11 +48,12 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/v3/openapi.json", get(openapi::serve))
         .merge(v3::routes())
+        .merge(widget::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .make_span_with(make_span)
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .with_state(state)
@@ -74,6 +83,11 @@ pub fn collapse_slashes(mut req: Request) -> Request {
         }
     }
     req
+}
+
+/// The request span: method and path only, because query strings may carry visitor tokens.
+fn make_span(req: &Request) -> tracing::Span {
+    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -106,6 +120,7 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -115,6 +130,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -135,6 +151,15 @@ impl From<DomainError> for ApiError {
             DomainError::Duplicate(_) => (StatusCode::BAD_REQUEST, C::DuplicateParameter),
             DomainError::KeyReused(_) => (StatusCode::BAD_REQUEST, C::DuplicateRequest),
             DomainError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, C::Unauthorized),
+            DomainError::RateLimited { retry_after, .. } => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    C::TooManyRequests,
+                    format!("{e}; retry in {retry_after} s"),
+                );
+                e.retry_after = Some(*retry_after);
+                return e;
+            }
             DomainError::Store(inner) => {
                 // Nothing was committed (the store answers only after a commit), so a 5xx
                 // here is safe for SDKs that retry.
@@ -152,7 +177,12 @@ impl From<DomainError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let mut res = (self.status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
     }
 }
 

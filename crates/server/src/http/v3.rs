@@ -44,6 +44,7 @@ pub(super) fn routes() -> Router<AppState> {
             "/v3/conversations/visitors/{visitorId}/messages",
             axum::routing::get(list_visitor_messages),
         )
+        .route("/v3/conversations/events", axum::routing::get(events))
 }
 
 /// The wire form of a stored message.
@@ -436,13 +437,13 @@ pub(super) async fn visitor_group(
 /// Query string of the visitor message listing.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(super) struct PageQuery {
+pub(crate) struct PageQuery {
     /// How many messages, 1 to 100 (default 50).
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
     /// Only messages written before the message with this id (to page backwards).
-    before: Option<String>,
+    pub(crate) before: Option<String>,
     /// Only messages written after the message with this id (to page forwards or catch up).
-    after: Option<String>,
+    pub(crate) after: Option<String>,
 }
 
 /// Lists a visitor's messages, a page at a time (switchboard extension).
@@ -480,10 +481,67 @@ pub(super) async fn list_visitor_messages(
 }
 
 /// A query string that does not parse: 400 in Brevo's body, naming the problem.
-fn query_error(e: axum::extract::rejection::QueryRejection) -> super::ApiError {
+pub(crate) fn query_error(e: axum::extract::rejection::QueryRejection) -> super::ApiError {
     super::ApiError::new(
         StatusCode::BAD_REQUEST,
         ErrorCode::InvalidParameter,
         format!("invalid query string: {}", e.body_text()),
     )
+}
+
+/// Resume point of the event stream.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct EventsQuery {
+    /// Replay the events after this cursor (same as the `Last-Event-ID` header).
+    after: Option<i64>,
+}
+
+/// The account's events, live (switchboard extension, Server-Sent Events).
+#[utoipa::path(
+    get,
+    path = "/v3/conversations/events",
+    tag = "Conversations (extensions)",
+    summary = "Stream the account's events (switchboard extension)",
+    description = "Server-Sent Events: messageCreated, messageUpdated, messageDeleted, conversationStarted, conversationEnded. Each event's id is its cursor; reconnect with Last-Event-ID (or ?after=) to get what was missed, without gaps or repeats. The data is a StreamEvent.",
+    params(EventsQuery, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this cursor")),
+    responses(
+        (status = 200, description = "text/event-stream of StreamEvent", body = switchboard_wire::StreamEvent, content_type = "text/event-stream"),
+        (status = 401, description = "Missing or unknown api-key", body = ErrorBody),
+    ),
+    security(("api-key" = []))
+)]
+pub(super) async fn events(
+    State(state): State<AppState>,
+    Auth(account): Auth,
+    headers: axum::http::HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(query_error)?;
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|c| *c >= 0)
+                .ok_or_else(|| {
+                    super::ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::InvalidParameter,
+                        "Last-Event-ID must be a cursor (a non-negative integer) from this stream",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if q.after.is_some_and(|a| a < 0) {
+        return Err(super::ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidParameter,
+            "after must be a non-negative cursor",
+        ));
+    }
+    let resume = last_event_id.or(q.after);
+    let sse = super::streams::account_events(state, account, resume).await?;
+    Ok(sse.into_response())
 }

@@ -218,6 +218,156 @@ pub enum Window {
     After(i64),
 }
 
+/// What kind of change an entry of the account's feed is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new message (visitor, agent or pushed).
+    MessageCreated,
+    /// An agent message's text changed.
+    MessageUpdated,
+    /// An agent message was deleted.
+    MessageDeleted,
+    /// A chat started with this message.
+    ConversationStarted,
+    /// A chat ended after its inactivity timeout.
+    ConversationEnded,
+}
+
+impl EventKind {
+    /// The stored (and wire) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::MessageCreated => "messageCreated",
+            EventKind::MessageUpdated => "messageUpdated",
+            EventKind::MessageDeleted => "messageDeleted",
+            EventKind::ConversationStarted => "conversationStarted",
+            EventKind::ConversationEnded => "conversationEnded",
+        }
+    }
+
+    /// The kind stored under `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "messageCreated" => EventKind::MessageCreated,
+            "messageUpdated" => EventKind::MessageUpdated,
+            "messageDeleted" => EventKind::MessageDeleted,
+            "conversationStarted" => EventKind::ConversationStarted,
+            "conversationEnded" => EventKind::ConversationEnded,
+            _ => return None,
+        })
+    }
+
+    /// Whether a visitor's own stream shows this kind.
+    pub fn for_visitor(self) -> bool {
+        matches!(
+            self,
+            EventKind::MessageCreated | EventKind::MessageUpdated | EventKind::MessageDeleted
+        )
+    }
+}
+
+/// A chat (a stretch of a conversation) as events report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatInfo {
+    /// Chat id.
+    pub id: String,
+    /// Sequence number of the message that started it.
+    pub start_seq: i64,
+    /// When it started (ms).
+    pub started_at: i64,
+    /// When it ended (ms), for an ended chat.
+    pub ended_at: Option<i64>,
+    /// Whether no agent was online when it started.
+    pub no_agent_online: bool,
+    /// Page the visitor was on when it started.
+    pub start_page_url: Option<String>,
+    /// Title of that page.
+    pub start_page_title: Option<String>,
+}
+
+/// One entry of an account's feed: a committed change, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEvent {
+    /// Position in the feed (shared by all accounts; grows strictly).
+    pub seq: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// Account.
+    pub account_id: String,
+    /// Visitor.
+    pub visitor_id: String,
+    /// The visitor's continuous conversation.
+    pub conversation_id: String,
+    /// The message concerned, as it is now (deleted ones carry `deleted_at`).
+    pub message: Option<std::sync::Arc<MessageRow>>,
+    /// The chat concerned (chat start and end).
+    pub chat: Option<ChatInfo>,
+}
+
+/// Committed changes, batch by batch in commit order, for the real-time fan-out.
+pub type FeedReceiver = tokio::sync::mpsc::UnboundedReceiver<Vec<std::sync::Arc<FeedEvent>>>;
+
+/// An account's widget identity.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WidgetAccount {
+    /// Account id.
+    pub account_id: String,
+    /// Public widget id.
+    pub widget_id: String,
+    /// Secret key that signs visitor tokens and identity hashes.
+    pub identity_key: String,
+}
+
+/// What a widget tells about its visitor (a `None` leaves the stored value alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VisitorProfile {
+    /// Visitor id.
+    pub id: String,
+    /// Name.
+    pub name: Option<String>,
+    /// Email.
+    pub email: Option<String>,
+    /// Browser language.
+    pub browser_language: Option<String>,
+    /// Page the visitor is on.
+    pub page_url: Option<String>,
+    /// Title of that page.
+    pub page_title: Option<String>,
+    /// JSON object merged into the stored attributes.
+    pub attributes: Option<String>,
+}
+
+/// A visitor as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct VisitorRow {
+    /// Visitor id.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Group the visitor is routed to.
+    pub group_id: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Email.
+    pub email: Option<String>,
+    /// Browser language.
+    pub browser_language: Option<String>,
+    /// First page seen.
+    pub start_page_url: Option<String>,
+    /// Its title.
+    pub start_page_title: Option<String>,
+    /// Page the visitor is on now.
+    pub page_url: Option<String>,
+    /// Its title.
+    pub page_title: Option<String>,
+    /// Attributes (JSON object).
+    pub attributes: String,
+    /// The visitor's conversation.
+    pub conversation_id: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+}
+
 /// Storage for everything switchboard keeps.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -338,6 +488,46 @@ pub trait Store: Send + Sync + 'static {
         window: Window,
         limit: u32,
     ) -> StoreResult<(Vec<MessageRow>, bool)>;
+    // --- visitor side, feed and chat lifecycle -------------------------------------------
+
+    /// The account owning a widget id.
+    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>>;
+    /// The widget identity of an account.
+    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>>;
+    /// Replaces an account's identity key (revoking every visitor token).
+    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool>;
+    /// Creates the visitor and its conversation if needed and stores what the widget told
+    /// about it; returns the visitor.
+    async fn upsert_visitor(
+        &self,
+        account_id: &str,
+        profile: VisitorProfile,
+        now: i64,
+    ) -> StoreResult<VisitorRow>;
+    /// One visitor.
+    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>>;
+    /// Records that the visitor read the agent messages up to `seq`.
+    async fn mark_read(&self, account_id: &str, visitor_id: &str, seq: i64) -> StoreResult<()>;
+    /// Whether some agent of the account is online at `now`.
+    async fn any_agent_online(&self, account_id: &str, now: i64) -> StoreResult<bool>;
+    /// Up to `limit` feed entries of an account (of one visitor if given) after `after`,
+    /// oldest first, each with its message as it is now.
+    async fn feed(
+        &self,
+        account_id: &str,
+        visitor_id: Option<&str>,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<FeedEvent>>;
+    /// The newest feed position (0 when empty).
+    async fn feed_head(&self) -> StoreResult<i64>;
+    /// The live feed of committed changes; only the first call gets it.
+    fn take_feed(&self) -> Option<FeedReceiver>;
+    /// Ends every open chat whose last (not pushed) message is older than `idle_before`
+    /// (ms): flags the agent messages the visitor never read as missed and records the end.
+    /// Returns the ended chats' events.
+    async fn end_idle_chats(&self, now: i64, idle_before: i64) -> StoreResult<Vec<FeedEvent>>;
+
     /// Forgets idempotency records created before `before` (ms); returns how many.
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64>;
     /// Waits until every acknowledged write is on disk and stops the writer.

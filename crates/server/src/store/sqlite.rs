@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -79,6 +81,8 @@ struct InsertJob {
 enum WriterMsg {
     Job(Job),
     Insert(InsertJob),
+    /// From now on, send committed changes here.
+    Feed(mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -97,6 +101,40 @@ struct WriterCtx {
     conversations: HashMap<(String, String), String>,
     /// Entries added in the current transaction, forgotten again if it fails.
     added: Vec<(String, String)>,
+    /// The next feed position. Messages and events take theirs from this one counter, so
+    /// the union of both tables is one ordered log; only this writer hands them out.
+    next_seq: i64,
+    /// The newest committed feed position, readable by everyone.
+    head: Arc<AtomicI64>,
+    /// Open chats by conversation id: the authority on chat state in this process.
+    open_chats: HashMap<String, OpenChat>,
+    /// Changes to `open_chats` in the current transaction, undone if it fails.
+    chat_undo: Vec<ChatUndo>,
+    /// Changes of the current transaction, published once it commits.
+    events: Vec<Arc<FeedEvent>>,
+    /// Where committed changes go (the real-time fan-out), once someone asked.
+    feed: Option<mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>>,
+}
+
+/// An open chat as the writer tracks it.
+#[derive(Debug, Clone)]
+struct OpenChat {
+    info: ChatInfo,
+    account_id: String,
+    visitor_id: String,
+    /// Time of the newest not-pushed message.
+    last_activity: i64,
+}
+
+enum ChatUndo {
+    Opened(String),
+    Closed(String, OpenChat),
+}
+
+/// How far the current transaction had got, to undo a failed job's part of it.
+struct Mark {
+    events: usize,
+    chat_undo: usize,
 }
 
 const CONVERSATION_CACHE_MAX: usize = 200_000;
@@ -107,6 +145,8 @@ pub struct SqliteStore {
     writer: mpsc::Sender<WriterMsg>,
     messages: MessageCache,
     agents: AgentCache,
+    head: Arc<AtomicI64>,
+    feed_taken: std::sync::atomic::AtomicBool,
 }
 
 impl SqliteStore {
@@ -137,10 +177,24 @@ impl SqliteStore {
             .await?;
 
         let (tx, rx) = mpsc::channel(8192);
+        let next_seq: i64 = sqlx::query_scalar(
+            "SELECT max(coalesce((SELECT max(seq) FROM messages), 0), \
+                        coalesce((SELECT max(seq) FROM events), 0))",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let head = Arc::new(AtomicI64::new(next_seq));
+        let open_chats = load_open_chats(&mut conn).await?;
         let ctx = WriterCtx {
             conn,
             conversations: HashMap::new(),
             added: Vec::new(),
+            next_seq: next_seq + 1,
+            head: head.clone(),
+            open_chats,
+            chat_undo: Vec::new(),
+            events: Vec::new(),
+            feed: None,
         };
         // The writer gets a thread and runtime of its own: on the shared workers it waited
         // behind every HTTP task at each step of a group commit, which made the commit cycle
@@ -159,6 +213,8 @@ impl SqliteStore {
             writer: tx,
             messages: MessageCache::new(options.message_cache),
             agents: AgentCache::new(options.agent_cache_ttl),
+            head,
+            feed_taken: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -199,6 +255,7 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
         match rx.recv().await {
             Some(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
             Some(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
+            Some(WriterMsg::Feed(tx)) => ctx.feed = Some(tx),
             Some(WriterMsg::Stop(done)) => stop = Some(done),
             None => break,
         }
@@ -206,6 +263,7 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
             match rx.try_recv() {
                 Ok(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
                 Ok(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
+                Ok(WriterMsg::Feed(tx)) => ctx.feed = Some(tx),
                 Ok(WriterMsg::Stop(done)) => stop = Some(done),
                 Err(_) => break,
             }
@@ -266,6 +324,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             total_us = started.elapsed().as_micros() as u64,
             "group commit (single statement)"
         );
+        if result.is_ok() {
+            for row in &rows {
+                ctx.message_created(row);
+            }
+            ctx.publish();
+        } else {
+            ctx.events.clear();
+        }
         answer_fast_path(batch, rows, result);
         return;
     }
@@ -310,12 +376,18 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let commit_error = match commit {
         Ok(()) => {
             ctx.added.clear();
+            ctx.chat_undo.clear();
+            ctx.publish();
             None
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = exec(&mut ctx.conn, "ROLLBACK").await;
             ctx.forget_added();
+            ctx.undo_to(Mark {
+                events: 0,
+                chat_undo: 0,
+            });
             Some(e.to_string())
         }
     };
@@ -333,25 +405,15 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
 }
 
 /// Answers the callers of a single-statement batch.
-fn answer_fast_path(
-    batch: &mut Vec<Pending>,
-    rows: Vec<MessageRow>,
-    result: StoreResult<Vec<(String, i64)>>,
-) {
-    let seqs: Result<HashMap<String, i64>, String> = match result {
-        Ok(s) => Ok(s.into_iter().collect()),
-        Err(e) => {
-            tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
-            Err(e.to_string())
-        }
-    };
-    for (pending, mut row) in batch.drain(..).zip(rows) {
+fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<MessageRow>, result: StoreResult<()>) {
+    let result = result.map_err(|e| {
+        tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
+        e.to_string()
+    });
+    for (pending, row) in batch.drain(..).zip(rows) {
         if let Pending::Insert(job) = pending {
-            let answer = match &seqs {
-                Ok(seqs) => {
-                    row.seq = seqs.get(&row.id).copied().unwrap_or_default();
-                    Ok(Guarded::Applied(row))
-                }
+            let answer = match &result {
+                Ok(()) => Ok(Guarded::Applied(row)),
                 Err(e) => Err(StoreError::Commit(e.clone())),
             };
             let _ = job.reply.send(answer);
@@ -367,8 +429,9 @@ where
     if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
         tracing::error!(error = %e, "savepoint");
     }
+    let mark = ctx.mark();
     let done = f(ctx).await;
-    finish_savepoint(ctx, done.ok).await;
+    finish_savepoint(ctx, done.ok, mark).await;
     done
 }
 
@@ -379,16 +442,18 @@ where
     if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
         tracing::error!(error = %e, "savepoint");
     }
+    let mark = ctx.mark();
     let result = f(ctx).await;
-    finish_savepoint(ctx, result.is_ok()).await;
+    finish_savepoint(ctx, result.is_ok(), mark).await;
     result
 }
 
-async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool) {
+async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool, mark: Mark) {
     if !ok {
         if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
             tracing::error!(error = %e, "rolling back to savepoint");
         }
+        ctx.undo_to(mark);
     }
     if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
         tracing::error!(error = %e, "releasing savepoint");
@@ -409,18 +474,19 @@ async fn insert_guarded(
     m.conversation_id = ctx
         .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
         .await?;
-    m.seq = insert_rows(&mut ctx.conn, std::slice::from_ref(&m))
-        .await?
-        .first()
-        .map(|(_, seq)| *seq)
-        .unwrap_or_default();
+    if m.seq == 0 {
+        m.seq = ctx.take_seq();
+    }
+    ctx.track_chat(&m).await?;
+    insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
+    ctx.message_created(&m);
     if let Some(rec) = &idem {
         idem_save(&mut ctx.conn, &m.account_id, rec).await?;
     }
     Ok(Guarded::Applied(m))
 }
 
-/// Rows per multi-row INSERT (16 parameters each; SQLite allows 32,766 per statement).
+/// Rows per multi-row INSERT (17 parameters each; SQLite allows 32,766 per statement).
 const INSERT_CHUNK: usize = 256;
 
 /// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
@@ -442,7 +508,11 @@ async fn insert_plain(
         {
             Ok(c) => {
                 row.conversation_id = c;
-                ready.push((job, row));
+                row.seq = ctx.take_seq();
+                match ctx.track_chat(&row).await {
+                    Ok(()) => ready.push((job, row)),
+                    Err(e) => out.push((job.reply, Err(e))),
+                }
             }
             Err(e) => out.push((job.reply, Err(e.into()))),
         }
@@ -454,10 +524,9 @@ async fn insert_plain(
         // One statement is atomic: a failure undoes all of it and nothing else.
         let inserted = insert_rows(&mut ctx.conn, &rows).await;
         match inserted {
-            Ok(seqs) => {
-                let seqs: HashMap<String, i64> = seqs.into_iter().collect();
-                for (job, mut row) in chunk {
-                    row.seq = seqs.get(&row.id).copied().unwrap_or_default();
+            Ok(()) => {
+                for (job, row) in chunk {
+                    ctx.message_created(&row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
@@ -476,24 +545,20 @@ async fn insert_plain(
     out
 }
 
-/// Inserts messages whose conversation is set; returns (id, seq) of each.
-///
-/// No RETURNING: sqlx hands each returned row across threads one by one, which cost more
-/// than the insert. SQLite gives the rows of one INSERT consecutive rowids in VALUES order
-/// (rowid = max + 1 each, and this connection is the only writer of messages), so the
-/// last rowid gives them all.
+/// Inserts messages whose conversation and seq are set.
 fn insert_rows<'a>(
     conn: &'a mut SqliteConnection,
     rows: &'a [MessageRow],
-) -> BoxFuture<'a, StoreResult<Vec<(String, i64)>>> {
+) -> BoxFuture<'a, StoreResult<()>> {
     Box::pin(async move {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO messages (id, account_id, conversation_id, visitor_id, type, text, \
+            "INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, \
              agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
              is_trigger, received_from, created_at, updated_at) ",
         );
         qb.push_values(rows, |mut b, m| {
-            b.push_bind(&m.id)
+            b.push_bind(m.seq)
+                .push_bind(&m.id)
                 .push_bind(&m.account_id)
                 .push_bind(&m.conversation_id)
                 .push_bind(&m.visitor_id)
@@ -510,21 +575,16 @@ fn insert_rows<'a>(
                 .push_bind(m.created_at)
                 .push_bind(m.updated_at);
         });
-        let done = qb.build().execute(conn).await?;
-        let n = i64::try_from(rows.len()).unwrap_or(i64::MAX);
-        let first = done.last_insert_rowid() - n + 1;
-        Ok(rows
-            .iter()
-            .zip(first..)
-            .map(|(m, seq)| (m.id.clone(), seq))
-            .collect())
+        qb.build().execute(conn).await?;
+        Ok(())
     })
 }
 
 impl WriterCtx {
     /// The rows of a batch that can be written by one statement: only plain inserts
-    /// (no idempotency key), all to visitors whose conversation is known, at most one chunk.
-    fn fast_path_rows(&self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
+    /// (no idempotency key), all to visitors whose conversation is known, none starting a
+    /// chat, at most one chunk. Their seqs are taken and their chats' activity noted.
+    fn fast_path_rows(&mut self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
         if batch.len() > INSERT_CHUNK {
             return None;
         }
@@ -538,11 +598,150 @@ impl WriterCtx {
             }
             let key = (job.row.account_id.clone(), job.row.visitor_id.clone());
             let conversation = self.conversations.get(&key)?;
+            if !job.row.is_pushed && !self.open_chats.contains_key(conversation) {
+                return None;
+            }
             let mut row = job.row.clone();
             row.conversation_id = conversation.clone();
             rows.push(row);
         }
+        for row in &mut rows {
+            row.seq = self.take_seq();
+            if !row.is_pushed {
+                if let Some(chat) = self.open_chats.get_mut(&row.conversation_id) {
+                    chat.last_activity = chat.last_activity.max(row.created_at);
+                }
+            }
+        }
         Some(rows)
+    }
+
+    fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            events: self.events.len(),
+            chat_undo: self.chat_undo.len(),
+        }
+    }
+
+    /// Forgets what the failed part of a transaction did to the writer's memory.
+    fn undo_to(&mut self, mark: Mark) {
+        self.events.truncate(mark.events);
+        while self.chat_undo.len() > mark.chat_undo {
+            match self.chat_undo.pop() {
+                Some(ChatUndo::Opened(conversation)) => {
+                    self.open_chats.remove(&conversation);
+                }
+                Some(ChatUndo::Closed(conversation, chat)) => {
+                    self.open_chats.insert(conversation, chat);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn message_created(&mut self, m: &MessageRow) {
+        self.events.push(Arc::new(FeedEvent {
+            seq: m.seq,
+            kind: EventKind::MessageCreated,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            message: Some(Arc::new(m.clone())),
+            chat: None,
+        }));
+    }
+
+    /// After a commit: moves the head and hands the transaction's changes to the feed.
+    fn publish(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        let Some(last) = events.iter().map(|e| e.seq).max() else {
+            return;
+        };
+        self.head.fetch_max(last, Ordering::SeqCst);
+        events.sort_by_key(|e| e.seq);
+        if let Some(feed) = &self.feed {
+            if feed.send(events).is_err() {
+                self.feed = None;
+            }
+        }
+    }
+
+    /// Notes a new message's effect on its conversation's chat: a not-pushed message with
+    /// no open chat starts one (recorded with an event in this transaction).
+    async fn track_chat(&mut self, m: &MessageRow) -> StoreResult<()> {
+        if m.is_pushed {
+            return Ok(());
+        }
+        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
+            chat.last_activity = chat.last_activity.max(m.created_at);
+            return Ok(());
+        }
+        let chat_id = crate::ids::new_id();
+        let no_agent = m.kind == "visitor" && m.is_missed;
+        let page: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "INSERT INTO chats (id, account_id, conversation_id, visitor_id, start_seq, \
+             started_at, no_agent_online, start_page_url, start_page_title) \
+             SELECT ?, ?, ?, ?, ?, ?, ?, page_url, page_title FROM visitors \
+             WHERE account_id = ? AND id = ? RETURNING start_page_url, start_page_title",
+        )
+        .bind(&chat_id)
+        .bind(&m.account_id)
+        .bind(&m.conversation_id)
+        .bind(&m.visitor_id)
+        .bind(m.seq)
+        .bind(m.created_at)
+        .bind(no_agent)
+        .bind(&m.account_id)
+        .bind(&m.visitor_id)
+        .fetch_optional(&mut self.conn)
+        .await?;
+        let (start_page_url, start_page_title) = page.unwrap_or_default();
+        let info = ChatInfo {
+            id: chat_id,
+            start_seq: m.seq,
+            started_at: m.created_at,
+            ended_at: None,
+            no_agent_online: no_agent,
+            start_page_url,
+            start_page_title,
+        };
+        let seq = self.take_seq();
+        insert_event(
+            &mut self.conn,
+            seq,
+            EventKind::ConversationStarted,
+            m,
+            Some(&info.id),
+            m.created_at,
+        )
+        .await?;
+        self.events.push(Arc::new(FeedEvent {
+            seq,
+            kind: EventKind::ConversationStarted,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            message: Some(Arc::new(m.clone())),
+            chat: Some(info.clone()),
+        }));
+        self.open_chats.insert(
+            m.conversation_id.clone(),
+            OpenChat {
+                info,
+                account_id: m.account_id.clone(),
+                visitor_id: m.visitor_id.clone(),
+                last_activity: m.created_at,
+            },
+        );
+        self.chat_undo
+            .push(ChatUndo::Opened(m.conversation_id.clone()));
+        Ok(())
     }
 
     fn forget_added(&mut self) {
@@ -596,6 +795,153 @@ impl WriterCtx {
         self.added.push(key);
         Ok(id)
     }
+}
+
+/// Records a feed event (anything but a message's creation, which the message row is).
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    seq: i64,
+    kind: EventKind,
+    m: &MessageRow,
+    chat_id: Option<&str>,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, \
+         chat_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(seq)
+    .bind(&m.account_id)
+    .bind(&m.conversation_id)
+    .bind(&m.visitor_id)
+    .bind(kind.as_str())
+    .bind(&m.id)
+    .bind(chat_id)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct OpenChatRow {
+    id: String,
+    account_id: String,
+    conversation_id: String,
+    visitor_id: String,
+    start_seq: i64,
+    started_at: i64,
+    no_agent_online: bool,
+    start_page_url: Option<String>,
+    start_page_title: Option<String>,
+    last_activity: i64,
+}
+
+/// The open chats at start-up, with their last activity recomputed from the messages.
+async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<HashMap<String, OpenChat>> {
+    let rows: Vec<OpenChatRow> = sqlx::query_as(
+        "SELECT c.id, c.account_id, c.conversation_id, c.visitor_id, c.start_seq, c.started_at, \
+         c.no_agent_online, c.start_page_url, c.start_page_title, \
+         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq AND m.is_pushed = 0), \
+                  c.started_at) AS last_activity \
+         FROM chats c WHERE c.ended_at IS NULL",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.conversation_id,
+                OpenChat {
+                    info: ChatInfo {
+                        id: r.id,
+                        start_seq: r.start_seq,
+                        started_at: r.started_at,
+                        ended_at: None,
+                        no_agent_online: r.no_agent_online,
+                        start_page_url: r.start_page_url,
+                        start_page_title: r.start_page_title,
+                    },
+                    account_id: r.account_id,
+                    visitor_id: r.visitor_id,
+                    last_activity: r.last_activity,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Ends the open chats idle since before `idle_before`; returns the agent messages that
+/// became missed by the visitor (for the cache).
+async fn end_idle_chats_in(
+    ctx: &mut WriterCtx,
+    now: i64,
+    idle_before: i64,
+) -> StoreResult<(Vec<Arc<FeedEvent>>, Vec<MessageRow>)> {
+    let mut idle: Vec<(String, OpenChat)> = ctx
+        .open_chats
+        .iter()
+        .filter(|(_, c)| c.last_activity < idle_before)
+        .map(|(k, c)| (k.clone(), c.clone()))
+        .collect();
+    idle.sort_by_key(|(_, c)| c.last_activity);
+    let mut ended = Vec::with_capacity(idle.len());
+    let mut flagged = Vec::new();
+    for (conversation_id, chat) in idle {
+        let seq = ctx.take_seq();
+        sqlx::query("UPDATE chats SET ended_at = ?, end_seq = ? WHERE id = ?")
+            .bind(now)
+            .bind(seq)
+            .bind(&chat.info.id)
+            .execute(&mut ctx.conn)
+            .await?;
+        let missed: Vec<MessageRow> = sqlx::query_as(&format!(
+            "UPDATE messages SET is_missed_by_visitor = 1 \
+             WHERE account_id = ? AND visitor_id = ? AND seq >= ? AND seq < ? \
+             AND type = 'agent' AND deleted_at IS NULL AND is_missed_by_visitor = 0 \
+             AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = ?) \
+             RETURNING {MESSAGE_COLUMNS}"
+        ))
+        .bind(&chat.account_id)
+        .bind(&chat.visitor_id)
+        .bind(chat.info.start_seq)
+        .bind(seq)
+        .bind(&conversation_id)
+        .fetch_all(&mut ctx.conn)
+        .await?;
+        flagged.extend(missed);
+        sqlx::query(
+            "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
+             created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(seq)
+        .bind(&chat.account_id)
+        .bind(&conversation_id)
+        .bind(&chat.visitor_id)
+        .bind(EventKind::ConversationEnded.as_str())
+        .bind(&chat.info.id)
+        .bind(now)
+        .execute(&mut ctx.conn)
+        .await?;
+        let mut info = chat.info.clone();
+        info.ended_at = Some(now);
+        let event = Arc::new(FeedEvent {
+            seq,
+            kind: EventKind::ConversationEnded,
+            account_id: chat.account_id.clone(),
+            visitor_id: chat.visitor_id.clone(),
+            conversation_id: conversation_id.clone(),
+            message: None,
+            chat: Some(info),
+        });
+        ctx.events.push(event.clone());
+        ended.push(event);
+        ctx.open_chats.remove(&conversation_id);
+        ctx.chat_undo.push(ChatUndo::Closed(conversation_id, chat));
+    }
+    Ok((ended, flagged))
 }
 
 /// Looks up an idempotency key inside the writer's transaction.
@@ -661,6 +1007,57 @@ fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
 const MESSAGE_COLUMNS: &str = "seq, id, account_id, conversation_id, visitor_id, type, text, \
      agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
      is_trigger, received_from, created_at, updated_at, deleted_at";
+
+/// [`MESSAGE_COLUMNS`] of the table aliased `m`, for joins (all NULL when nothing joined).
+const MESSAGE_COLUMNS_M: &str = "m.seq, m.id, m.account_id, m.conversation_id, m.visitor_id, \
+     m.type, m.text, m.agent_id, m.agent_name, m.agent_userpic, m.is_pushed, m.is_missed, \
+     m.is_missed_by_visitor, m.is_trigger, m.received_from, m.created_at, m.updated_at, \
+     m.deleted_at";
+
+/// Columns of [`VisitorRow`] from `visitors v JOIN conversations c`.
+const VISITOR_COLUMNS: &str = "v.id, v.account_id, v.group_id, v.name, v.email, \
+     v.browser_language, v.start_page_url, v.start_page_title, v.page_url, v.page_title, \
+     v.attributes, c.id AS conversation_id, v.created_at";
+
+/// One row of the feed union: the event and, when it concerns one, its message.
+struct FeedRow {
+    fseq: i64,
+    fkind: String,
+    fconversation: String,
+    fvisitor: String,
+    fchat: Option<String>,
+    message: Option<MessageRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for FeedRow {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let id: Option<String> = row.try_get("id")?;
+        let message = match id {
+            Some(_) => Some(MessageRow::from_row(row)?),
+            None => None,
+        };
+        Ok(FeedRow {
+            fseq: row.try_get("fseq")?,
+            fkind: row.try_get("fkind")?,
+            fconversation: row.try_get("fconversation")?,
+            fvisitor: row.try_get("fvisitor")?,
+            fchat: row.try_get("fchat")?,
+            message,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ChatRow {
+    id: String,
+    start_seq: i64,
+    started_at: i64,
+    ended_at: Option<i64>,
+    no_agent_online: bool,
+    start_page_url: Option<String>,
+    start_page_title: Option<String>,
+}
 
 const AGENT_COLUMNS: &str =
     "id, account_id, name, email, userpic, is_dummy, online_until, created_at";
@@ -731,11 +1128,14 @@ impl Store for SqliteStore {
                     created_at: now,
                 };
                 sqlx::query(
-                    "INSERT INTO accounts (id, name, is_default, created_at) VALUES (?, ?, 1, ?)",
+                    "INSERT INTO accounts (id, name, is_default, created_at, widget_id, \
+                     identity_key) VALUES (?, ?, 1, ?, ?, ?)",
                 )
                 .bind(&account.id)
                 .bind(&account.name)
                 .bind(now)
+                .bind(crate::ids::new_widget_id())
+                .bind(crate::ids::new_identity_key())
                 .execute(&mut ctx.conn)
                 .await?;
                 Ok((account, true))
@@ -754,11 +1154,14 @@ impl Store for SqliteStore {
         self.write(move |ctx| {
             Box::pin(async move {
                 sqlx::query(
-                    "INSERT INTO accounts (id, name, is_default, created_at) VALUES (?, ?, 0, ?)",
+                    "INSERT INTO accounts (id, name, is_default, created_at, widget_id, \
+                     identity_key) VALUES (?, ?, 0, ?, ?, ?)",
                 )
                 .bind(&account.id)
                 .bind(&account.name)
                 .bind(now)
+                .bind(crate::ids::new_widget_id())
+                .bind(crate::ids::new_identity_key())
                 .execute(&mut ctx.conn)
                 .await?;
                 Ok(account)
@@ -1221,6 +1624,264 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        Ok(sqlx::query_as(
+            "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = ?",
+        )
+        .bind(widget_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        let (a, new_widget, new_key) = (
+            account_id.to_owned(),
+            crate::ids::new_widget_id(),
+            crate::ids::new_identity_key(),
+        );
+        // Accounts made before a widget id existed get theirs on first use.
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE accounts SET widget_id = coalesce(widget_id, ?), \
+                     identity_key = coalesce(identity_key, ?) WHERE id = ?",
+                )
+                .bind(&new_widget)
+                .bind(&new_key)
+                .bind(&a)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(sqlx::query_as(
+                    "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE id = ?",
+                )
+                .bind(&a)
+                .fetch_optional(&mut ctx.conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool> {
+        let (a, k) = (account_id.to_owned(), key.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("UPDATE accounts SET identity_key = ? WHERE id = ?")
+                    .bind(&k)
+                    .bind(&a)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn upsert_visitor(
+        &self,
+        account_id: &str,
+        p: VisitorProfile,
+        now: i64,
+    ) -> StoreResult<VisitorRow> {
+        let account_id = account_id.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                ctx.conversation_for(&account_id, &p.id, now).await?;
+                sqlx::query(
+                    "UPDATE visitors SET name = coalesce(?, name), email = coalesce(?, email), \
+                     browser_language = coalesce(?, browser_language), \
+                     page_url = coalesce(?, page_url), page_title = coalesce(?, page_title), \
+                     start_page_url = coalesce(start_page_url, ?), \
+                     start_page_title = coalesce(start_page_title, ?), \
+                     attributes = CASE WHEN ? IS NULL THEN attributes \
+                                  ELSE json_patch(attributes, ?) END, \
+                     updated_at = ? WHERE account_id = ? AND id = ?",
+                )
+                .bind(&p.name)
+                .bind(&p.email)
+                .bind(&p.browser_language)
+                .bind(&p.page_url)
+                .bind(&p.page_title)
+                .bind(&p.page_url)
+                .bind(&p.page_title)
+                .bind(&p.attributes)
+                .bind(&p.attributes)
+                .bind(now)
+                .bind(&account_id)
+                .bind(&p.id)
+                .execute(&mut ctx.conn)
+                .await?;
+                let row: VisitorRow = sqlx::query_as(&format!(
+                    "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
+                     ON c.account_id = v.account_id AND c.visitor_id = v.id \
+                     WHERE v.account_id = ? AND v.id = ?"
+                ))
+                .bind(&account_id)
+                .bind(&p.id)
+                .fetch_one(&mut ctx.conn)
+                .await?;
+                Ok(row)
+            })
+        })
+        .await
+    }
+
+    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
+             ON c.account_id = v.account_id AND c.visitor_id = v.id \
+             WHERE v.account_id = ? AND v.id = ?"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn mark_read(&self, account_id: &str, visitor_id: &str, seq: i64) -> StoreResult<()> {
+        let (a, v) = (account_id.to_owned(), visitor_id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE conversations SET visitor_read_seq = max(visitor_read_seq, ?) \
+                     WHERE account_id = ? AND visitor_id = ?",
+                )
+                .bind(seq)
+                .bind(&a)
+                .bind(&v)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn any_agent_online(&self, account_id: &str, now: i64) -> StoreResult<bool> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM agents WHERE account_id = ? AND online_until > ? LIMIT 1",
+        )
+        .bind(account_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    async fn feed(
+        &self,
+        account_id: &str,
+        visitor_id: Option<&str>,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<FeedEvent>> {
+        let visitor_filter_m = if visitor_id.is_some() {
+            "AND m.visitor_id = ?"
+        } else {
+            ""
+        };
+        let visitor_filter_e = if visitor_id.is_some() {
+            "AND e.visitor_id = ?"
+        } else {
+            ""
+        };
+        let cols = MESSAGE_COLUMNS_M;
+        // Each branch is cut at `limit` first, so the union never sorts more than twice that.
+        let sql = format!(
+            "SELECT * FROM (SELECT m.seq AS fseq, 'messageCreated' AS fkind, \
+               m.conversation_id AS fconversation, m.visitor_id AS fvisitor, NULL AS fchat, {cols} \
+               FROM messages m WHERE m.account_id = ? {visitor_filter_m} AND m.seq > ? \
+               ORDER BY m.seq LIMIT ?) \
+             UNION ALL \
+             SELECT * FROM (SELECT e.seq AS fseq, e.kind AS fkind, e.conversation_id, e.visitor_id, \
+               e.chat_id, {cols} \
+               FROM events e LEFT JOIN messages m ON m.id = e.message_id \
+               WHERE e.account_id = ? {visitor_filter_e} AND e.seq > ? ORDER BY e.seq LIMIT ?) \
+             ORDER BY fseq LIMIT ?"
+        );
+        let mut q = sqlx::query_as::<_, FeedRow>(&sql).bind(account_id);
+        if let Some(v) = visitor_id {
+            q = q.bind(v);
+        }
+        q = q.bind(after).bind(limit).bind(account_id);
+        if let Some(v) = visitor_id {
+            q = q.bind(v);
+        }
+        let rows = q
+            .bind(after)
+            .bind(limit)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let chat_ids: Vec<&str> = rows.iter().filter_map(|r| r.fchat.as_deref()).collect();
+        let mut chats: HashMap<String, ChatInfo> = HashMap::new();
+        if !chat_ids.is_empty() {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT id, start_seq, started_at, ended_at, no_agent_online, start_page_url, \
+                 start_page_title FROM chats WHERE id IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for id in &chat_ids {
+                sep.push_bind(*id);
+            }
+            sep.push_unseparated(")");
+            let found: Vec<ChatRow> = qb.build_query_as().fetch_all(&self.pool).await?;
+            for c in found {
+                chats.insert(
+                    c.id.clone(),
+                    ChatInfo {
+                        id: c.id,
+                        start_seq: c.start_seq,
+                        started_at: c.started_at,
+                        ended_at: c.ended_at,
+                        no_agent_online: c.no_agent_online,
+                        start_page_url: c.start_page_url,
+                        start_page_title: c.start_page_title,
+                    },
+                );
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let kind = EventKind::parse(&r.fkind)?;
+                let chat = r.fchat.as_ref().and_then(|c| chats.get(c).cloned());
+                Some(FeedEvent {
+                    seq: r.fseq,
+                    kind,
+                    account_id: account_id.to_owned(),
+                    visitor_id: r.fvisitor,
+                    conversation_id: r.fconversation,
+                    message: r.message.map(Arc::new),
+                    chat,
+                })
+            })
+            .collect())
+    }
+
+    async fn feed_head(&self) -> StoreResult<i64> {
+        Ok(self.head.load(Ordering::SeqCst))
+    }
+
+    fn take_feed(&self) -> Option<FeedReceiver> {
+        if self.feed_taken.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.writer.try_send(WriterMsg::Feed(tx)).ok()?;
+        Some(rx)
+    }
+
+    async fn end_idle_chats(&self, now: i64, idle_before: i64) -> StoreResult<Vec<FeedEvent>> {
+        let (ended, flagged) = self
+            .write(move |ctx| Box::pin(end_idle_chats_in(ctx, now, idle_before)))
+            .await?;
+        if !flagged.is_empty() {
+            self.messages.committed(flagged.iter());
+        }
+        Ok(ended.iter().map(|e| (**e).clone()).collect())
+    }
+
     async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
@@ -1282,6 +1943,11 @@ impl SqliteStore {
                          AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
                          RETURNING {MESSAGE_COLUMNS}"
                     );
+                    let kind = if value.is_some() {
+                        EventKind::MessageUpdated
+                    } else {
+                        EventKind::MessageDeleted
+                    };
                     let query = sqlx::query_as::<_, MessageRow>(&sql);
                     let query = match value {
                         Some(text) => query.bind(text),
@@ -1294,6 +1960,19 @@ impl SqliteStore {
                         .bind(pushed)
                         .fetch_optional(&mut ctx.conn)
                         .await?;
+                    if let Some(row) = &row {
+                        let seq = ctx.take_seq();
+                        insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
+                        ctx.events.push(Arc::new(FeedEvent {
+                            seq,
+                            kind,
+                            account_id: row.account_id.clone(),
+                            visitor_id: row.visitor_id.clone(),
+                            conversation_id: row.conversation_id.clone(),
+                            message: Some(Arc::new(row.clone())),
+                            chat: None,
+                        }));
+                    }
                     classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
                 })
             })
