@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::v3;
+use super::{v3, widget};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,11 +31,19 @@ use super::v3;
         v3::delete_pushed,
         v3::visitor_group,
         v3::list_visitor_messages,
+        v3::events,
+        widget::start_session,
+        widget::list_messages,
+        widget::send_message,
+        widget::mark_read,
+        widget::socket,
     ),
+    components(schemas(switchboard_wire::StreamEvent)),
     modifiers(&Security),
     tags(
         (name = "Conversations", description = "Brevo's Conversations API"),
-        (name = "Extensions", description = "switchboard extensions that Brevo lacks")
+        (name = "Extensions", description = "switchboard extensions that Brevo lacks"),
+        (name = "Widget", description = "switchboard's visitor API for a chat widget (an extension: Brevo's widget protocol is private). Authenticated by the account's public widget id and a visitor token (Authorization: Bearer), never by an api-key. See docs/realtime.md for the WebSocket frames.")
     )
 )]
 pub struct ApiDoc;
@@ -52,6 +60,12 @@ impl Modify for Security {
                 "An API key of the account (switchboard keys create). partner-key is accepted \
                  too and checked only when the server is configured with one.",
             ))),
+        );
+        components.add_security_scheme(
+            "visitor-token",
+            SecurityScheme::Http(utoipa::openapi::security::Http::new(
+                utoipa::openapi::security::HttpAuthScheme::Bearer,
+            )),
         );
     }
 }

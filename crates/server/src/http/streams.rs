@@ -98,14 +98,28 @@ fn text(e: &FeedEvent, account: bool) -> String {
     serde_json::to_string(&stream_event(e, account)).unwrap_or_default()
 }
 
+/// Sends a close frame and waits (briefly) for the client's, as the protocol asks: a
+/// client still reading earlier frames then sees the reason instead of a reset.
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
+
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// What a client frame asks for.
 enum ClientFrame {

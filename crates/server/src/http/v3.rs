@@ -501,7 +501,7 @@ pub(super) struct EventsQuery {
 #[utoipa::path(
     get,
     path = "/v3/conversations/events",
-    tag = "Conversations (extensions)",
+    tag = "Extensions",
     summary = "Stream the account's events (switchboard extension)",
     description = "Server-Sent Events: messageCreated, messageUpdated, messageDeleted, conversationStarted, conversationEnded. Each event's id is its cursor; reconnect with Last-Event-ID (or ?after=) to get what was missed, without gaps or repeats. The data is a StreamEvent.",
     params(EventsQuery, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this cursor")),

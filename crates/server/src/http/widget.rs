@@ -34,7 +34,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 /// The widget id of the path.
-struct WidgetPath(String);
+pub(super) struct WidgetPath(String);
 
 impl<S: Send + Sync> FromRequestParts<S> for WidgetPath {
     type Rejection = ApiError;
@@ -53,7 +53,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WidgetPath {
 
 /// The visitor of a `Authorization: Bearer <token>` header (or, for WebSockets, which
 /// browsers cannot give headers, a `token` query parameter).
-struct Visitor(VisitorAuth);
+pub(super) struct Visitor(VisitorAuth);
 
 impl FromRequestParts<AppState> for Visitor {
     type Rejection = ApiError;
@@ -111,7 +111,7 @@ fn client_addr(parts: &axum::http::Extensions) -> String {
         (status = 429, description = "Too many new sessions from this address", body = ErrorBody),
     )
 )]
-async fn start_session(
+pub(super) async fn start_session(
     State(state): State<AppState>,
     WidgetPath(widget): WidgetPath,
     extensions: axum::http::Extensions,
@@ -153,7 +153,7 @@ async fn start_session(
     ),
     security(("visitor-token" = []))
 )]
-async fn list_messages(
+pub(super) async fn list_messages(
     State(state): State<AppState>,
     Visitor(who): Visitor,
     query: Result<Query<PageQuery>, QueryRejection>,
@@ -188,7 +188,7 @@ async fn list_messages(
     ),
     security(("visitor-token" = []))
 )]
-async fn send_message(
+pub(super) async fn send_message(
     State(state): State<AppState>,
     Visitor(who): Visitor,
     body: JsonBody<VisitorMessageRequest>,
@@ -218,7 +218,7 @@ async fn send_message(
     ),
     security(("visitor-token" = []))
 )]
-async fn mark_read(
+pub(super) async fn mark_read(
     State(state): State<AppState>,
     Visitor(who): Visitor,
     body: JsonBody<ReadRequest>,
@@ -233,7 +233,7 @@ async fn mark_read(
 /// Resume point of a socket.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-struct SocketQuery {
+pub(super) struct SocketQuery {
     /// The visitor token (browsers cannot set headers on a WebSocket).
     #[allow(dead_code)]
     token: Option<String>,
@@ -257,20 +257,13 @@ struct SocketQuery {
         (status = 426, description = "Not a WebSocket request", body = ErrorBody),
     )
 )]
-async fn socket(
+pub(super) async fn socket(
     State(state): State<AppState>,
     Visitor(who): Visitor,
     query: Result<Query<SocketQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = query.map_err(query_error)?;
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::BadRequest,
-            format!("this endpoint is a WebSocket: {}", e.body_text()),
-        )
-    })?;
     let resume = match (q.after.filter(|a| !a.is_empty()), q.cursor) {
         (Some(_), Some(_)) => {
             return Err(ApiError::new(
@@ -294,6 +287,13 @@ async fn socket(
         }
         (None, c) => c,
     };
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::BadRequest,
+            format!("this endpoint is a WebSocket: {}", e.body_text()),
+        )
+    })?;
     Ok(upgrade
         .max_message_size(64 * 1024)
         .on_upgrade(move |ws| super::streams::visitor_socket(ws, state, who, resume))

@@ -7,6 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use switchboard_server::domain::{Clock, Domain, DomainConfig};
 use switchboard_server::store::sqlite::SqliteOptions;
+use switchboard_server::ServeOptions;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -66,15 +67,28 @@ impl TestServer {
     }
 
     pub async fn start_with(config: DomainConfig, clock: Clock) -> Self {
+        Self::start_full(config, clock, ServeOptions::default()).await
+    }
+
+    pub async fn start_full(config: DomainConfig, clock: Clock, options: ServeOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("switchboard.db");
-        let mut s = Self::start_on(db, config, clock).await;
+        let mut s = Self::start_on_with(db, config, clock, options).await;
         s.dir = Some(dir);
         s
     }
 
     /// Starts on an existing (or new) database file.
     pub async fn start_on(db: PathBuf, config: DomainConfig, clock: Clock) -> Self {
+        Self::start_on_with(db, config, clock, ServeOptions::default()).await
+    }
+
+    pub async fn start_on_with(
+        db: PathBuf,
+        config: DomainConfig,
+        clock: Clock,
+        options: ServeOptions,
+    ) -> Self {
         let domain = switchboard_server::open(&db, SqliteOptions::default(), config, clock)
             .await
             .expect("open database");
@@ -82,9 +96,14 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(switchboard_server::serve(domain.clone(), listener, async {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(switchboard_server::serve_with(
+            domain.clone(),
+            listener,
+            options,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Self {
             url,
             domain,
@@ -201,5 +220,168 @@ impl TestServer {
             .await
             .expect("count");
         n
+    }
+}
+
+/// Bounded wait for anything a test expects to arrive.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A visitor WebSocket, as a browser widget would hold it.
+pub struct Ws {
+    pub inner: WsStream,
+}
+
+impl Ws {
+    /// The next JSON frame (pings and pongs skipped); panics on close or timeout.
+    pub async fn next_json(&mut self) -> Value {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("socket open")
+                .expect("frame");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Frames up to `ready`, and the `ready` frame.
+    pub async fn until_ready(&mut self) -> (Vec<Value>, Value) {
+        let mut before = Vec::new();
+        loop {
+            let f = self.next_json().await;
+            if f["event"] == "ready" {
+                return (before, f);
+            }
+            before.push(f);
+        }
+    }
+
+    /// Reads until the server closes; the close code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("close within the wait");
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before close: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        use futures::SinkExt;
+        self.inner
+            .send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("send");
+    }
+
+    /// Asserts nothing is waiting: a ping is answered by the very next frame, a pong.
+    pub async fn assert_nothing_pending(&mut self) {
+        self.send_text(r#"{"type":"ping"}"#).await;
+        let f = self.next_json().await;
+        assert_eq!(f["event"], "pong", "unexpected frame {f}");
+    }
+}
+
+impl TestServer {
+    /// The default account's widget id.
+    pub async fn widget_id(&self) -> String {
+        self.domain
+            .widget_of(&self.account)
+            .await
+            .expect("widget")
+            .widget_id
+    }
+
+    pub async fn identity_key(&self) -> String {
+        self.domain
+            .widget_of(&self.account)
+            .await
+            .expect("widget")
+            .identity_key
+    }
+
+    /// `POST /widget/v1/{widget}/session`.
+    pub async fn session_on(&self, widget: &str, body: Value) -> Res {
+        self.call_with(
+            Method::POST,
+            &format!("/widget/v1/{widget}/session"),
+            Some(body),
+            &[],
+        )
+        .await
+    }
+
+    /// A new visitor of the default account: (visitor id, token).
+    pub async fn new_visitor(&self) -> (String, String) {
+        let w = self.widget_id().await;
+        let r = self.session_on(&w, serde_json::json!({})).await;
+        let b = r.ok();
+        (
+            b["visitorId"].as_str().expect("visitorId").to_owned(),
+            b["token"].as_str().expect("token").to_owned(),
+        )
+    }
+
+    /// A widget call with a visitor token.
+    pub async fn widget_call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Res {
+        let w = self.widget_id().await;
+        let auth = format!("Bearer {token}");
+        self.call_with(
+            method,
+            &format!("/widget/v1/{w}{path}"),
+            body,
+            &[("authorization", &auth)],
+        )
+        .await
+    }
+
+    /// Opens the visitor socket with this query (e.g. `token=...&after=...`).
+    pub async fn ws(&self, query: &str) -> Ws {
+        let w = self.widget_id().await;
+        let url = format!(
+            "{}/widget/v1/{w}/ws?{query}",
+            self.url.replacen("http://", "ws://", 1)
+        );
+        let (inner, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect within the wait")
+            .expect("websocket handshake");
+        Ws { inner }
+    }
+
+    /// An agent message to a visitor through the Brevo API; its id.
+    pub async fn agent_says(&self, agent: &str, visitor: &str, text: &str) -> String {
+        let r = self
+            .post(
+                "/v3/conversations/messages",
+                serde_json::json!({"visitorId": visitor, "agentId": agent, "text": text}),
+            )
+            .await;
+        r.ok()["id"].as_str().expect("id").to_owned()
     }
 }

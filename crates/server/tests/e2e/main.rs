@@ -10,4 +10,6 @@ mod messages;
 mod openapi;
 mod process;
 mod pushed;
+mod streams;
 mod visitor_group;
+mod widget;

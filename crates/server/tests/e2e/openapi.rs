@@ -18,8 +18,14 @@ async fn openapi_document_matches_the_routes() {
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
                 let concrete = path
                     .replace("{id}", "some-id")
-                    .replace("{visitorId}", "some-visitor");
-                let r = s.call(m, &concrete, Some(serde_json::json!({}))).await;
+                    .replace("{visitorId}", "some-visitor")
+                    .replace("{widgetId}", "some-widget");
+                let r = if path.ends_with("/events") {
+                    // Authenticated, this is an endless stream: probe it unauthenticated.
+                    s.call_with(m, &concrete, None, &[]).await
+                } else {
+                    s.call(m, &concrete, Some(serde_json::json!({}))).await
+                };
                 assert_ne!(r.status, 405, "{method} {path}");
                 if r.status == 404 {
                     assert!(
@@ -34,6 +40,7 @@ async fn openapi_document_matches_the_routes() {
     let expected = [
         "DELETE /v3/conversations/messages/{id}",
         "DELETE /v3/conversations/pushedMessages/{id}",
+        "GET /v3/conversations/events",
         "GET /v3/conversations/messages/{id}",
         "GET /v3/conversations/pushedMessages/{id}",
         "GET /v3/conversations/visitors/{visitorId}/messages",
@@ -43,11 +50,25 @@ async fn openapi_document_matches_the_routes() {
         "PUT /v3/conversations/messages/{id}",
         "PUT /v3/conversations/pushedMessages/{id}",
         "PUT /v3/conversations/visitorGroup",
+        "GET /widget/v1/{widgetId}/messages",
+        "GET /widget/v1/{widgetId}/ws",
+        "POST /widget/v1/{widgetId}/messages",
+        "POST /widget/v1/{widgetId}/read",
+        "POST /widget/v1/{widgetId}/session",
     ];
+    let mut expected = expected.to_vec();
+    expected.sort();
     assert_eq!(operations, expected);
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in ["ConversationsMessage", "ErrorBody", "SendMessageRequest"] {
+    for name in [
+        "ConversationsMessage",
+        "ErrorBody",
+        "SendMessageRequest",
+        "SessionRequest",
+        "StreamEvent",
+    ] {
         assert!(schemas.contains_key(name), "{name}");
     }
     assert!(doc["components"]["securitySchemes"]["api-key"].is_object());
+    assert!(doc["components"]["securitySchemes"]["visitor-token"].is_object());
 }
