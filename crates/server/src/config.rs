@@ -70,6 +70,23 @@ pub struct ServeArgs {
     /// Changes a live stream may have waiting before it is closed as too slow.
     #[arg(long, env = "SWITCHBOARD_STREAM_BUFFER", default_value_t = 256)]
     pub stream_buffer: usize,
+    /// Seconds a chat must be quiet before its new messages go out in a
+    /// conversationFragment webhook (0: right after each message).
+    #[arg(long, env = "SWITCHBOARD_FRAGMENT_DELAY", default_value_t = 10.0)]
+    pub fragment_delay: f64,
+    /// Seconds a webhook receiver has to answer.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_TIMEOUT", default_value_t = 10.0)]
+    pub webhook_timeout: f64,
+    /// Seconds before the first retry of a failed delivery (each next one waits twice as
+    /// long, up to an hour, with ±20% jitter).
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_RETRY_FIRST", default_value_t = 5.0)]
+    pub webhook_retry_first: f64,
+    /// Hours after which a delivery that keeps failing is given up.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_RETRY_HOURS", default_value_t = 24.0)]
+    pub webhook_retry_hours: f64,
+    /// Refuse webhook URLs and hosts that are private, loopback or link-local (SSRF guard).
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_BLOCK_PRIVATE")]
+    pub webhook_block_private: bool,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -90,6 +107,8 @@ impl ServeArgs {
             visitor_messages_per_minute: self.visitor_rate,
             visitor_max_text: self.visitor_max_text.max(1),
             sessions_per_minute: self.session_rate,
+            fragment_delay: secs(self.fragment_delay),
+            webhook_block_private: self.webhook_block_private,
             ..DomainConfig::default()
         }
     }
@@ -104,6 +123,13 @@ impl ServeArgs {
                 ..crate::http::streams::StreamConfig::default()
             },
             stream_buffer: self.stream_buffer.max(1),
+            webhooks: Some(crate::webhooks::DispatcherConfig {
+                timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
+                retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),
+                retry_period: secs(self.webhook_retry_hours * 3600.0),
+                block_private: self.webhook_block_private,
+                ..crate::webhooks::DispatcherConfig::default()
+            }),
             ..crate::ServeOptions::default()
         }
     }
@@ -117,4 +143,9 @@ impl ServeArgs {
             ..SqliteOptions::default()
         }
     }
+}
+
+/// A duration from seconds given on the command line (negative or not a number: zero).
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)
 }

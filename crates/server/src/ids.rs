@@ -78,6 +78,17 @@ pub fn new_identity_key() -> String {
     hex::encode(bytes)
 }
 
+/// A webhook signing secret: `whsec_` and 32 random bytes in base64 (the Standard
+/// Webhooks form).
+pub fn new_webhook_secret() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::rng().random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
 /// A new visitor's id: 32 random alphanumerics (190 bits), unguessable.
 pub fn new_visitor_id() -> String {
     const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";

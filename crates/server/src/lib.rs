@@ -13,6 +13,7 @@ pub mod http;
 pub mod ids;
 pub mod realtime;
 pub mod store;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,9 +57,11 @@ pub struct ServeOptions {
     pub streams: http::streams::StreamConfig,
     /// Changes a live subscriber may have waiting before it counts as too slow.
     pub stream_buffer: usize,
-    /// How often idle chats are looked for (`None`: never; tests call
-    /// [`Domain::end_idle_chats`] themselves).
+    /// Longest sleep of the chat timer task (`None`: no timer task; tests call
+    /// [`Domain::run_timers`] themselves).
     pub lifecycle_tick: Option<Duration>,
+    /// Webhook delivery (`None`: no dispatcher).
+    pub webhooks: Option<webhooks::DispatcherConfig>,
 }
 
 impl Default for ServeOptions {
@@ -67,6 +70,7 @@ impl Default for ServeOptions {
             streams: http::streams::StreamConfig::default(),
             stream_buffer: realtime::DEFAULT_BUFFER,
             lifecycle_tick: Some(Duration::from_secs(1)),
+            webhooks: Some(webhooks::DispatcherConfig::default()),
         }
     }
 }
@@ -85,6 +89,7 @@ pub async fn serve_with(
         .ok_or_else(|| anyhow::anyhow!("the store's feed is already taken"))?;
     let fanout = hub.spawn(feed);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx_for_hooks = stop_rx.clone();
     let app = http::router(http::AppState {
         domain: domain.clone(),
         hub: hub.clone(),
@@ -95,7 +100,11 @@ pub async fn serve_with(
     let purge = tokio::spawn(purge_idempotency_keys(domain.clone()));
     let lifecycle = options
         .lifecycle_tick
-        .map(|every| tokio::spawn(end_idle_chats(domain.clone(), every)));
+        .map(|every| tokio::spawn(chat_timers(domain.clone(), every)));
+    let dispatcher = options
+        .webhooks
+        .clone()
+        .map(|config| tokio::spawn(webhooks::run(domain.clone(), config, stop_rx_for_hooks)));
     let result = axum::serve(
         listener,
         axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
@@ -112,21 +121,54 @@ pub async fn serve_with(
     if let Some(l) = lifecycle {
         l.abort();
     }
+    if let Some(d) = dispatcher {
+        // In-flight deliveries are abandoned: they were not recorded as delivered, so they
+        // are sent again (same event id) after the restart.
+        d.abort();
+    }
     domain.store().close().await;
     fanout.abort();
     result.map_err(Into::into)
 }
 
-/// Ends idle chats every `every`.
-async fn end_idle_chats(domain: Arc<Domain>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Runs the chat timers when they are due: at the next deadline the store reports, sooner
+/// when new messages arrive (a fragment is due `fragment_delay` after them), and at least
+/// every `tick`. Runs are at least 5 ms apart, so a busy server batches them.
+async fn chat_timers(domain: Arc<Domain>, tick: Duration) {
+    const MIN_GAP_MS: i64 = 5;
+    let activity = domain.store().signals().activity;
+    let delay = i64::try_from(domain.fragment_delay().as_millis()).unwrap_or(i64::MAX);
+    let tick_ms = i64::try_from(tick.as_millis()).unwrap_or(1000).max(1);
+    let mut wake_at = domain.now_ms();
+    let mut last_run = i64::MIN / 2;
     loop {
-        tick.tick().await;
-        match domain.end_idle_chats().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(ended = n, "chats ended after inactivity"),
-            Err(e) => tracing::warn!(error = %e, "ending idle chats"),
+        let now = domain.now_ms();
+        if now >= wake_at {
+            last_run = now;
+            wake_at = match domain.run_timers().await {
+                Ok(o) => {
+                    if o.ended > 0 || o.webhook_events > 0 {
+                        tracing::debug!(
+                            ended = o.ended,
+                            webhook_events = o.webhook_events,
+                            "chat timers"
+                        );
+                    }
+                    o.next_deadline.unwrap_or(i64::MAX)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "running chat timers");
+                    now + 1000
+                }
+            };
+        }
+        wake_at = wake_at.max(last_run + MIN_GAP_MS);
+        let sleep_ms = (wake_at - domain.now_ms()).clamp(1, tick_ms);
+        tokio::select! {
+            _ = activity.notified() => {
+                wake_at = wake_at.min(domain.now_ms().saturating_add(delay));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(u64::try_from(sleep_ms).unwrap_or(1))) => {}
         }
     }
 }

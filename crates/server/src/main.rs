@@ -49,6 +49,9 @@ enum Command {
     /// Manage agent groups.
     #[command(subcommand)]
     Groups(GroupsCmd),
+    /// Manage webhook endpoints and read their delivery logs.
+    #[command(subcommand)]
+    Webhooks(WebhooksCmd),
     /// Agents' messages through the API: send, get, edit, delete.
     #[command(subcommand)]
     Msg(main_api::MsgCmd),
@@ -138,6 +141,72 @@ enum AgentsCmd {
         account: AccountArg,
         /// Agent id.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCmd {
+    /// Add an endpoint; prints its signing secret.
+    Add {
+        #[command(flatten)]
+        account: AccountArg,
+        /// http or https URL to POST events to.
+        #[arg(long)]
+        url: String,
+        /// An event to deliver (repeatable; default: all of conversationStarted,
+        /// conversationFragment, conversationTranscript).
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// A note for operators.
+        #[arg(long)]
+        description: Option<String>,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List endpoints with their health (ok, or failing since when and why).
+    List {
+        #[command(flatten)]
+        account: AccountArg,
+    },
+    /// Enable or disable an endpoint.
+    Enable {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Endpoint id.
+        id: String,
+        /// Disable instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Remove an endpoint and its delivery log.
+    Remove {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Endpoint id.
+        id: String,
+    },
+    /// The delivery log of an endpoint, newest first; with --event, that delivery's attempts.
+    Log {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Endpoint id.
+        id: String,
+        /// Show the attempts of this event.
+        #[arg(long)]
+        event: Option<String>,
+        /// How many deliveries (1 to 100).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Send an event to an endpoint again (same event id).
+    Replay {
+        #[command(flatten)]
+        account: AccountArg,
+        /// Endpoint id.
+        id: String,
+        /// Event id.
+        event: String,
     },
 }
 
@@ -484,6 +553,207 @@ async fn admin(domain: &Arc<Domain>, cmd: Command, j: bool) -> anyhow::Result<()
             print(j, json!({"id": id, "removed": true}), || {
                 format!("removed group {id}")
             });
+        }
+        Command::Webhooks(cmd) => webhooks_cmd(domain, cmd, j).await?,
+    }
+    Ok(())
+}
+
+fn webhook_line(w: &switchboard_wire::Webhook) -> String {
+    let health = match (w.failing_since, &w.last_error) {
+        (Some(since), Some(e)) => format!(
+            "FAILING since {} ({} failures in a row; last: {e})",
+            ms_to_rfc3339(since),
+            w.consecutive_failures
+        ),
+        (Some(since), None) => format!("FAILING since {}", ms_to_rfc3339(since)),
+        (None, _) => "ok".into(),
+    };
+    format!(
+        "{}  {}  [{}]{}  {}",
+        w.id,
+        w.url,
+        w.events.join(","),
+        if w.enabled { "" } else { "  (disabled)" },
+        health
+    )
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    // Seconds are enough for an operator; no date crate needed for UTC.
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+async fn webhooks_cmd(domain: &Arc<Domain>, cmd: WebhooksCmd, j: bool) -> anyhow::Result<()> {
+    use switchboard_server::http::{delivery_wire, webhook_wire};
+    match cmd {
+        WebhooksCmd::Add {
+            account,
+            url,
+            events,
+            description,
+            disabled,
+        } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let w = domain
+                .add_webhook(
+                    &account.id,
+                    switchboard_server::domain::NewWebhook {
+                        url: Some(url),
+                        events: (!events.is_empty()).then_some(events),
+                        description,
+                        enabled: Some(!disabled),
+                    },
+                )
+                .await?;
+            let w = webhook_wire(w, true);
+            let secret = w.secret.clone().unwrap_or_default();
+            print(j, serde_json::to_value(&w)?, || {
+                format!(
+                    "{}\nsigning secret (verify the webhook-signature header with it): {secret}",
+                    webhook_line(&w)
+                )
+            });
+        }
+        WebhooksCmd::List { account } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let hooks: Vec<_> = domain
+                .list_webhooks(&account.id)
+                .await?
+                .into_iter()
+                .map(|w| webhook_wire(w, false))
+                .collect();
+            print(j, serde_json::to_value(&hooks)?, || {
+                if hooks.is_empty() {
+                    "no webhook endpoints".into()
+                } else {
+                    hooks
+                        .iter()
+                        .map(webhook_line)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            });
+        }
+        WebhooksCmd::Enable { account, id, off } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let w = domain
+                .update_webhook(
+                    &account.id,
+                    &id,
+                    switchboard_server::domain::NewWebhook {
+                        enabled: Some(!off),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let w = webhook_wire(w, false);
+            print(j, serde_json::to_value(&w)?, || webhook_line(&w));
+        }
+        WebhooksCmd::Remove { account, id } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            domain.remove_webhook(&account.id, &id).await?;
+            print(j, json!({"id": id, "removed": true}), || {
+                format!("removed webhook {id}")
+            });
+        }
+        WebhooksCmd::Log {
+            account,
+            id,
+            event,
+            limit,
+        } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            let deliveries = match &event {
+                Some(e) => {
+                    let d = domain.webhook_delivery(&account.id, &id, e).await?;
+                    let attempts = domain.webhook_attempts(&account.id, &id, e).await?;
+                    vec![delivery_wire(d, Some(attempts))]
+                }
+                None => domain
+                    .webhook_deliveries(&account.id, &id, None, limit)
+                    .await?
+                    .into_iter()
+                    .map(|d| delivery_wire(d, None))
+                    .collect(),
+            };
+            print(j, serde_json::to_value(&deliveries)?, || {
+                let mut lines = Vec::new();
+                for d in &deliveries {
+                    let next = d
+                        .next_attempt_at
+                        .map(|t| format!("  next attempt {}", ms_to_rfc3339(t)))
+                        .unwrap_or_default();
+                    let last = match (d.last_status, &d.last_error) {
+                        (Some(s), _) => format!("  last HTTP {s}"),
+                        (None, Some(e)) => format!("  last error: {e}"),
+                        _ => String::new(),
+                    };
+                    lines.push(format!(
+                        "{}  {}  {}  {}  attempts {}{}{}{}",
+                        d.event_id,
+                        d.event_name,
+                        d.conversation_id,
+                        d.status,
+                        d.attempts,
+                        d.last_latency_ms
+                            .map(|l| format!("  {l} ms"))
+                            .unwrap_or_default(),
+                        last,
+                        next
+                    ));
+                    for a in d.attempt_log.iter().flatten() {
+                        lines.push(format!(
+                            "    #{} {}  {}  {} ms",
+                            a.attempt,
+                            ms_to_rfc3339(a.at),
+                            a.status
+                                .map(|s| format!("HTTP {s}"))
+                                .or(a.error.clone())
+                                .unwrap_or_default(),
+                            a.latency_ms
+                        ));
+                    }
+                }
+                if lines.is_empty() {
+                    "no deliveries yet".into()
+                } else {
+                    lines.join("\n")
+                }
+            });
+        }
+        WebhooksCmd::Replay { account, id, event } => {
+            let account = domain.resolve_account(account.account.as_deref()).await?;
+            domain.replay_webhook(&account.id, &id, &event).await?;
+            print(
+                j,
+                json!({"id": id, "eventId": event, "replayed": true}),
+                || format!("event {event} queued again for webhook {id}"),
+            );
         }
     }
     Ok(())

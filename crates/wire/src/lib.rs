@@ -567,3 +567,118 @@ pub struct StreamEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation_start_page: Option<StartPage>,
 }
+
+/// A webhook endpoint (switchboard extension: `/v3/conversations/webhooks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// Endpoint id.
+    pub id: String,
+    /// Where deliveries are POSTed.
+    pub url: String,
+    /// Events delivered: `conversationStarted`, `conversationFragment`,
+    /// `conversationTranscript`.
+    pub events: Vec<String>,
+    /// Operator's note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Whether events are delivered (a disabled endpoint gets no new events and its
+    /// pending deliveries wait).
+    pub enabled: bool,
+    /// Signing secret (`whsec_...`); given when the endpoint is created or read alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// `ok` or `failing`.
+    pub status: String,
+    /// Since when it has been failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<i64>,
+    /// Failed attempts in a row.
+    pub consecutive_failures: i64,
+    /// The last failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Creation time (ms).
+    pub created_at: i64,
+}
+
+/// Body of `POST /v3/conversations/webhooks` and `PUT /v3/conversations/webhooks/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookRequest {
+    /// http or https URL (required to create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Events wanted (default: all three).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    /// Operator's note (empty clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Enabled (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// One event's delivery to one endpoint, as the delivery log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDelivery {
+    /// The event id (the `webhook-id` header; the same on every attempt and replay).
+    pub event_id: String,
+    /// Event name.
+    pub event_name: String,
+    /// Conversation.
+    pub conversation_id: String,
+    /// Position of the event (order within a conversation).
+    pub seq: i64,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the next attempt is due (pending only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<i64>,
+    /// When the event was created.
+    pub created_at: i64,
+    /// Last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_at: Option<i64>,
+    /// HTTP status of the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<i64>,
+    /// Error of the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Latency of the last attempt (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_latency_ms: Option<i64>,
+    /// When it was delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+    /// Every attempt (when one delivery is read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_log: Option<Vec<WebhookAttempt>>,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttempt {
+    /// 1 for the first.
+    pub attempt: i64,
+    /// When (ms).
+    pub at: i64,
+    /// HTTP status, if the receiver answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
+    /// Time to the answer or the failure (ms).
+    pub latency_ms: i64,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -15,8 +15,10 @@ use crate::store::{
     MessageRow, NewAgent, Store, StoreError, StoredResponse, Window,
 };
 
+mod hooks;
 mod values;
 mod widget;
+pub use hooks::{NewWebhook, WEBHOOK_EVENTS};
 pub use values::*;
 pub use widget::{SessionStart, VisitorAuth, VisitorSession};
 
@@ -147,6 +149,10 @@ pub struct DomainConfig {
     pub visitor_max_text: usize,
     /// New visitor sessions per minute from one client address (0: unlimited).
     pub sessions_per_minute: u32,
+    /// How long a chat must be quiet before its new messages go out in a fragment.
+    pub fragment_delay: Duration,
+    /// Refuse webhook URLs that point at private, loopback or link-local addresses.
+    pub webhook_block_private: bool,
 }
 
 impl Default for DomainConfig {
@@ -161,6 +167,8 @@ impl Default for DomainConfig {
             visitor_burst: 10,
             visitor_max_text: 10_000,
             sessions_per_minute: 60,
+            fragment_delay: Duration::from_secs(10),
+            webhook_block_private: false,
         }
     }
 }

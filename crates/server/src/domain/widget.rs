@@ -373,14 +373,6 @@ impl Domain {
             .collect();
         Ok((events, reached))
     }
-
-    /// Ends the chats inactive for longer than the chat timeout; returns how many.
-    pub async fn end_idle_chats(&self) -> DomainResult<usize> {
-        let now = self.now();
-        let idle_before = now - duration_ms(self.config.chat_timeout);
-        let ended = self.store.end_idle_chats(now, idle_before).await?;
-        Ok(ended.len())
-    }
 }
 
 fn bad_token() -> DomainError {

@@ -21,9 +21,12 @@ use tracing::Level;
 
 use crate::domain::{Domain, DomainError};
 
+mod hooks;
+pub use hooks::{delivery_wire, webhook_wire};
 pub mod openapi;
 pub mod streams;
 mod v3;
+pub use v3::to_wire;
 mod widget;
 
 /// Largest request body accepted (1 MiB).
@@ -49,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/openapi.json", get(openapi::serve))
         .merge(v3::routes())
         .merge(widget::routes())
+        .merge(hooks::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(

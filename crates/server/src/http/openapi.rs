@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{v3, widget};
+use super::{hooks, v3, widget};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +32,14 @@ use super::{v3, widget};
         v3::visitor_group,
         v3::list_visitor_messages,
         v3::events,
+        hooks::list_webhooks,
+        hooks::create_webhook,
+        hooks::get_webhook,
+        hooks::update_webhook,
+        hooks::delete_webhook,
+        hooks::list_deliveries,
+        hooks::get_delivery,
+        hooks::replay,
         widget::start_session,
         widget::list_messages,
         widget::send_message,

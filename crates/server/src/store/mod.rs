@@ -368,6 +368,186 @@ pub struct VisitorRow {
     pub created_at: i64,
 }
 
+/// A webhook endpoint of an account.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WebhookRow {
+    /// Endpoint id.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// Comma-separated event names it wants.
+    pub events: String,
+    /// Operator's note.
+    pub description: Option<String>,
+    /// Whether new events are delivered to it.
+    pub enabled: bool,
+    /// Signing secret.
+    pub secret: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Failed attempts in a row.
+    pub consecutive_failures: i64,
+    /// Since when it has been failing, if it is.
+    pub failing_since: Option<i64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Changes to a webhook endpoint (`None` keeps the value).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookPatch {
+    /// New URL.
+    pub url: Option<String>,
+    /// New event list.
+    pub events: Option<String>,
+    /// New description (`Some(None)` clears it).
+    pub description: Option<Option<String>>,
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+}
+
+/// A webhook event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxEvent {
+    /// Event id (the delivery id receivers de-duplicate by).
+    pub id: String,
+    /// Order of events.
+    pub seq: i64,
+    /// Account.
+    pub account_id: String,
+    /// Conversation.
+    pub conversation_id: String,
+    /// Visitor.
+    pub visitor_id: String,
+    /// `conversationStarted`, `conversationFragment` or `conversationTranscript`.
+    pub kind: String,
+    /// The chat.
+    pub chat_id: String,
+    /// The messages carried: seq in (from_seq, to_seq].
+    pub from_seq: i64,
+    /// See `from_seq`.
+    pub to_seq: i64,
+    /// The JSON sent, once rendered.
+    pub payload: Option<String>,
+    /// Creation time (ms).
+    pub created_at: i64,
+}
+
+/// The state of one event for one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Endpoint.
+    pub webhook_id: String,
+    /// Event.
+    pub event_id: String,
+    /// Event name.
+    pub kind: String,
+    /// Conversation.
+    pub conversation_id: String,
+    /// Order of the event.
+    pub event_seq: i64,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at: i64,
+    /// When the event was created (ms).
+    pub created_at: i64,
+    /// Last attempt time.
+    pub last_attempt_at: Option<i64>,
+    /// Last HTTP status.
+    pub last_status: Option<i64>,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// Last latency (ms).
+    pub last_latency_ms: Option<i64>,
+    /// When it was delivered.
+    pub delivered_at: Option<i64>,
+}
+
+/// A delivery due now, with what is needed to make it.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    /// The event.
+    pub event: OutboxEvent,
+    /// The endpoint.
+    pub webhook: WebhookRow,
+    /// Attempts made so far.
+    pub attempts: i64,
+}
+
+/// One attempt as logged.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AttemptRow {
+    /// Event.
+    pub event_id: String,
+    /// 1 for the first attempt.
+    pub attempt: i64,
+    /// When (ms).
+    pub at: i64,
+    /// HTTP status, if an answer came.
+    pub status_code: Option<i64>,
+    /// Time to the answer or failure (ms).
+    pub latency_ms: i64,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// The result of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct AttemptOutcome {
+    /// Endpoint.
+    pub webhook_id: String,
+    /// Event.
+    pub event_id: String,
+    /// When it was made (ms).
+    pub at: i64,
+    /// HTTP status, if an answer came.
+    pub status_code: Option<u16>,
+    /// Time taken (ms).
+    pub latency_ms: i64,
+    /// What went wrong; `None` means delivered.
+    pub error: Option<String>,
+    /// When to try again; `None` after a failure means give up.
+    pub retry_at: Option<i64>,
+    /// The payload sent, kept if none was kept yet.
+    pub payload: String,
+    /// Failures in a row after which the endpoint counts as failing.
+    pub failing_after: i64,
+}
+
+/// What recording an attempt changed about its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointHealth {
+    /// This failure made the endpoint failing.
+    pub became_failing: bool,
+    /// This success ended a failing period.
+    pub recovered: bool,
+}
+
+/// What a run of the chat timers did.
+#[derive(Debug, Clone, Default)]
+pub struct TimerOutcome {
+    /// Chats ended.
+    pub ended: usize,
+    /// Webhook events written.
+    pub webhook_events: usize,
+    /// When the next timer is due (ms), if any chat is open.
+    pub next_deadline: Option<i64>,
+}
+
+/// Wake-ups the store gives after commits.
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// New messages were committed (chat timers may move).
+    pub activity: std::sync::Arc<tokio::sync::Notify>,
+    /// Webhook deliveries were added or rescheduled.
+    pub outbox: std::sync::Arc<tokio::sync::Notify>,
+}
+
 /// Storage for everything switchboard keeps.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -523,10 +703,91 @@ pub trait Store: Send + Sync + 'static {
     async fn feed_head(&self) -> StoreResult<i64>;
     /// The live feed of committed changes; only the first call gets it.
     fn take_feed(&self) -> Option<FeedReceiver>;
-    /// Ends every open chat whose last (not pushed) message is older than `idle_before`
-    /// (ms): flags the agent messages the visitor never read as missed and records the end.
-    /// Returns the ended chats' events.
-    async fn end_idle_chats(&self, now: i64, idle_before: i64) -> StoreResult<Vec<FeedEvent>>;
+    /// Runs the chat timers at `now`: a chat whose newest message is older than
+    /// `fragment_before` gets a `conversationFragment` of its messages not yet sent in one;
+    /// a chat whose last (not pushed) message is older than `idle_before` ends (final
+    /// fragment, `conversationTranscript`, unread agent messages flagged missed). Webhook
+    /// events are written only for accounts with endpoints that want them.
+    async fn run_timers(
+        &self,
+        now: i64,
+        fragment_before: i64,
+        idle_before: i64,
+    ) -> StoreResult<TimerOutcome>;
+    /// Wake-ups after commits.
+    fn signals(&self) -> Signals;
+
+    // --- webhooks ------------------------------------------------------------------------
+
+    /// Adds an endpoint.
+    async fn create_webhook(&self, webhook: &WebhookRow) -> StoreResult<()>;
+    /// The endpoints of an account.
+    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>>;
+    /// One endpoint.
+    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>>;
+    /// Changes an endpoint; `None` if there is none.
+    async fn update_webhook(
+        &self,
+        account_id: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> StoreResult<Option<WebhookRow>>;
+    /// Removes an endpoint and its deliveries; false if there is none.
+    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool>;
+    /// Pending deliveries due at `now`, oldest first, at most one per (endpoint,
+    /// conversation) and only the oldest pending of each, skipping `busy` endpoints'
+    /// conversations (in flight).
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+        busy: &[(String, String)],
+    ) -> StoreResult<Vec<DueDelivery>>;
+    /// When the next pending delivery is due.
+    async fn next_delivery_at(&self) -> StoreResult<Option<i64>>;
+    /// Records an attempt and reschedules or closes its delivery.
+    async fn record_attempt(&self, outcome: AttemptOutcome) -> StoreResult<EndpointHealth>;
+    /// The deliveries of an endpoint, newest first, before `before_seq` if given.
+    async fn list_deliveries(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryRow>>;
+    /// One delivery.
+    async fn delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Option<DeliveryRow>>;
+    /// The attempts of one delivery.
+    async fn list_attempts(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Vec<AttemptRow>>;
+    /// Makes a delivery pending again, due at `now`; false if there is no such delivery.
+    async fn replay_delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> StoreResult<bool>;
+    /// Messages of a visitor with seq in (from_seq, to_seq], oldest first (deleted ones
+    /// left out).
+    async fn messages_between(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<MessageRow>>;
+    /// A chat.
+    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>>;
 
     /// Forgets idempotency records created before `before` (ms); returns how many.
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64>;

@@ -114,6 +114,9 @@ struct WriterCtx {
     events: Vec<Arc<FeedEvent>>,
     /// Where committed changes go (the real-time fan-out), once someone asked.
     feed: Option<mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>>,
+    /// Whether the current transaction added or rescheduled webhook deliveries.
+    outbox_touched: bool,
+    signals: Signals,
 }
 
 /// An open chat as the writer tracks it.
@@ -124,11 +127,35 @@ struct OpenChat {
     visitor_id: String,
     /// Time of the newest not-pushed message.
     last_activity: i64,
+    /// Time of the newest message, pushed ones included.
+    last_message_at: i64,
+    /// Seq of the newest message.
+    last_seq: i64,
+    /// Messages up to this seq were sent in a fragment.
+    fragment_seq: i64,
+}
+
+impl OpenChat {
+    /// Notes a new message of the chat's conversation.
+    fn note(&mut self, m: &MessageRow) {
+        if !m.is_pushed {
+            self.last_activity = self.last_activity.max(m.created_at);
+        }
+        self.last_message_at = self.last_message_at.max(m.created_at);
+        self.last_seq = self.last_seq.max(m.seq);
+    }
+
+    /// Messages of the chat not yet sent in a fragment: seq in (from, last_seq].
+    fn unfragmented_from(&self) -> Option<i64> {
+        let from = self.fragment_seq.max(self.info.start_seq - 1);
+        (self.last_seq > from).then_some(from)
+    }
 }
 
 enum ChatUndo {
     Opened(String),
     Closed(String, OpenChat),
+    Fragmented(String, i64),
 }
 
 /// How far the current transaction had got, to undo a failed job's part of it.
@@ -147,6 +174,7 @@ pub struct SqliteStore {
     agents: AgentCache,
     head: Arc<AtomicI64>,
     feed_taken: std::sync::atomic::AtomicBool,
+    signals: Signals,
 }
 
 impl SqliteStore {
@@ -185,6 +213,7 @@ impl SqliteStore {
         .await?;
         let head = Arc::new(AtomicI64::new(next_seq));
         let open_chats = load_open_chats(&mut conn).await?;
+        let signals = Signals::default();
         let ctx = WriterCtx {
             conn,
             conversations: HashMap::new(),
@@ -195,6 +224,8 @@ impl SqliteStore {
             chat_undo: Vec::new(),
             events: Vec::new(),
             feed: None,
+            outbox_touched: false,
+            signals: signals.clone(),
         };
         // The writer gets a thread and runtime of its own: on the shared workers it waited
         // behind every HTTP task at each step of a group commit, which made the commit cycle
@@ -215,6 +246,7 @@ impl SqliteStore {
             agents: AgentCache::new(options.agent_cache_ttl),
             head,
             feed_taken: std::sync::atomic::AtomicBool::new(false),
+            signals,
         })
     }
 
@@ -607,10 +639,8 @@ impl WriterCtx {
         }
         for row in &mut rows {
             row.seq = self.take_seq();
-            if !row.is_pushed {
-                if let Some(chat) = self.open_chats.get_mut(&row.conversation_id) {
-                    chat.last_activity = chat.last_activity.max(row.created_at);
-                }
+            if let Some(chat) = self.open_chats.get_mut(&row.conversation_id) {
+                chat.note(row);
             }
         }
         Some(rows)
@@ -640,6 +670,11 @@ impl WriterCtx {
                 Some(ChatUndo::Closed(conversation, chat)) => {
                     self.open_chats.insert(conversation, chat);
                 }
+                Some(ChatUndo::Fragmented(conversation, before)) => {
+                    if let Some(chat) = self.open_chats.get_mut(&conversation) {
+                        chat.fragment_seq = before;
+                    }
+                }
                 None => break,
             }
         }
@@ -659,10 +694,16 @@ impl WriterCtx {
 
     /// After a commit: moves the head and hands the transaction's changes to the feed.
     fn publish(&mut self) {
+        if std::mem::take(&mut self.outbox_touched) {
+            self.signals.outbox.notify_one();
+        }
         let mut events = std::mem::take(&mut self.events);
         let Some(last) = events.iter().map(|e| e.seq).max() else {
             return;
         };
+        if events.iter().any(|e| e.kind == EventKind::MessageCreated) {
+            self.signals.activity.notify_one();
+        }
         self.head.fetch_max(last, Ordering::SeqCst);
         events.sort_by_key(|e| e.seq);
         if let Some(feed) = &self.feed {
@@ -675,11 +716,11 @@ impl WriterCtx {
     /// Notes a new message's effect on its conversation's chat: a not-pushed message with
     /// no open chat starts one (recorded with an event in this transaction).
     async fn track_chat(&mut self, m: &MessageRow) -> StoreResult<()> {
-        if m.is_pushed {
+        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
+            chat.note(m);
             return Ok(());
         }
-        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
-            chat.last_activity = chat.last_activity.max(m.created_at);
+        if m.is_pushed {
             return Ok(());
         }
         let chat_id = crate::ids::new_id();
@@ -730,15 +771,26 @@ impl WriterCtx {
             message: Some(Arc::new(m.clone())),
             chat: Some(info.clone()),
         }));
-        self.open_chats.insert(
-            m.conversation_id.clone(),
-            OpenChat {
-                info,
-                account_id: m.account_id.clone(),
-                visitor_id: m.visitor_id.clone(),
-                last_activity: m.created_at,
-            },
-        );
+        let chat = OpenChat {
+            info,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            last_activity: m.created_at,
+            last_message_at: m.created_at,
+            last_seq: m.seq,
+            fragment_seq: 0,
+        };
+        emit_webhook(
+            self,
+            WEBHOOK_STARTED,
+            &chat,
+            &m.conversation_id,
+            m.seq - 1,
+            m.seq,
+            m.created_at,
+        )
+        .await?;
+        self.open_chats.insert(m.conversation_id.clone(), chat);
         self.chat_undo
             .push(ChatUndo::Opened(m.conversation_id.clone()));
         Ok(())
@@ -835,6 +887,9 @@ struct OpenChatRow {
     start_page_url: Option<String>,
     start_page_title: Option<String>,
     last_activity: i64,
+    last_message_at: i64,
+    last_seq: i64,
+    fragment_seq: i64,
 }
 
 /// The open chats at start-up, with their last activity recomputed from the messages.
@@ -844,7 +899,14 @@ async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<HashMap<Str
          c.no_agent_online, c.start_page_url, c.start_page_title, \
          coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
                    AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq AND m.is_pushed = 0), \
-                  c.started_at) AS last_activity \
+                  c.started_at) AS last_activity, \
+         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
+                  c.started_at) AS last_message_at, \
+         coalesce((SELECT max(m.seq) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
+                  c.start_seq) AS last_seq, \
+         c.fragment_seq \
          FROM chats c WHERE c.ended_at IS NULL",
     )
     .fetch_all(&mut *conn)
@@ -867,81 +929,221 @@ async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<HashMap<Str
                     account_id: r.account_id,
                     visitor_id: r.visitor_id,
                     last_activity: r.last_activity,
+                    last_message_at: r.last_message_at,
+                    last_seq: r.last_seq,
+                    fragment_seq: r.fragment_seq,
                 },
             )
         })
         .collect())
 }
 
-/// Ends the open chats idle since before `idle_before`; returns the agent messages that
-/// became missed by the visitor (for the cache).
-async fn end_idle_chats_in(
+const WEBHOOK_STARTED: &str = "conversationStarted";
+const WEBHOOK_FRAGMENT: &str = "conversationFragment";
+const WEBHOOK_TRANSCRIPT: &str = "conversationTranscript";
+
+/// Writes a webhook event and its deliveries, if some enabled endpoint of the account wants
+/// it; part of the caller's transaction.
+async fn emit_webhook(
+    ctx: &mut WriterCtx,
+    kind: &str,
+    chat: &OpenChat,
+    conversation_id: &str,
+    from_seq: i64,
+    to_seq: i64,
+    now: i64,
+) -> StoreResult<bool> {
+    let wanted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM webhooks WHERE account_id = ? AND enabled = 1 \
+         AND instr(',' || events || ',', ',' || ? || ',') > 0",
+    )
+    .bind(&chat.account_id)
+    .bind(kind)
+    .fetch_one(&mut ctx.conn)
+    .await?;
+    if wanted == 0 {
+        return Ok(false);
+    }
+    let seq = ctx.take_seq();
+    let id = format!("evt_{}", crate::ids::new_id());
+    sqlx::query(
+        "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, kind, \
+         chat_id, from_seq, to_seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(seq)
+    .bind(&chat.account_id)
+    .bind(conversation_id)
+    .bind(&chat.visitor_id)
+    .bind(kind)
+    .bind(&chat.info.id)
+    .bind(from_seq)
+    .bind(to_seq)
+    .bind(now)
+    .execute(&mut ctx.conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, conversation_id, \
+         event_seq, next_attempt_at, created_at) \
+         SELECT w.id, ?, ?, ?, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
+         AND instr(',' || w.events || ',', ',' || ? || ',') > 0",
+    )
+    .bind(&id)
+    .bind(&chat.account_id)
+    .bind(conversation_id)
+    .bind(seq)
+    .bind(now)
+    .bind(now)
+    .bind(&chat.account_id)
+    .bind(kind)
+    .execute(&mut ctx.conn)
+    .await?;
+    ctx.outbox_touched = true;
+    Ok(true)
+}
+
+/// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
+/// messages that became missed by the visitor (for the cache).
+async fn run_timers_in(
     ctx: &mut WriterCtx,
     now: i64,
+    fragment_before: i64,
     idle_before: i64,
-) -> StoreResult<(Vec<Arc<FeedEvent>>, Vec<MessageRow>)> {
-    let mut idle: Vec<(String, OpenChat)> = ctx
+) -> StoreResult<(TimerOutcome, Vec<MessageRow>)> {
+    let mut due: Vec<(String, i64)> = ctx
         .open_chats
         .iter()
-        .filter(|(_, c)| c.last_activity < idle_before)
-        .map(|(k, c)| (k.clone(), c.clone()))
+        .filter(|(_, c)| {
+            c.last_activity < idle_before
+                || (c.unfragmented_from().is_some() && c.last_message_at <= fragment_before)
+        })
+        .map(|(k, c)| (k.clone(), c.last_activity))
         .collect();
-    idle.sort_by_key(|(_, c)| c.last_activity);
-    let mut ended = Vec::with_capacity(idle.len());
+    due.sort_by_key(|(_, at)| *at);
+    let mut outcome = TimerOutcome::default();
     let mut flagged = Vec::new();
-    for (conversation_id, chat) in idle {
-        let seq = ctx.take_seq();
-        sqlx::query("UPDATE chats SET ended_at = ?, end_seq = ? WHERE id = ?")
-            .bind(now)
-            .bind(seq)
-            .bind(&chat.info.id)
-            .execute(&mut ctx.conn)
-            .await?;
-        let missed: Vec<MessageRow> = sqlx::query_as(&format!(
-            "UPDATE messages SET is_missed_by_visitor = 1 \
-             WHERE account_id = ? AND visitor_id = ? AND seq >= ? AND seq < ? \
-             AND type = 'agent' AND deleted_at IS NULL AND is_missed_by_visitor = 0 \
-             AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = ?) \
-             RETURNING {MESSAGE_COLUMNS}"
-        ))
-        .bind(&chat.account_id)
-        .bind(&chat.visitor_id)
-        .bind(chat.info.start_seq)
-        .bind(seq)
-        .bind(&conversation_id)
-        .fetch_all(&mut ctx.conn)
-        .await?;
-        flagged.extend(missed);
-        sqlx::query(
-            "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
-             created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(seq)
-        .bind(&chat.account_id)
-        .bind(&conversation_id)
-        .bind(&chat.visitor_id)
-        .bind(EventKind::ConversationEnded.as_str())
-        .bind(&chat.info.id)
+    for (conversation_id, _) in due {
+        let Some(chat) = ctx.open_chats.get(&conversation_id).cloned() else {
+            continue;
+        };
+        // The fragment first: a transcript always follows the last fragment.
+        if let Some(from) = chat.unfragmented_from() {
+            if emit_webhook(
+                ctx,
+                WEBHOOK_FRAGMENT,
+                &chat,
+                &conversation_id,
+                from,
+                chat.last_seq,
+                now,
+            )
+            .await?
+            {
+                outcome.webhook_events += 1;
+            }
+            sqlx::query("UPDATE chats SET fragment_seq = ? WHERE id = ?")
+                .bind(chat.last_seq)
+                .bind(&chat.info.id)
+                .execute(&mut ctx.conn)
+                .await?;
+            if let Some(c) = ctx.open_chats.get_mut(&conversation_id) {
+                c.fragment_seq = chat.last_seq;
+            }
+            ctx.chat_undo.push(ChatUndo::Fragmented(
+                conversation_id.clone(),
+                chat.fragment_seq,
+            ));
+        }
+        if chat.last_activity < idle_before {
+            flagged.extend(end_chat(ctx, &conversation_id, &chat, now).await?);
+            outcome.ended += 1;
+            if emit_webhook(
+                ctx,
+                WEBHOOK_TRANSCRIPT,
+                &chat,
+                &conversation_id,
+                chat.info.start_seq - 1,
+                chat.last_seq,
+                now,
+            )
+            .await?
+            {
+                outcome.webhook_events += 1;
+            }
+        }
+    }
+    let fragment_delay = now - fragment_before;
+    let idle_timeout = now - idle_before;
+    outcome.next_deadline = ctx
+        .open_chats
+        .values()
+        .map(|c| {
+            let end = c.last_activity + idle_timeout;
+            match c.unfragmented_from() {
+                Some(_) => end.min(c.last_message_at + fragment_delay),
+                None => end,
+            }
+        })
+        .min();
+    Ok((outcome, flagged))
+}
+
+/// Ends one chat: flags the agent messages the visitor never read and records the end.
+async fn end_chat(
+    ctx: &mut WriterCtx,
+    conversation_id: &str,
+    chat: &OpenChat,
+    now: i64,
+) -> StoreResult<Vec<MessageRow>> {
+    let seq = ctx.take_seq();
+    sqlx::query("UPDATE chats SET ended_at = ?, end_seq = ? WHERE id = ?")
         .bind(now)
+        .bind(seq)
+        .bind(&chat.info.id)
         .execute(&mut ctx.conn)
         .await?;
-        let mut info = chat.info.clone();
-        info.ended_at = Some(now);
-        let event = Arc::new(FeedEvent {
-            seq,
-            kind: EventKind::ConversationEnded,
-            account_id: chat.account_id.clone(),
-            visitor_id: chat.visitor_id.clone(),
-            conversation_id: conversation_id.clone(),
-            message: None,
-            chat: Some(info),
-        });
-        ctx.events.push(event.clone());
-        ended.push(event);
-        ctx.open_chats.remove(&conversation_id);
-        ctx.chat_undo.push(ChatUndo::Closed(conversation_id, chat));
-    }
-    Ok((ended, flagged))
+    let missed: Vec<MessageRow> = sqlx::query_as(&format!(
+        "UPDATE messages SET is_missed_by_visitor = 1 \
+         WHERE account_id = ? AND visitor_id = ? AND seq >= ? AND seq < ? \
+         AND type = 'agent' AND deleted_at IS NULL AND is_missed_by_visitor = 0 \
+         AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = ?) \
+         RETURNING {MESSAGE_COLUMNS}"
+    ))
+    .bind(&chat.account_id)
+    .bind(&chat.visitor_id)
+    .bind(chat.info.start_seq)
+    .bind(seq)
+    .bind(conversation_id)
+    .fetch_all(&mut ctx.conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
+         created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(seq)
+    .bind(&chat.account_id)
+    .bind(conversation_id)
+    .bind(&chat.visitor_id)
+    .bind(EventKind::ConversationEnded.as_str())
+    .bind(&chat.info.id)
+    .bind(now)
+    .execute(&mut ctx.conn)
+    .await?;
+    let mut info = chat.info.clone();
+    info.ended_at = Some(now);
+    ctx.events.push(Arc::new(FeedEvent {
+        seq,
+        kind: EventKind::ConversationEnded,
+        account_id: chat.account_id.clone(),
+        visitor_id: chat.visitor_id.clone(),
+        conversation_id: conversation_id.to_owned(),
+        message: None,
+        chat: Some(info),
+    }));
+    ctx.open_chats.remove(conversation_id);
+    ctx.chat_undo
+        .push(ChatUndo::Closed(conversation_id.to_owned(), chat.clone()));
+    Ok(missed)
 }
 
 /// Looks up an idempotency key inside the writer's transaction.
@@ -1057,6 +1259,71 @@ struct ChatRow {
     no_agent_online: bool,
     start_page_url: Option<String>,
     start_page_title: Option<String>,
+}
+
+const WEBHOOK_COLUMNS: &str = "id, account_id, url, events, description, enabled, secret, \
+     created_at, consecutive_failures, failing_since, last_error";
+
+/// A due delivery as read: the event's and the endpoint's columns, prefixed.
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    attempts: i64,
+    e_id: String,
+    e_seq: i64,
+    e_account_id: String,
+    e_conversation_id: String,
+    e_visitor_id: String,
+    e_kind: String,
+    e_chat_id: String,
+    e_from_seq: i64,
+    e_to_seq: i64,
+    e_payload: Option<String>,
+    e_created_at: i64,
+    w_id: String,
+    w_account_id: String,
+    w_url: String,
+    w_events: String,
+    w_description: Option<String>,
+    w_enabled: bool,
+    w_secret: String,
+    w_created_at: i64,
+    w_consecutive_failures: i64,
+    w_failing_since: Option<i64>,
+    w_last_error: Option<String>,
+}
+
+impl DueRow {
+    fn into_due(self) -> DueDelivery {
+        DueDelivery {
+            attempts: self.attempts,
+            event: OutboxEvent {
+                id: self.e_id,
+                seq: self.e_seq,
+                account_id: self.e_account_id,
+                conversation_id: self.e_conversation_id,
+                visitor_id: self.e_visitor_id,
+                kind: self.e_kind,
+                chat_id: self.e_chat_id,
+                from_seq: self.e_from_seq,
+                to_seq: self.e_to_seq,
+                payload: self.e_payload,
+                created_at: self.e_created_at,
+            },
+            webhook: WebhookRow {
+                id: self.w_id,
+                account_id: self.w_account_id,
+                url: self.w_url,
+                events: self.w_events,
+                description: self.w_description,
+                enabled: self.w_enabled,
+                secret: self.w_secret,
+                created_at: self.w_created_at,
+                consecutive_failures: self.w_consecutive_failures,
+                failing_since: self.w_failing_since,
+                last_error: self.w_last_error,
+            },
+        }
+    }
 }
 
 const AGENT_COLUMNS: &str =
@@ -1872,14 +2139,380 @@ impl Store for SqliteStore {
         Some(rx)
     }
 
-    async fn end_idle_chats(&self, now: i64, idle_before: i64) -> StoreResult<Vec<FeedEvent>> {
-        let (ended, flagged) = self
-            .write(move |ctx| Box::pin(end_idle_chats_in(ctx, now, idle_before)))
+    async fn run_timers(
+        &self,
+        now: i64,
+        fragment_before: i64,
+        idle_before: i64,
+    ) -> StoreResult<TimerOutcome> {
+        let (outcome, flagged) = self
+            .write(move |ctx| Box::pin(run_timers_in(ctx, now, fragment_before, idle_before)))
             .await?;
         if !flagged.is_empty() {
             self.messages.committed(flagged.iter());
         }
-        Ok(ended.iter().map(|e| (**e).clone()).collect())
+        Ok(outcome)
+    }
+
+    fn signals(&self) -> Signals {
+        self.signals.clone()
+    }
+
+    async fn create_webhook(&self, w: &WebhookRow) -> StoreResult<()> {
+        let w = w.clone();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO webhooks (id, account_id, url, events, description, enabled, \
+                     secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&w.id)
+                .bind(&w.account_id)
+                .bind(&w.url)
+                .bind(&w.events)
+                .bind(&w.description)
+                .bind(w.enabled)
+                .bind(&w.secret)
+                .bind(w.created_at)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = ? ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = ? AND id = ?"
+        ))
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn update_webhook(
+        &self,
+        account_id: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> StoreResult<Option<WebhookRow>> {
+        let (a, i) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let (set_description, description) = match patch.description {
+                    Some(d) => (true, d),
+                    None => (false, None),
+                };
+                Ok(sqlx::query_as(&format!(
+                    "UPDATE webhooks SET url = coalesce(?, url), events = coalesce(?, events), \
+                     description = CASE WHEN ? THEN ? ELSE description END, \
+                     enabled = coalesce(?, enabled) WHERE account_id = ? AND id = ? \
+                     RETURNING {WEBHOOK_COLUMNS}"
+                ))
+                .bind(&patch.url)
+                .bind(&patch.events)
+                .bind(set_description)
+                .bind(&description)
+                .bind(patch.enabled)
+                .bind(&a)
+                .bind(&i)
+                .fetch_optional(&mut ctx.conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        self.delete_owned("webhooks", account_id, id).await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+        busy: &[(String, String)],
+    ) -> StoreResult<Vec<DueDelivery>> {
+        // Only the oldest pending delivery of each (endpoint, conversation) may go: that is
+        // what keeps a conversation's events in order at the receiver.
+        let rows: Vec<DueRow> = sqlx::query_as(
+            "SELECT d.attempts, \
+             e.id AS e_id, e.seq AS e_seq, e.account_id AS e_account_id, \
+             e.conversation_id AS e_conversation_id, e.visitor_id AS e_visitor_id, \
+             e.kind AS e_kind, e.chat_id AS e_chat_id, e.from_seq AS e_from_seq, \
+             e.to_seq AS e_to_seq, e.payload AS e_payload, e.created_at AS e_created_at, \
+             w.id AS w_id, w.account_id AS w_account_id, w.url AS w_url, w.events AS w_events, \
+             w.description AS w_description, w.enabled AS w_enabled, w.secret AS w_secret, \
+             w.created_at AS w_created_at, w.consecutive_failures AS w_consecutive_failures, \
+             w.failing_since AS w_failing_since, w.last_error AS w_last_error \
+             FROM webhook_deliveries d \
+             JOIN webhook_events e ON e.id = d.event_id \
+             JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.status = 'pending' AND d.next_attempt_at <= ? AND w.enabled = 1 \
+             AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.status = 'pending' \
+                 AND p.webhook_id = d.webhook_id AND p.conversation_id = d.conversation_id \
+                 AND p.event_seq < d.event_seq) \
+             ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
+        )
+        .bind(now)
+        .bind(i64::from(limit) + busy.len() as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(DueRow::into_due)
+            .filter(|d| {
+                !busy
+                    .iter()
+                    .any(|(w, c)| *w == d.webhook.id && *c == d.event.conversation_id)
+            })
+            .take(limit as usize)
+            .collect())
+    }
+
+    async fn next_delivery_at(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(d.next_attempt_at) FROM webhook_deliveries d \
+             JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND w.enabled = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn record_attempt(&self, o: AttemptOutcome) -> StoreResult<EndpointHealth> {
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let delivered = o.error.is_none();
+                let status = match (delivered, o.retry_at) {
+                    (true, _) => "delivered",
+                    (false, Some(_)) => "pending",
+                    (false, None) => "failed",
+                };
+                let attempt: Option<i64> = sqlx::query_scalar(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
+                     next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
+                     last_status = ?, last_error = ?, last_latency_ms = ?, \
+                     delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
+                     WHERE webhook_id = ? AND event_id = ? RETURNING attempts",
+                )
+                .bind(status)
+                .bind(o.retry_at)
+                .bind(o.at)
+                .bind(o.status_code.map(i64::from))
+                .bind(&o.error)
+                .bind(o.latency_ms)
+                .bind(delivered)
+                .bind(o.at)
+                .bind(&o.webhook_id)
+                .bind(&o.event_id)
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                let Some(attempt) = attempt else {
+                    // The endpoint was removed meanwhile.
+                    return Ok(EndpointHealth::default());
+                };
+                sqlx::query(
+                    "INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
+                     latency_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&o.webhook_id)
+                .bind(&o.event_id)
+                .bind(attempt)
+                .bind(o.at)
+                .bind(o.status_code.map(i64::from))
+                .bind(o.latency_ms)
+                .bind(&o.error)
+                .execute(&mut ctx.conn)
+                .await?;
+                sqlx::query(
+                    "UPDATE webhook_events SET payload = ? WHERE id = ? AND payload IS NULL",
+                )
+                .bind(&o.payload)
+                .bind(&o.event_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                let (failures, failing_since): (i64, Option<i64>) = sqlx::query_as(
+                    "SELECT consecutive_failures, failing_since FROM webhooks WHERE id = ?",
+                )
+                .bind(&o.webhook_id)
+                .fetch_one(&mut ctx.conn)
+                .await?;
+                let mut health = EndpointHealth::default();
+                if delivered {
+                    health.recovered = failing_since.is_some();
+                    if failures > 0 || failing_since.is_some() {
+                        sqlx::query(
+                            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL \
+                             WHERE id = ?",
+                        )
+                        .bind(&o.webhook_id)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    }
+                } else {
+                    let failures = failures + 1;
+                    let becomes = failing_since.is_none() && failures >= o.failing_after;
+                    health.became_failing = becomes;
+                    sqlx::query(
+                        "UPDATE webhooks SET consecutive_failures = ?, last_error = ?, \
+                         failing_since = CASE WHEN ? THEN ? ELSE failing_since END WHERE id = ?",
+                    )
+                    .bind(failures)
+                    .bind(&o.error)
+                    .bind(becomes)
+                    .bind(o.at)
+                    .bind(&o.webhook_id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                }
+                ctx.outbox_touched = true;
+                Ok(health)
+            })
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryRow>> {
+        Ok(sqlx::query_as(
+            "SELECT d.webhook_id, d.event_id, e.kind, d.conversation_id, d.event_seq, d.status, \
+             d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, d.last_status, \
+             d.last_error, d.last_latency_ms, d.delivered_at \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_seq < ? \
+             ORDER BY d.event_seq DESC LIMIT ?",
+        )
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Option<DeliveryRow>> {
+        Ok(sqlx::query_as(
+            "SELECT d.webhook_id, d.event_id, e.kind, d.conversation_id, d.event_seq, d.status, \
+             d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, d.last_status, \
+             d.last_error, d.last_latency_ms, d.delivered_at \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_id = ?",
+        )
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_attempts(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Vec<AttemptRow>> {
+        Ok(sqlx::query_as(
+            "SELECT a.event_id, a.attempt, a.at, a.status_code, a.latency_ms, a.error \
+             FROM webhook_attempts a JOIN webhooks w ON w.id = a.webhook_id \
+             WHERE w.account_id = ? AND a.webhook_id = ? AND a.event_id = ? ORDER BY a.attempt",
+        )
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn replay_delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (a, w, e) = (
+            account_id.to_owned(),
+            webhook_id.to_owned(),
+            event_id.to_owned(),
+        );
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, \
+                     created_at = ? WHERE account_id = ? AND webhook_id = ? AND event_id = ?",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(&a)
+                .bind(&w)
+                .bind(&e)
+                .execute(&mut ctx.conn)
+                .await?;
+                ctx.outbox_touched = true;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn messages_between(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<MessageRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = ? AND visitor_id = ? \
+             AND seq > ? AND seq <= ? AND deleted_at IS NULL ORDER BY seq"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(from_seq)
+        .bind(to_seq)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>> {
+        let row: Option<ChatRow> = sqlx::query_as(
+            "SELECT id, start_seq, started_at, ended_at, no_agent_online, start_page_url, \
+             start_page_title FROM chats WHERE account_id = ? AND id = ?",
+        )
+        .bind(account_id)
+        .bind(chat_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|c| ChatInfo {
+            id: c.id,
+            start_seq: c.start_seq,
+            started_at: c.started_at,
+            ended_at: c.ended_at,
+            no_agent_online: c.no_agent_online,
+            start_page_url: c.start_page_url,
+            start_page_title: c.start_page_title,
+        }))
     }
 
     async fn close(&self) {

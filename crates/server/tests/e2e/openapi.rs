@@ -19,7 +19,8 @@ async fn openapi_document_matches_the_routes() {
                 let concrete = path
                     .replace("{id}", "some-id")
                     .replace("{visitorId}", "some-visitor")
-                    .replace("{widgetId}", "some-widget");
+                    .replace("{widgetId}", "some-widget")
+                    .replace("{eventId}", "some-event");
                 let r = if path.ends_with("/events") {
                     // Authenticated, this is an endless stream: probe it unauthenticated.
                     s.call_with(m, &concrete, None, &[]).await
@@ -55,6 +56,14 @@ async fn openapi_document_matches_the_routes() {
         "POST /widget/v1/{widgetId}/messages",
         "POST /widget/v1/{widgetId}/read",
         "POST /widget/v1/{widgetId}/session",
+        "GET /v3/conversations/webhooks",
+        "POST /v3/conversations/webhooks",
+        "GET /v3/conversations/webhooks/{id}",
+        "PUT /v3/conversations/webhooks/{id}",
+        "DELETE /v3/conversations/webhooks/{id}",
+        "GET /v3/conversations/webhooks/{id}/deliveries",
+        "GET /v3/conversations/webhooks/{id}/deliveries/{eventId}",
+        "POST /v3/conversations/webhooks/{id}/deliveries/{eventId}/replay",
     ];
     let mut expected = expected.to_vec();
     expected.sort();

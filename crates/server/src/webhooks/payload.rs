@@ -1,0 +1,195 @@
+//! Brevo-shaped webhook payloads, rendered from the outbox event and the database.
+
+use serde::Serialize;
+use switchboard_wire::{ConversationsMessage, StartPage};
+
+use crate::domain::{Domain, DomainError, DomainResult};
+use crate::store::{MessageRow, OutboxEvent};
+
+/// An agent as webhooks show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAgent {
+    /// Agent id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Email.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Picture URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub userpic: Option<String>,
+}
+
+/// A visitor as webhooks show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookVisitor {
+    /// Visitor id.
+    pub id: String,
+    /// The continuous conversation (Brevo's `threadId`).
+    pub thread_id: String,
+    /// Channel: always `widget`.
+    pub source: &'static str,
+    /// Group the visitor is routed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Name shown to agents.
+    pub displayed_name: String,
+    /// Browser language.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub browser_language: Option<String>,
+    /// Contact attributes, Brevo style (`EMAIL`, `FIRSTNAME`).
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    /// What the site sent (`attributes` of the widget session).
+    pub integration_attributes: serde_json::Value,
+}
+
+/// The body of a webhook delivery.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookPayload {
+    /// `conversationStarted`, `conversationFragment` or `conversationTranscript`.
+    pub event_name: String,
+    /// The continuous conversation with the visitor.
+    pub conversation_id: String,
+    /// The page the chat started on (started, transcript).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_start_page: Option<StartPage>,
+    /// The first message (started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<ConversationsMessage>,
+    /// The messages (fragment: since the last fragment; transcript: the whole chat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ConversationsMessage>>,
+    /// The agent of the first message (started, when an agent wrote it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<WebhookAgent>,
+    /// The agents of the messages (fragment, transcript).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agents: Option<Vec<WebhookAgent>>,
+    /// The visitor.
+    pub visitor: WebhookVisitor,
+    /// Whether no agent was online when the chat started (started, fragment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_no_available_agent: Option<bool>,
+    /// Visitor messages of the chat sent while no agent was online (transcript).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed_messages_count: Option<usize>,
+}
+
+/// Renders the payload of an outbox event as JSON.
+pub async fn render(domain: &Domain, ev: &OutboxEvent) -> DomainResult<String> {
+    let store = domain.store();
+    let messages = store
+        .messages_between(&ev.account_id, &ev.visitor_id, ev.from_seq, ev.to_seq)
+        .await?;
+    let visitor = domain.visitor(&ev.account_id, &ev.visitor_id).await?;
+    let chat = store.chat(&ev.account_id, &ev.chat_id).await?;
+    let mut agents: Vec<WebhookAgent> = Vec::new();
+    for m in &messages {
+        let Some(id) = &m.agent_id else { continue };
+        if agents.iter().any(|a| &a.id == id) {
+            continue;
+        }
+        agents.push(agent_of(domain, &ev.account_id, m, id).await?);
+    }
+    let start_page = chat.as_ref().and_then(|c| {
+        (c.start_page_url.is_some() || c.start_page_title.is_some()).then(|| StartPage {
+            link: c.start_page_url.clone(),
+            title: c.start_page_title.clone(),
+        })
+    });
+    let no_agent = chat.as_ref().map(|c| c.no_agent_online);
+    let mut attributes = serde_json::Map::new();
+    if let Some(email) = &visitor.email {
+        attributes.insert("EMAIL".into(), email.clone().into());
+    }
+    if let Some(name) = &visitor.name {
+        attributes.insert("FIRSTNAME".into(), name.clone().into());
+    }
+    let displayed_name = visitor.name.clone().unwrap_or_else(|| {
+        format!(
+            "Visitor #{}",
+            visitor.id.chars().take(6).collect::<String>()
+        )
+    });
+    let w = WebhookVisitor {
+        id: visitor.id.clone(),
+        thread_id: visitor.conversation_id.clone(),
+        source: "widget",
+        group_id: visitor.group_id.clone(),
+        displayed_name,
+        browser_language: visitor.browser_language.clone(),
+        attributes,
+        integration_attributes: serde_json::from_str(&visitor.attributes)
+            .unwrap_or_else(|_| serde_json::json!({})),
+    };
+    let wire: Vec<ConversationsMessage> = messages.iter().map(crate::http::to_wire).collect();
+    let mut p = WebhookPayload {
+        event_name: ev.kind.clone(),
+        conversation_id: ev.conversation_id.clone(),
+        conversation_start_page: None,
+        message: None,
+        messages: None,
+        agent: None,
+        agents: None,
+        visitor: w,
+        is_no_available_agent: None,
+        missed_messages_count: None,
+    };
+    match ev.kind.as_str() {
+        "conversationStarted" => {
+            p.conversation_start_page = start_page;
+            p.message = wire.into_iter().next();
+            p.agent = agents.into_iter().next();
+            p.is_no_available_agent = no_agent;
+        }
+        "conversationFragment" => {
+            p.messages = Some(wire);
+            p.agents = Some(agents);
+            p.is_no_available_agent = no_agent;
+        }
+        "conversationTranscript" => {
+            p.conversation_start_page = start_page;
+            p.missed_messages_count = Some(
+                messages
+                    .iter()
+                    .filter(|m| m.kind == "visitor" && m.is_missed)
+                    .count(),
+            );
+            p.messages = Some(wire);
+            p.agents = Some(agents);
+        }
+        other => {
+            return Err(DomainError::Invalid(format!(
+                "unknown webhook event {other}"
+            )))
+        }
+    }
+    serde_json::to_string(&p).map_err(|e| DomainError::Invalid(e.to_string()))
+}
+
+/// The agent of a message: as it is now, or as the message remembers it if it was removed.
+async fn agent_of(
+    domain: &Domain,
+    account_id: &str,
+    m: &MessageRow,
+    id: &str,
+) -> DomainResult<WebhookAgent> {
+    Ok(match domain.store().agent(account_id, id).await? {
+        Some(a) => WebhookAgent {
+            id: a.id,
+            name: a.name,
+            email: a.email,
+            userpic: a.userpic,
+        },
+        None => WebhookAgent {
+            id: id.to_owned(),
+            name: m.agent_name.clone().unwrap_or_default(),
+            email: None,
+            userpic: m.agent_userpic.clone(),
+        },
+    })
+}
