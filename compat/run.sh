@@ -6,6 +6,7 @@
 #
 # - installs the SDKs on first use (compat/python/.venv, compat/node/node_modules)
 # - creates a fresh database in a temp dir and sets up fixtures with the CLI
+#   (including the default account's widget id + identity key, `accounts widget --json`)
 # - starts `switchboard serve --listen 127.0.0.1:0`, reads the address it prints,
 #   polls GET /health a bounded number of times
 # - runs both suites, stops the server (by pid) and removes the temp dir
@@ -111,6 +112,19 @@ if [[ -z "$OTHER_API_KEY" ]]; then
     cat "$TMP/accounts.err" >&2
     exit 1
 fi
+# The default account's widget id and identity key, for the visitor API / WebSocket checks.
+if ! WIDGET_JSON="$("$BIN" --db "$DB" accounts widget --json 2>"$TMP/widget.err")"; then
+    log "switchboard accounts widget --json failed:"
+    cat "$TMP/widget.err" >&2
+    exit 1
+fi
+WIDGET_ID="$(json_field widgetId <<<"$WIDGET_JSON")"
+IDENTITY_KEY="$(json_field identityKey <<<"$WIDGET_JSON")"
+if [[ -z "$WIDGET_ID" || -z "$IDENTITY_KEY" ]]; then
+    log "accounts widget --json gave an empty widgetId or identityKey"
+    exit 1
+fi
+log "widget $WIDGET_ID"
 
 # ---------------------------------------------------------------- start the server
 FIFO="$TMP/server.stdout"
@@ -161,12 +175,14 @@ if [[ -z "$ready" ]]; then
 fi
 
 # ---------------------------------------------------------------- run the suites
-export SWITCHBOARD_URL="http://$ADDR/v3"
+export SWITCHBOARD_ROOT="http://$ADDR"
+export SWITCHBOARD_URL="$SWITCHBOARD_ROOT/v3"
 export SWITCHBOARD_AGENT_ID="$AGENT_ID" SWITCHBOARD_AGENT_NAME="$AGENT_NAME"
 export SWITCHBOARD_AGENT_EMAIL="$AGENT_EMAIL" SWITCHBOARD_AGENT_USERPIC="$AGENT_USERPIC"
 export SWITCHBOARD_AGENT2_ID="$AGENT2_ID" SWITCHBOARD_AGENT2_NAME="$AGENT2_NAME"
 export SWITCHBOARD_GROUP_ID="$GROUP_ID"
 export SWITCHBOARD_OTHER_API_KEY="$OTHER_API_KEY"
+export SWITCHBOARD_WIDGET_ID="$WIDGET_ID" SWITCHBOARD_IDENTITY_KEY="$IDENTITY_KEY"
 
 status=0
 log "python suite (brevo-python)"

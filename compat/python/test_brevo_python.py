@@ -14,21 +14,39 @@ Environment (set by compat/run.sh):
   SWITCHBOARD_AGENT2_ID    agent without userpic, in no group
   SWITCHBOARD_AGENT2_NAME
   SWITCHBOARD_GROUP_ID     group whose only member is SWITCHBOARD_AGENT_ID
+  SWITCHBOARD_OTHER_API_KEY  a key of a second account (tenant-isolation checks)
+  SWITCHBOARD_ROOT         the server's root URL, http://127.0.0.1:PORT (visitor API checks)
+  SWITCHBOARD_WIDGET_ID / SWITCHBOARD_IDENTITY_KEY
+                           the default account's widget id and identity key
+                           (`switchboard accounts widget --json`)
+
+The visitor API checks (ws_*, widget_*) talk to /widget/v1/... with urllib and to the
+visitor WebSocket with the `websockets` asyncio client, and drive the agent side with the
+SDK: an SDK message must arrive on the visitor's socket, a visitor message must be
+readable with the SDK.
 
 Plain script: prints one line per check and a closing `N passed, N failed`;
 exits 1 if anything failed.
 """
 
+import asyncio
+import hashlib
+import hmac
 import json
 import os
 import re
 import sys
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 
 import brevo_python
+import websockets
 from brevo_python.rest import ApiException
+from websockets.asyncio.client import connect as ws_connect
 
 URL = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8080/v3")
 KEY = os.environ.get("SWITCHBOARD_API_KEY", "")
@@ -41,6 +59,11 @@ AGENT2_NAME = os.environ.get("SWITCHBOARD_AGENT2_NAME", "")
 GROUP_ID = os.environ.get("SWITCHBOARD_GROUP_ID", "")
 # optional: an API key of a second account (required; compat/run.sh creates it)
 OTHER_KEY = os.environ.get("SWITCHBOARD_OTHER_API_KEY", "")
+# visitor API (required for the ws_* / widget_* checks; compat/run.sh sets them)
+ROOT = os.environ.get("SWITCHBOARD_ROOT", "").rstrip("/")
+WIDGET_ID = os.environ.get("SWITCHBOARD_WIDGET_ID", "")
+IDENTITY_KEY = os.environ.get("SWITCHBOARD_IDENTITY_KEY", "")
+WS_WAIT = 10.0  # seconds: the longest wait for any one frame or HTTP answer
 
 ID_RE = re.compile(r"^[23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz]{17}$")
 ERROR_CODES = {
@@ -585,6 +608,317 @@ def unicode_and_escapes_round_trip():
     m = send(text)
     eq(m.text, text, "text round trip")
     eq(API.conversations_messages_id_get(m.id).text, text, "GET text round trip")
+
+
+# ---------------------------------------------------------------- visitor API + WebSocket
+#
+# The visitor side is plain HTTP (urllib) plus the `websockets` asyncio client; the agent
+# side is the SDK, called through asyncio.to_thread so the event loop keeps reading the
+# socket while the SDK's blocking request runs. Every wait is bounded (WS_WAIT per frame,
+# RUN_LIMIT per check).
+
+RUN_LIMIT = 60.0
+# urllib would honour *_proxy variables; the visitor API is only ever reached directly.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def widget_env():
+    missing = [n for n, v in (("SWITCHBOARD_ROOT", ROOT), ("SWITCHBOARD_WIDGET_ID", WIDGET_ID),
+                              ("SWITCHBOARD_IDENTITY_KEY", IDENTITY_KEY)) if not v]
+    if missing:
+        raise Failure("%s not set: run through compat/run.sh" % ", ".join(missing))
+    parts = urllib.parse.urlsplit(ROOT)
+    check(parts.scheme == "http" and parts.hostname == "127.0.0.1" and parts.port,
+          "SWITCHBOARD_ROOT %r is not the http://127.0.0.1:PORT address the server printed" % (ROOT,))
+
+
+def widget_http(method, path, body=None, token=None):
+    """Plain HTTP to /widget/v1/{widgetId}{path}: (status, parsed JSON or None, headers)."""
+    widget_env()
+    url = "%s/widget/v1/%s%s" % (ROOT, WIDGET_ID, path)
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with _DIRECT.open(req, timeout=WS_WAIT) as resp:
+            status, raw, headers = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as e:
+        status, raw, headers = e.code, e.read(), e.headers
+    text = raw.decode("utf-8")
+    if not text:
+        return status, None, headers
+    try:
+        return status, json.loads(text), headers
+    except ValueError:
+        raise Failure("%s %s -> %d with a non-JSON body %r" % (method, path, status, text[:300]))
+
+
+def widget_session(**fields):
+    status, body, _ = widget_http("POST", "/session", fields)
+    check(status == 200, "POST /widget/v1/{widgetId}/session %r -> %d %r" % (fields, status, body))
+    for k in ("visitorId", "conversationId", "token"):
+        check(isinstance(body.get(k), str) and body[k], "session answer lacks %s: %r" % (k, body))
+    return body
+
+
+def identity_hash(visitor_id, key=None):
+    key = IDENTITY_KEY if key is None else key
+    return hmac.new(key.encode(), visitor_id.encode(), hashlib.sha256).hexdigest()
+
+
+def ws_url(token, **params):
+    widget_env()
+    query = urllib.parse.urlencode(dict(token=token, **params))
+    return "ws://%s/widget/v1/%s/ws?%s" % (urllib.parse.urlsplit(ROOT).netloc, WIDGET_ID, query)
+
+
+def run(coro):
+    async def bounded():
+        return await asyncio.wait_for(coro, RUN_LIMIT)
+    return asyncio.run(bounded())
+
+
+class VisitorSocket:
+    """A visitor WebSocket: JSON frames read with a bounded wait; cursors must grow."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.last_cursor = None
+        self.seen = []  # short descriptions, for failure messages
+
+    async def frame(self, what):
+        try:
+            raw = await asyncio.wait_for(self.ws.recv(), WS_WAIT)
+        except asyncio.TimeoutError:
+            raise Failure("no frame within %.0f s while waiting for %s (frames so far: %s)"
+                          % (WS_WAIT, what, self.seen or "none"))
+        except websockets.ConnectionClosed as e:
+            raise Failure("socket closed while waiting for %s: %s (frames so far: %s)"
+                          % (what, e, self.seen or "none"))
+        check(isinstance(raw, str), "binary frame while waiting for %s: %r" % (what, raw[:200]))
+        try:
+            f = json.loads(raw)
+        except ValueError:
+            raise Failure("frame is not JSON: %r" % (raw[:300],))
+        check(isinstance(f, dict) and isinstance(f.get("event"), str), "frame without event: %r" % (raw[:300],))
+        self.seen.append(raw if len(raw) <= 300 else raw[:300] + "...")
+        if f["event"] != "pong":
+            c = f.get("cursor")
+            check(type(c) is int and c >= 0, "frame cursor %r is not a non-negative integer: %s" % (c, raw[:300]))
+            if self.last_cursor is not None:
+                if f["event"] == "ready":  # ready repeats the cursor of the last replayed frame
+                    check(c >= self.last_cursor, "ready cursor %d below %d" % (c, self.last_cursor))
+                else:
+                    check(c > self.last_cursor, "cursor %d does not grow past %d: %s"
+                          % (c, self.last_cursor, raw[:300]))
+            self.last_cursor = c
+        return f
+
+    async def expect(self, event, what=None):
+        f = await self.frame(what or "a %s frame" % event)
+        if f["event"] != event:
+            raise Failure("expected a %s frame (%s), got %s" % (event, what or "", json.dumps(f)[:500]))
+        return f
+
+    async def expect_silence(self, seconds):
+        try:
+            raw = await asyncio.wait_for(self.ws.recv(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise Failure("unexpected extra frame %r (frames before it: %s)" % (raw[:300], self.seen))
+
+
+class visitor_socket:
+    """async with visitor_socket(token[, after=...]) as vs: ... (closes the socket on exit)."""
+
+    def __init__(self, token, **params):
+        self.url = ws_url(token, **params)
+        self.cm = None
+
+    async def __aenter__(self):
+        # proxy=None: connect straight to the 127.0.0.1 address, whatever the environment says.
+        self.cm = ws_connect(self.url, open_timeout=WS_WAIT, close_timeout=5, proxy=None)
+        return VisitorSocket(await self.cm.__aenter__())
+
+    async def __aexit__(self, *exc):
+        return await self.cm.__aexit__(*exc)
+
+
+async def sdk(fn, *args, **kw):
+    """An SDK call from inside the event loop (in a worker thread)."""
+    return await asyncio.to_thread(fn, *args, **kw)
+
+
+def frame_message(f, what):
+    m = f.get("message")
+    check(isinstance(m, dict), "%s frame has no message object: %s" % (what, json.dumps(f)[:500]))
+    return m
+
+
+@test
+def ws_sdk_message_arrives_as_message_created():
+    s = widget_session(name="Compat Visitor", pageUrl="https://compat.example/pricing")
+    vid, token = s["visitorId"], s["token"]
+    text = 'live <hello> & "welcome"\nfrom the SDK \U0001F600'
+
+    async def scenario():
+        async with visitor_socket(token) as vs:
+            await vs.expect("ready")
+            m = await sdk(send, text, visitor_id=vid, received_from="CompatSuite")
+            raw = last_json()
+            eq(m.visitor_id, vid, "SDK visitor_id")
+            f = await vs.expect("messageCreated", "the SDK's message %s" % m.id)
+            msg = frame_message(f, "messageCreated")
+            eq(msg.get("id"), m.id, "frame message.id vs the SDK's id")
+            eq(msg.get("text"), text, "frame message.text")
+            eq(msg.get("type"), "agent", "frame message.type")
+            eq(msg.get("visitorId"), vid, "frame message.visitorId")
+            eq(msg.get("agentId"), AGENT_ID, "frame message.agentId")
+            eq(msg, raw, "frame message vs the SDK's response body")
+    run(scenario())
+
+
+@test
+def ws_sdk_edit_and_delete_arrive():
+    s = widget_session()
+    vid, token = s["visitorId"], s["token"]
+
+    async def scenario():
+        async with visitor_socket(token) as vs:
+            await vs.expect("ready")
+            m = await sdk(send, "to be edited", visitor_id=vid)
+            eq(frame_message(await vs.expect("messageCreated"), "messageCreated").get("id"), m.id,
+               "messageCreated message.id")
+            u = await sdk(API.conversations_messages_id_put, m.id, body=brevo_python.Body16(text="edited <live>"))
+            eq(u.text, "edited <live>", "SDK text after edit")
+            msg = frame_message(await vs.expect("messageUpdated", "the edit of %s" % m.id), "messageUpdated")
+            eq(msg.get("id"), m.id, "messageUpdated message.id")
+            eq(msg.get("text"), "edited <live>", "messageUpdated message.text")
+            eq(msg.get("createdAt"), m.created_at, "messageUpdated message.createdAt")
+            await sdk(API.conversations_messages_id_delete, m.id)
+            f = await vs.expect("messageDeleted", "the deletion of %s" % m.id)
+            eq(f.get("messageId"), m.id, "messageDeleted messageId")
+    run(scenario())
+
+
+@test
+def ws_sdk_pushed_message_arrives():
+    s = widget_session()
+    vid, token = s["visitorId"], s["token"]
+
+    async def scenario():
+        async with visitor_socket(token) as vs:
+            await vs.expect("ready")
+            p = await sdk(push, "Your order <42> has shipped", visitor_id=vid, agent_id=AGENT_ID)
+            eq(p.is_pushed, True, "SDK is_pushed")
+            msg = frame_message(await vs.expect("messageCreated", "the pushed message %s" % p.id), "messageCreated")
+            eq(msg.get("id"), p.id, "frame message.id vs the SDK's id")
+            eq(msg.get("text"), "Your order <42> has shipped", "frame message.text")
+            check(msg.get("isPushed") is True, "frame message.isPushed is %r, not true" % (msg.get("isPushed"),))
+            eq(msg.get("visitorId"), vid, "frame message.visitorId")
+    run(scenario())
+
+
+@test
+def widget_visitor_message_readable_with_sdk():
+    s = widget_session()
+    vid, token = s["visitorId"], s["token"]
+    text = "a question from the visitor <b>?</b>"
+    status, body, _ = widget_http("POST", "/messages", {"text": text}, token=token)
+    check(status == 200, "POST /widget/v1/{widgetId}/messages -> %d %r" % (status, body))
+    check(isinstance(body, dict) and ID_RE.match(body.get("id") or ""), "message id in %r" % (body,))
+    eq(body.get("type"), "visitor", "widget answer type")
+    # GET /v3/conversations/messages/{id} serves visitor messages too
+    g = API.conversations_messages_id_get(body["id"])
+    check(isinstance(g, brevo_python.ConversationsMessage), "GET result type %s" % type(g).__name__)
+    eq(g.id, body["id"], "SDK id")
+    eq(g.type, "visitor", "SDK type")
+    eq(g.text, text, "SDK text")
+    eq(g.visitor_id, vid, "SDK visitor_id")
+    check_created_at(g.created_at)
+    raw = last_json()
+    no_nulls(raw)
+    eq(raw, body, "SDK GET body vs the widget's answer")
+    # no token: 401 unauthorized
+    status, body, _ = widget_http("POST", "/messages", {"text": "no token"})
+    eq(status, 401, "status without a token")
+    eq((body or {}).get("code"), "unauthorized", "code without a token")
+
+
+@test
+def ws_reconnect_after_replays_exactly_the_missed():
+    s = widget_session()
+    vid, token = s["visitorId"], s["token"]
+
+    async def scenario():
+        async with visitor_socket(token) as vs:
+            await vs.expect("ready")
+            m1 = await sdk(send, "seen before going away", visitor_id=vid)
+            f1 = await vs.expect("messageCreated", "the message %s" % m1.id)
+            eq(frame_message(f1, "messageCreated").get("id"), m1.id, "message.id")
+        # disconnected: two more messages
+        m2 = await sdk(send, "while away 1", visitor_id=vid)
+        m3 = await sdk(send, "while away 2", visitor_id=vid)
+        async with visitor_socket(token, after=m1.id) as vs:
+            f2 = await vs.expect("messageCreated", "the replay of %s" % m2.id)
+            eq(frame_message(f2, "messageCreated").get("id"), m2.id, "first replayed message.id")
+            eq(f2["message"].get("text"), "while away 1", "first replayed message.text")
+            check(f2["cursor"] > f1["cursor"], "replayed cursor %d not after %d" % (f2["cursor"], f1["cursor"]))
+            f3 = await vs.expect("messageCreated", "the replay of %s" % m3.id)
+            eq(frame_message(f3, "messageCreated").get("id"), m3.id, "second replayed message.id")
+            eq(f3["message"].get("text"), "while away 2", "second replayed message.text")
+            ready = await vs.expect("ready", "ready after the replay of %s and %s" % (m2.id, m3.id))
+            eq(ready["cursor"], f3["cursor"], "ready cursor (the last one replayed)")
+            await vs.expect_silence(1.0)
+    run(scenario())
+
+
+@test
+def widget_identity_binding():
+    uid = "compat-user-%s" % RUN
+    s = widget_session(visitorId=uid, visitorHash=identity_hash(uid))
+    eq(s["visitorId"], uid, "bound visitorId")
+    good = identity_hash(uid)
+    wrong = (
+        identity_hash(uid, key=IDENTITY_KEY + "x"),  # another key
+        identity_hash(uid + "x"),                    # another visitor's hash
+        good[:-1] + ("0" if good[-1] != "0" else "1"),
+    )
+    for bad in wrong:
+        status, body, _ = widget_http("POST", "/session", {"visitorId": uid, "visitorHash": bad})
+        eq(status, 401, "status with wrong visitorHash %s (body %r)" % (bad, body))
+        eq((body or {}).get("code"), "unauthorized", "code with a wrong visitorHash")
+    status, body, _ = widget_http("POST", "/session", {"visitorId": uid})
+    eq(status, 401, "status without visitorHash (body %r)" % (body,))
+    eq((body or {}).get("code"), "unauthorized", "code without visitorHash")
+
+    # the bound visitor's socket gets what the SDK sends to that visitorId
+    async def scenario():
+        async with visitor_socket(s["token"]) as vs:
+            await vs.expect("ready")
+            m = await sdk(send, "hello, known user", visitor_id=uid)
+            msg = frame_message(await vs.expect("messageCreated", "the message %s" % m.id), "messageCreated")
+            eq(msg.get("id"), m.id, "frame message.id")
+            eq(msg.get("visitorId"), uid, "frame message.visitorId")
+    run(scenario())
+
+
+@test
+def ws_bad_token_is_refused_401():
+    widget_env()
+
+    async def scenario():
+        try:
+            async with visitor_socket("not-a-token-" + RUN):
+                pass
+        except websockets.InvalidStatus as e:
+            eq(e.response.status_code, 401, "handshake status with a bad token")
+            return
+        raise Failure("the socket opened with a bad token")
+    run(scenario())
 
 
 def _sdk_version():
