@@ -296,6 +296,9 @@ pub(super) async fn socket(
     })?;
     Ok(upgrade
         .max_message_size(64 * 1024)
+        // tungstenite zero-fills its whole read buffer up front; axum's default (128 KiB)
+        // made an idle socket cost ~130 KiB. 4 KiB still grows for a larger frame.
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |ws| super::streams::visitor_socket(ws, state, who, resume))
         .into_response())
 }

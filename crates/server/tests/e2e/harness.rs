@@ -385,3 +385,131 @@ impl TestServer {
         r.ok()["id"].as_str().expect("id").to_owned()
     }
 }
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub headers: axum::http::HeaderMap,
+    pub raw: String,
+    pub body: Value,
+}
+
+/// A real local HTTP receiver for webhooks: records every POST, answers with the status
+/// (and after the delay, with the body size) it is told.
+pub struct Receiver {
+    pub url: String,
+    pub port: u16,
+    pub status: Arc<std::sync::atomic::AtomicU16>,
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    pub answer_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    hits_tx: tokio::sync::mpsc::UnboundedSender<Hit>,
+    pub hits: tokio::sync::mpsc::UnboundedReceiver<Hit>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let (hits_tx, hits) = tokio::sync::mpsc::unbounded_channel();
+        let mut r = Self {
+            url: String::new(),
+            port: 0,
+            status: Arc::new(std::sync::atomic::AtomicU16::new(200)),
+            delay_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            answer_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            hits_tx,
+            hits,
+            stop: None,
+        };
+        r.up().await;
+        r
+    }
+
+    /// Starts serving (again, on the same port once it has one).
+    pub async fn up(&mut self) {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind receiver");
+        self.port = listener.local_addr().unwrap().port();
+        self.url = format!("http://127.0.0.1:{}/hook", self.port);
+        let (status, delay, size, tx) = (
+            self.status.clone(),
+            self.delay_ms.clone(),
+            self.answer_bytes.clone(),
+            self.hits_tx.clone(),
+        );
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let (status, delay, size, tx) =
+                    (status.clone(), delay.clone(), size.clone(), tx.clone());
+                async move {
+                    let _ = tx.send(Hit {
+                        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                        raw: body,
+                        headers,
+                    });
+                    let wait = delay.load(Ordering::SeqCst);
+                    if wait > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                    (
+                        axum::http::StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap(),
+                        "x".repeat(size.load(Ordering::SeqCst)),
+                    )
+                }
+            }),
+        );
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        self.stop = Some(stop_tx);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+    }
+
+    /// Stops serving: connections are refused until [`Receiver::up`].
+    pub async fn down(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        // The listener closes when the server task sees the signal; wait until it has.
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("receiver did not stop");
+    }
+
+    /// The next request, within the wait.
+    pub async fn next(&mut self) -> Hit {
+        tokio::time::timeout(WAIT, self.hits.recv())
+            .await
+            .expect("a webhook within the wait")
+            .expect("receiver open")
+    }
+}
+
+impl TestServer {
+    /// Registers a webhook endpoint through the API; (id, secret).
+    pub async fn webhook(&self, url: &str, events: &[&str]) -> (String, String) {
+        let mut body = serde_json::json!({ "url": url });
+        if !events.is_empty() {
+            body["events"] = serde_json::json!(events);
+        }
+        let r = self.post("/v3/conversations/webhooks", body).await;
+        assert_eq!(r.status, 201, "{}", r.raw);
+        (
+            r.body["id"].as_str().unwrap().to_owned(),
+            r.body["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+}

@@ -12,4 +12,5 @@ mod process;
 mod pushed;
 mod streams;
 mod visitor_group;
+mod webhooks;
 mod widget;
