@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// Refuse webhook URLs and hosts that are private, loopback or link-local (SSRF guard).
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_BLOCK_PRIVATE")]
     pub webhook_block_private: bool,
+    /// Behind a reverse proxy: take the client address (for --session-rate) from the last
+    /// entry of X-Forwarded-For. Only set it when the proxy sets that header.
+    #[arg(long, env = "SWITCHBOARD_TRUST_PROXY")]
+    pub trust_proxy: bool,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -123,6 +127,7 @@ impl ServeArgs {
                 ..crate::http::streams::StreamConfig::default()
             },
             stream_buffer: self.stream_buffer.max(1),
+            trust_proxy: self.trust_proxy,
             webhooks: Some(crate::webhooks::DispatcherConfig {
                 timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
                 retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),

@@ -62,6 +62,9 @@ pub struct ServeOptions {
     pub lifecycle_tick: Option<Duration>,
     /// Webhook delivery (`None`: no dispatcher).
     pub webhooks: Option<webhooks::DispatcherConfig>,
+    /// Take client addresses from `X-Forwarded-For` (set only behind a reverse proxy that
+    /// sets it).
+    pub trust_proxy: bool,
 }
 
 impl Default for ServeOptions {
@@ -71,6 +74,7 @@ impl Default for ServeOptions {
             stream_buffer: realtime::DEFAULT_BUFFER,
             lifecycle_tick: Some(Duration::from_secs(1)),
             webhooks: Some(webhooks::DispatcherConfig::default()),
+            trust_proxy: false,
         }
     }
 }
@@ -95,6 +99,7 @@ pub async fn serve_with(
         hub: hub.clone(),
         shutdown: stop_rx,
         streams: options.streams.clone(),
+        trust_proxy: options.trust_proxy,
     });
     let app = tower::util::MapRequestLayer::new(http::collapse_slashes).layer(app);
     let purge = tokio::spawn(purge_idempotency_keys(domain.clone()));

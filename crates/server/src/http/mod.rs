@@ -43,6 +43,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Settings of the live streams.
     pub streams: streams::StreamConfig,
+    /// Take the client address from `X-Forwarded-For` (behind a reverse proxy).
+    pub trust_proxy: bool,
 }
 
 /// The whole HTTP application: Brevo's `/v3` API, the OpenAPI document and `/health`.

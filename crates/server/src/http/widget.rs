@@ -87,9 +87,26 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// The client's address, for limits on new sessions.
-fn client_addr(parts: &axum::http::Extensions) -> String {
-    parts
+/// The client's address, for limits on new sessions: the peer, or behind a trusted proxy
+/// the address it appended last to `X-Forwarded-For`.
+fn client_addr(
+    extensions: &axum::http::Extensions,
+    headers: &axum::http::HeaderMap,
+    trust_proxy: bool,
+) -> String {
+    if trust_proxy {
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|v| !v.is_empty());
+        if let Some(addr) = forwarded {
+            return addr.to_owned();
+        }
+    }
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string())
         .unwrap_or_else(|| "unknown".into())
@@ -115,6 +132,7 @@ pub(super) async fn start_session(
     State(state): State<AppState>,
     WidgetPath(widget): WidgetPath,
     extensions: axum::http::Extensions,
+    headers: axum::http::HeaderMap,
     body: JsonBody<SessionRequest>,
 ) -> ApiResult<Json<SessionResponse>> {
     let b = body.value;
@@ -131,7 +149,11 @@ pub(super) async fn start_session(
     };
     let session = state
         .domain
-        .start_session(&widget, start, &client_addr(&extensions))
+        .start_session(
+            &widget,
+            start,
+            &client_addr(&extensions, &headers, state.trust_proxy),
+        )
         .await?;
     Ok(Json(SessionResponse {
         visitor_id: session.visitor.id,

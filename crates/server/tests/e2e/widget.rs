@@ -345,3 +345,59 @@ async fn visitors_are_rate_limited_with_retry_after() {
         .expect_error(400, "out_of_range");
     assert!(msg.contains("20"), "{msg}");
 }
+
+#[tokio::test]
+async fn new_sessions_are_limited_per_client_address() {
+    use switchboard_server::ServeOptions;
+    let config = DomainConfig {
+        sessions_per_minute: 2,
+        ..DomainConfig::default()
+    };
+    for trust_proxy in [false, true] {
+        let options = ServeOptions {
+            trust_proxy,
+            ..ServeOptions::default()
+        };
+        let s =
+            TestServer::start_full(config.clone(), Clock::manual(1_700_000_000_000), options).await;
+        let w = s.widget_id().await;
+        let new_session = |from: &'static str| {
+            let s = &s;
+            let w = w.clone();
+            async move {
+                s.call_with(
+                    Method::POST,
+                    &format!("/widget/v1/{w}/session"),
+                    Some(json!({})),
+                    &[("x-forwarded-for", from)],
+                )
+                .await
+            }
+        };
+        let first = new_session("203.0.113.1").await;
+        let token = first.ok()["token"].as_str().unwrap().to_owned();
+        new_session("203.0.113.1").await.ok();
+        let third = new_session("203.0.113.2").await;
+        if trust_proxy {
+            // Another client behind the same proxy has its own allowance ...
+            third.ok();
+            // ... and the first one is now over its own.
+            let r = new_session("198.51.100.7, 203.0.113.1").await;
+            r.expect_error(429, "too_many_requests");
+            assert!(r.headers.get("retry-after").is_some());
+        } else {
+            // Without trusting the proxy, all three come from the same peer.
+            third.expect_error(429, "too_many_requests");
+        }
+        // Resuming a session is never limited.
+        let resumed = s
+            .call_with(
+                Method::POST,
+                &format!("/widget/v1/{w}/session"),
+                Some(json!({ "token": token })),
+                &[("x-forwarded-for", "203.0.113.1")],
+            )
+            .await;
+        assert_eq!(resumed.ok()["visitorId"], first.ok()["visitorId"]);
+    }
+}
