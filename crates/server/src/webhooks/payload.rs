@@ -37,6 +37,15 @@ pub struct WebhookVisitor {
     pub group_id: Option<String>,
     /// Name shown to agents.
     pub displayed_name: String,
+    /// Name the widget gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Email the widget gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Pages seen: the first one, and the current one when it differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_visit: Option<LastVisit>,
     /// Browser language.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub browser_language: Option<String>,
@@ -44,6 +53,14 @@ pub struct WebhookVisitor {
     pub attributes: serde_json::Map<String, serde_json::Value>,
     /// What the site sent (`attributes` of the widget session).
     pub integration_attributes: serde_json::Value,
+}
+
+/// The visitor's pages, Brevo style.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastVisit {
+    /// Pages, the first one first.
+    pub viewed_pages: Vec<StartPage>,
 }
 
 /// The body of a webhook delivery.
@@ -121,6 +138,9 @@ pub async fn render(domain: &Domain, ev: &OutboxEvent) -> DomainResult<String> {
         source: "widget",
         group_id: visitor.group_id.clone(),
         displayed_name,
+        name: visitor.name.clone(),
+        email: visitor.email.clone(),
+        last_visit: last_visit(&visitor),
         browser_language: visitor.browser_language.clone(),
         attributes,
         integration_attributes: serde_json::from_str(&visitor.attributes)
@@ -191,5 +211,26 @@ async fn agent_of(
             email: None,
             userpic: m.agent_userpic.clone(),
         },
+    })
+}
+
+fn last_visit(v: &crate::store::VisitorRow) -> Option<LastVisit> {
+    let page = |link: &Option<String>, title: &Option<String>| {
+        (link.is_some() || title.is_some()).then(|| StartPage {
+            link: link.clone(),
+            title: title.clone(),
+        })
+    };
+    let mut pages: Vec<StartPage> = Vec::new();
+    if let Some(first) = page(&v.start_page_url, &v.start_page_title) {
+        pages.push(first);
+    }
+    if let Some(now) = page(&v.page_url, &v.page_title) {
+        if pages.first() != Some(&now) {
+            pages.push(now);
+        }
+    }
+    (!pages.is_empty()).then_some(LastVisit {
+        viewed_pages: pages,
     })
 }

@@ -114,9 +114,25 @@ async fn every_event_carries_brevo_fields_signed_and_in_order() {
     assert_eq!(v["displayedName"], "Ada");
     assert_eq!(v["browserLanguage"], "en-GB");
     assert_eq!(v["attributes"]["EMAIL"], "ada@example.com");
+    assert_eq!(v["name"], "Ada");
+    assert_eq!(v["email"], "ada@example.com");
+    assert_eq!(
+        v["lastVisit"]["viewedPages"],
+        json!([{"link": "https://shop.example/jeans", "title": "Jeans"}])
+    );
+    assert!(v.get("groupId").is_none());
     assert_eq!(v["integrationAttributes"], json!({"plan": "pro"}));
 
-    // An integration answers, marking its message; the chat then goes quiet.
+    // The visitor is routed to a group; an integration answers, marking its message; the
+    // chat then goes quiet.
+    let group = s.group("Sales").await;
+    s.call(
+        Method::PUT,
+        "/v3/conversations/visitorGroup",
+        Some(json!({"visitorId": visitor, "groupId": group})),
+    )
+    .await
+    .ok();
     let reply = s
         .post(
             "/v3/conversations/messages",
@@ -152,6 +168,7 @@ async fn every_event_carries_brevo_fields_signed_and_in_order() {
         json!([{"id": agent, "name": "Julia", "email": "julia@example.com", "userpic": "https://pics.example/j.png"}])
     );
     assert!(b.get("conversationStartPage").is_none());
+    assert_eq!(b["visitor"]["groupId"], group.as_str());
 
     // More, then the chat times out: a last fragment, then the transcript.
     let last = s
