@@ -31,12 +31,22 @@ fn cli(db: &Path, args: &[&str]) -> Value {
 /// Starts `switchboard serve` on port 0; returns the child, its URL and the stdout lines
 /// printed before the listening line.
 async fn serve(db: &Path, api_key: Option<&str>) -> (Child, String, Vec<String>) {
+    serve_with(db, api_key, &[]).await
+}
+
+/// [`serve`] with extra flags for `switchboard serve`.
+async fn serve_with(
+    db: &Path,
+    api_key: Option<&str>,
+    flags: &[&str],
+) -> (Child, String, Vec<String>) {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--db")
-        .arg(db);
+        .arg(db)
+        .args(flags);
     cmd.env("RUST_LOG", "warn")
         .env_remove("SWITCHBOARD_API_KEY");
     if let Some(k) = api_key {
@@ -290,4 +300,425 @@ async fn acknowledged_writes_survive_sigkill() {
         acked.len()
     );
     child.kill().await.unwrap();
+}
+
+/// One request that reached the test's webhook receiver.
+#[derive(Debug, Clone)]
+struct Hit {
+    /// The `webhook-id` header (empty when missing).
+    id: String,
+    body: axum::body::Bytes,
+    arrived: std::time::Instant,
+    /// When the receiver returned its 200 (`None`: the request was dropped before that).
+    answered: Option<std::time::Instant>,
+}
+
+/// A webhook receiver that records every request in arrival order and answers 200 after
+/// 50 to 100 ms, so that deliveries are in flight most of the time.
+#[derive(Default)]
+struct SlowReceiver {
+    hits: std::sync::Mutex<Vec<Hit>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowReceiver {
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().expect("hits").clone()
+    }
+
+    async fn hook(
+        axum::extract::State(r): axum::extract::State<std::sync::Arc<SlowReceiver>>,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::http::StatusCode {
+        use std::sync::atomic::Ordering;
+        /// Counts the request out even when hyper drops it (the sender died).
+        struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let id = headers
+            .get("webhook-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        r.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlight(&r.in_flight);
+        let index = {
+            let mut hits = r.hits.lock().expect("hits");
+            hits.push(Hit {
+                id,
+                body,
+                arrived: std::time::Instant::now(),
+                answered: None,
+            });
+            hits.len() - 1
+        };
+        let slow = 50 + (index as u64 * 37) % 51;
+        tokio::time::sleep(Duration::from_millis(slow)).await;
+        r.hits.lock().expect("hits")[index].answered = Some(std::time::Instant::now());
+        axum::http::StatusCode::OK
+    }
+}
+
+/// Events in the outbox, read straight from the database file: (id, seq, conversation).
+async fn webhook_events(db: &Path) -> Vec<(String, i64, String)> {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("open db");
+    let rows = sqlx::query_as("SELECT id, seq, conversation_id FROM webhook_events ORDER BY seq")
+        .fetch_all(&mut conn)
+        .await
+        .expect("webhook_events");
+    let _ = conn.close().await;
+    rows
+}
+
+/// Deliveries by status, read straight from the database file.
+async fn delivery_statuses(db: &Path) -> Vec<(String, String)> {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("open db");
+    let rows = sqlx::query_as("SELECT event_id, status FROM webhook_deliveries")
+        .fetch_all(&mut conn)
+        .await
+        .expect("webhook_deliveries");
+    let _ = conn.close().await;
+    rows
+}
+
+/// Webhook deliveries survive SIGKILL: every event in the outbox is answered 200 by the
+/// receiver (to a server that was alive to hear it), duplicates are the same bytes under
+/// the same `webhook-id`, and each conversation's events first arrive in outbox order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_deliveries_survive_sigkill() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const VISITORS: usize = 12;
+    const MESSAGES_PER_VISITOR: usize = 60;
+    const FLAGS: &[&str] = &[
+        "--fragment-delay",
+        "0",
+        "--webhook-retry-first",
+        "0.05",
+        "--session-rate",
+        "0",
+        "--visitor-rate",
+        "0",
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+
+    let receiver = Arc::new(SlowReceiver::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(SlowReceiver::hook))
+        .with_state(receiver.clone());
+    let receiver_task = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let webhook = cli(&db, &["webhooks", "add", "--url", &hook_url]);
+    assert!(webhook["id"].is_string(), "{webhook}");
+    let widget = cli(&db, &["accounts", "widget"])["widgetId"]
+        .as_str()
+        .expect("widgetId")
+        .to_owned();
+
+    let (mut child, url, _) = serve_with(&db, Some("k"), FLAGS).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client");
+
+    // Visitors: (token, conversation id).
+    let mut visitors = Vec::new();
+    for _ in 0..VISITORS {
+        let r = http
+            .post(format!("{url}/widget/v1/{widget}/session"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let s: Value = r.json().await.unwrap();
+        visitors.push((
+            s["token"].as_str().expect("token").to_owned(),
+            s["conversationId"]
+                .as_str()
+                .expect("conversationId")
+                .to_owned(),
+        ));
+    }
+    let send = {
+        let (http, widget) = (http.clone(), widget.clone());
+        move |url: String, token: String, text: String| {
+            let (http, widget) = (http.clone(), widget.clone());
+            async move {
+                let r = http
+                    .post(format!("{url}/widget/v1/{widget}/messages"))
+                    .bearer_auth(token)
+                    .json(&json!({ "text": text }))
+                    .send()
+                    .await
+                    .ok()?;
+                assert!(r.status() == 200, "visitor message answered {}", r.status());
+                let m: Value = r.json().await.ok()?;
+                Some(m["id"].as_str().expect("message id").to_owned())
+            }
+        }
+    };
+
+    // Each visitor writes messages a little apart, so that most become their own fragment;
+    // writers stop at the first error (the server is gone).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let mut writers = Vec::new();
+    for (v, (token, conversation)) in visitors.iter().cloned().enumerate() {
+        let (tx, url, send) = (tx.clone(), url.clone(), send.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..MESSAGES_PER_VISITOR {
+                let Some(id) = send(url.clone(), token.clone(), format!("visitor {v} #{i}")).await
+                else {
+                    return;
+                };
+                let _ = tx.send((conversation.clone(), id));
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }));
+    }
+    drop(tx);
+
+    // SIGKILL while several deliveries are in flight at the receiver.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while receiver.hits.lock().expect("hits").len() < 40
+            || receiver.in_flight.load(Ordering::SeqCst) < 3
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("40 webhook requests, 3 of them in flight at once, within 60 s");
+    child.kill().await.expect("SIGKILL");
+    let killed_at = Instant::now();
+    let mut acked: Vec<(String, String)> = Vec::new();
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writers stop")
+            .unwrap();
+    }
+    while let Some(a) = rx.recv().await {
+        acked.push(a);
+    }
+    let before_kill = receiver.hits();
+    let cut: Vec<&Hit> = before_kill
+        .iter()
+        .filter(|h| h.answered.is_none_or(|a| a >= killed_at))
+        .collect();
+    assert!(
+        !cut.is_empty(),
+        "no delivery was in flight at the receiver when the server was killed"
+    );
+
+    // Restart on the same database; each visitor writes a little more after the restart.
+    let (mut child, url, _) = serve_with(&db, Some("k"), FLAGS).await;
+    for (v, (token, conversation)) in visitors.iter().enumerate() {
+        for i in 0..3 {
+            let id = send(
+                url.clone(),
+                token.clone(),
+                format!("visitor {v} after #{i}"),
+            )
+            .await
+            .expect("a visitor message after the restart");
+            acked.push((conversation.clone(), id));
+        }
+    }
+
+    // A request counts as answered only if the server that sent it was alive to hear the 200:
+    // one that arrived before the kill and was answered after it was cut off.
+    let answered = |h: &Hit| match h.answered {
+        Some(a) => h.arrived >= killed_at || a < killed_at,
+        None => false,
+    };
+    // Fragment event id -> message ids it carries (from every request received).
+    let fragments = |hits: &[Hit]| {
+        let mut carried: HashMap<String, HashSet<String>> = HashMap::new();
+        for h in hits {
+            let Ok(p) = serde_json::from_slice::<Value>(&h.body) else {
+                continue;
+            };
+            if p["eventName"] != "conversationFragment" {
+                continue;
+            }
+            let ids = p["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned));
+            carried.entry(h.id.clone()).or_default().extend(ids);
+        }
+        carried
+    };
+
+    // Wait (bounded) until the receiver has answered every event of the outbox, every
+    // acknowledged message went out in a fragment and no delivery is pending.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hits = receiver.hits();
+        let done_ids: HashSet<&str> = hits
+            .iter()
+            .filter(|h| answered(h))
+            .map(|h| h.id.as_str())
+            .collect();
+        let events = webhook_events(&db).await;
+        let all_answered = events
+            .iter()
+            .all(|(id, _, _)| done_ids.contains(id.as_str()));
+        let in_fragments: HashSet<String> = fragments(&hits).into_values().flatten().collect();
+        let all_sent = acked.iter().all(|(_, m)| in_fragments.contains(m));
+        let settled = delivery_statuses(&db)
+            .await
+            .iter()
+            .all(|(_, s)| s == "delivered");
+        if (all_answered && all_sent && settled) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().await.unwrap();
+    receiver_task.abort();
+
+    let hits = receiver.hits();
+    let events = webhook_events(&db).await;
+    let statuses = delivery_statuses(&db).await;
+    let seq_of: HashMap<&str, (i64, &str)> = events
+        .iter()
+        .map(|(id, seq, c)| (id.as_str(), (*seq, c.as_str())))
+        .collect();
+    eprintln!(
+        "webhook crash test: {} messages acknowledged, {} events, {} requests received \
+         ({} before the kill, {} cut by it), {} deliveries",
+        acked.len(),
+        events.len(),
+        hits.len(),
+        before_kill.len(),
+        cut.len(),
+        statuses.len()
+    );
+
+    // Every request is a known event under its webhook-id.
+    for h in &hits {
+        assert!(
+            seq_of.contains_key(h.id.as_str()),
+            "a request with webhook-id {:?} that is not an event of the outbox",
+            h.id
+        );
+    }
+    // Nothing lost: each event was answered 200 to a live server, and is marked delivered.
+    let lost: Vec<String> = events
+        .iter()
+        .filter(|(id, _, _)| !hits.iter().any(|h| h.id == *id && answered(h)))
+        .map(|(id, seq, _)| {
+            let status = statuses
+                .iter()
+                .find(|(e, _)| e == id)
+                .map_or("no delivery row", |(_, s)| s.as_str());
+            let arrivals = hits.iter().filter(|h| h.id == *id).count();
+            format!("{id} (seq {seq}, {arrivals} requests, all cut by the kill or none; status {status})")
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} events never answered by the receiver: {lost:?}",
+        lost.len(),
+        events.len()
+    );
+    let unsettled: Vec<&(String, String)> =
+        statuses.iter().filter(|(_, s)| s != "delivered").collect();
+    assert!(
+        unsettled.is_empty(),
+        "deliveries not delivered: {unsettled:?}"
+    );
+    assert_eq!(statuses.len(), events.len(), "one delivery per event");
+
+    // Duplicates are the same bytes, and each body is its event's conversation.
+    let mut first_body: HashMap<&str, &axum::body::Bytes> = HashMap::new();
+    for h in &hits {
+        let first = *first_body.entry(h.id.as_str()).or_insert(&h.body);
+        assert!(
+            *first == h.body,
+            "{} was sent twice with different bodies:\n{}\n{}",
+            h.id,
+            String::from_utf8_lossy(first),
+            String::from_utf8_lossy(&h.body)
+        );
+        let p: Value = serde_json::from_slice(&h.body).expect("a JSON body");
+        assert_eq!(
+            p["conversationId"].as_str(),
+            Some(seq_of[h.id.as_str()].1),
+            "{}: conversationId of the body",
+            h.id
+        );
+    }
+    let duplicates = hits.len() - first_body.len();
+    eprintln!("webhook crash test: {duplicates} duplicate requests");
+
+    // Order: within a conversation, first arrivals follow the outbox's seq.
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut last_seq: HashMap<&str, (i64, &str)> = HashMap::new();
+    for h in &hits {
+        if !seen.insert(h.id.as_str()) {
+            continue;
+        }
+        let (seq, conversation) = seq_of[h.id.as_str()];
+        if let Some((prev, prev_id)) = last_seq.insert(conversation, (seq, h.id.as_str())) {
+            assert!(
+                prev < seq,
+                "conversation {conversation}: {} (seq {seq}) first arrived after {prev_id} \
+                 (seq {prev})",
+                h.id
+            );
+        }
+    }
+
+    // Every acknowledged message went out in exactly one fragment of its conversation.
+    let carried = fragments(&hits);
+    for (conversation, message) in &acked {
+        let holders: Vec<&String> = carried
+            .iter()
+            .filter(|(_, ids)| ids.contains(message))
+            .map(|(event, _)| event)
+            .collect();
+        assert_eq!(
+            holders.len(),
+            1,
+            "message {message} of conversation {conversation} is in fragments {holders:?}"
+        );
+        assert_eq!(seq_of[holders[0].as_str()].1, conversation.as_str());
+    }
+    // And each conversation's chat start was announced.
+    for (_, conversation) in &visitors {
+        assert!(
+            hits.iter().any(|h| {
+                serde_json::from_slice::<Value>(&h.body).is_ok_and(|p| {
+                    p["eventName"] == "conversationStarted" && p["conversationId"] == **conversation
+                })
+            }),
+            "no conversationStarted for {conversation}"
+        );
+    }
 }
