@@ -308,7 +308,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .args(["--visitor-rate", "0", "--api-key", API_KEY])
         .args(&cli.serve_arg)
         .env_remove("SWITCHBOARD_API_KEY")
-        .env("RUST_LOG", "warn");
+        // SWITCHBOARD_BENCH_LOG sets the server's RUST_LOG (to look inside a run).
+        .env(
+            "RUST_LOG",
+            std::env::var("SWITCHBOARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     let server = Server::start(cmd).await?;
     let addr = server.addr.clone();
     let http = http_client();

@@ -513,8 +513,6 @@ pub struct AttemptOutcome {
     pub error: Option<String>,
     /// When to try again; `None` after a failure means give up.
     pub retry_at: Option<i64>,
-    /// The payload sent, kept if none was kept yet.
-    pub payload: String,
     /// Failures in a row after which the endpoint counts as failing.
     pub failing_after: i64,
 }
@@ -734,15 +732,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<WebhookRow>>;
     /// Removes an endpoint and its deliveries; false if there is none.
     async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool>;
-    /// Pending deliveries due at `now`, oldest first, at most one per (endpoint,
-    /// conversation) and only the oldest pending of each, skipping `busy` endpoints'
-    /// conversations (in flight).
+    /// Pending deliveries due at `now`: the oldest pending delivery of each (endpoint,
+    /// conversation) that is due, skipping the `busy` ones (in flight).
     async fn due_deliveries(
         &self,
         now: i64,
         limit: u32,
         busy: &[(String, String)],
     ) -> StoreResult<Vec<DueDelivery>>;
+    /// Stores the payload of an event unless one is stored already; returns the stored one
+    /// (so every attempt sends the same bytes, whoever rendered first).
+    async fn freeze_payload(&self, event_id: &str, payload: String) -> StoreResult<String>;
     /// When the next pending delivery is due.
     async fn next_delivery_at(&self) -> StoreResult<Option<i64>>;
     /// Records an attempt and reschedules or closes its delivery.

@@ -998,8 +998,64 @@ async fn emit_webhook(
     .bind(kind)
     .execute(&mut ctx.conn)
     .await?;
+    // A queue that already has a head keeps it: this event waits its turn behind it.
+    sqlx::query(
+        "INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+         SELECT w.id, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
+         AND instr(',' || w.events || ',', ',' || ? || ',') > 0 \
+         ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
+    )
+    .bind(conversation_id)
+    .bind(seq)
+    .bind(now)
+    .bind(&chat.account_id)
+    .bind(kind)
+    .execute(&mut ctx.conn)
+    .await?;
     ctx.outbox_touched = true;
     Ok(true)
+}
+
+/// Points the queue of (endpoint, conversation) at its oldest pending delivery, or removes
+/// it when none is left.
+async fn advance_queue(
+    ctx: &mut WriterCtx,
+    webhook_id: &str,
+    conversation_id: &str,
+) -> StoreResult<()> {
+    let next: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT event_seq, next_attempt_at FROM webhook_deliveries \
+         WHERE webhook_id = ? AND conversation_id = ? AND status = 'pending' \
+         ORDER BY event_seq LIMIT 1",
+    )
+    .bind(webhook_id)
+    .bind(conversation_id)
+    .fetch_optional(&mut ctx.conn)
+    .await?;
+    match next {
+        Some((seq, at)) => {
+            sqlx::query(
+                "INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, \
+                 next_attempt_at) VALUES (?, ?, ?, ?) ON CONFLICT (webhook_id, conversation_id) \
+                 DO UPDATE SET head_seq = excluded.head_seq, \
+                 next_attempt_at = excluded.next_attempt_at",
+            )
+            .bind(webhook_id)
+            .bind(conversation_id)
+            .bind(seq)
+            .bind(at)
+            .execute(&mut ctx.conn)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ?")
+                .bind(webhook_id)
+                .bind(conversation_id)
+                .execute(&mut ctx.conn)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
@@ -2244,8 +2300,8 @@ impl Store for SqliteStore {
         limit: u32,
         busy: &[(String, String)],
     ) -> StoreResult<Vec<DueDelivery>> {
-        // Only the oldest pending delivery of each (endpoint, conversation) may go: that is
-        // what keeps a conversation's events in order at the receiver.
+        // Only the head of each (endpoint, conversation) queue may go: that is what keeps a
+        // conversation's events in order at the receiver.
         let rows: Vec<DueRow> = sqlx::query_as(
             "SELECT d.attempts, \
              e.id AS e_id, e.seq AS e_seq, e.account_id AS e_account_id, \
@@ -2256,14 +2312,12 @@ impl Store for SqliteStore {
              w.description AS w_description, w.enabled AS w_enabled, w.secret AS w_secret, \
              w.created_at AS w_created_at, w.consecutive_failures AS w_consecutive_failures, \
              w.failing_since AS w_failing_since, w.last_error AS w_last_error \
-             FROM webhook_deliveries d \
+             FROM webhook_queues q \
+             JOIN webhook_deliveries d ON d.webhook_id = q.webhook_id AND d.event_seq = q.head_seq \
              JOIN webhook_events e ON e.id = d.event_id \
-             JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= ? AND w.enabled = 1 \
-             AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.status = 'pending' \
-                 AND p.webhook_id = d.webhook_id AND p.conversation_id = d.conversation_id \
-                 AND p.event_seq < d.event_seq) \
-             ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
+             JOIN webhooks w ON w.id = q.webhook_id \
+             WHERE q.next_attempt_at <= ? AND w.enabled = 1 AND d.status = 'pending' \
+             ORDER BY q.next_attempt_at LIMIT ?",
         )
         .bind(now)
         .bind(i64::from(limit) + busy.len() as i64)
@@ -2281,10 +2335,33 @@ impl Store for SqliteStore {
             .collect())
     }
 
+    async fn freeze_payload(&self, event_id: &str, payload: String) -> StoreResult<String> {
+        let id = event_id.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE webhook_events SET payload = ? WHERE id = ? AND payload IS NULL",
+                )
+                .bind(&payload)
+                .bind(&id)
+                .execute(&mut ctx.conn)
+                .await?;
+                let stored: Option<String> =
+                    sqlx::query_scalar("SELECT payload FROM webhook_events WHERE id = ?")
+                        .bind(&id)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?
+                        .flatten();
+                Ok(stored.unwrap_or(payload))
+            })
+        })
+        .await
+    }
+
     async fn next_delivery_at(&self) -> StoreResult<Option<i64>> {
         Ok(sqlx::query_scalar(
-            "SELECT min(d.next_attempt_at) FROM webhook_deliveries d \
-             JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND w.enabled = 1",
+            "SELECT min(q.next_attempt_at) FROM webhook_queues q \
+             JOIN webhooks w ON w.id = q.webhook_id WHERE w.enabled = 1",
         )
         .fetch_one(&self.pool)
         .await?)
@@ -2299,12 +2376,12 @@ impl Store for SqliteStore {
                     (false, Some(_)) => "pending",
                     (false, None) => "failed",
                 };
-                let attempt: Option<i64> = sqlx::query_scalar(
+                let updated: Option<(i64, String)> = sqlx::query_as(
                     "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
                      next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
                      last_status = ?, last_error = ?, last_latency_ms = ?, \
                      delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
-                     WHERE webhook_id = ? AND event_id = ? RETURNING attempts",
+                     WHERE webhook_id = ? AND event_id = ? RETURNING attempts, conversation_id",
                 )
                 .bind(status)
                 .bind(o.retry_at)
@@ -2318,10 +2395,11 @@ impl Store for SqliteStore {
                 .bind(&o.event_id)
                 .fetch_optional(&mut ctx.conn)
                 .await?;
-                let Some(attempt) = attempt else {
+                let Some((attempt, conversation_id)) = updated else {
                     // The endpoint was removed meanwhile.
                     return Ok(EndpointHealth::default());
                 };
+                advance_queue(ctx, &o.webhook_id, &conversation_id).await?;
                 sqlx::query(
                     "INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
                      latency_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -2333,13 +2411,6 @@ impl Store for SqliteStore {
                 .bind(o.status_code.map(i64::from))
                 .bind(o.latency_ms)
                 .bind(&o.error)
-                .execute(&mut ctx.conn)
-                .await?;
-                sqlx::query(
-                    "UPDATE webhook_events SET payload = ? WHERE id = ? AND payload IS NULL",
-                )
-                .bind(&o.payload)
-                .bind(&o.event_id)
                 .execute(&mut ctx.conn)
                 .await?;
                 let (failures, failing_since): (i64, Option<i64>) = sqlx::query_as(
@@ -2458,19 +2529,24 @@ impl Store for SqliteStore {
         );
         self.write(move |ctx| {
             Box::pin(async move {
-                let r = sqlx::query(
+                let conversation: Option<String> = sqlx::query_scalar(
                     "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, \
-                     created_at = ? WHERE account_id = ? AND webhook_id = ? AND event_id = ?",
+                     created_at = ? WHERE account_id = ? AND webhook_id = ? AND event_id = ? \
+                     RETURNING conversation_id",
                 )
                 .bind(now)
                 .bind(now)
                 .bind(&a)
                 .bind(&w)
                 .bind(&e)
-                .execute(&mut ctx.conn)
+                .fetch_optional(&mut ctx.conn)
                 .await?;
+                let Some(conversation) = conversation else {
+                    return Ok(false);
+                };
+                advance_queue(ctx, &w, &conversation).await?;
                 ctx.outbox_touched = true;
-                Ok(r.rows_affected() > 0)
+                Ok(true)
             })
         })
         .await

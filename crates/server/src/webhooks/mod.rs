@@ -260,8 +260,17 @@ async fn deliver(
     let at = domain.now_ms();
     let body = match &event.payload {
         Some(p) => p.clone(),
+        // Rendered once and stored before the first attempt: a retry after a crash, a
+        // restart or a replay sends the same bytes, even if the visitor changed meanwhile.
         None => match payload::render(domain, &event).await {
-            Ok(p) => p,
+            Ok(p) => match domain.store().freeze_payload(&event.id, p).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(error = %e, event = %event.id, "storing a webhook payload");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, event = %event.id, "rendering a webhook payload");
                 // Try again later; nothing was sent.
@@ -279,7 +288,7 @@ async fn deliver(
         .header("webhook-id", &event.id)
         .header("webhook-timestamp", timestamp.to_string())
         .header("webhook-signature", signature)
-        .body(body.clone())
+        .body(body)
         .send()
         .await;
     let (status_code, error) = match sent {
@@ -323,7 +332,6 @@ async fn deliver(
         latency_ms,
         error,
         retry_at,
-        payload: body,
         failing_after: config.failing_after,
     };
     match domain.store().record_attempt(outcome).await {

@@ -661,3 +661,63 @@ async fn the_ssrf_guard_refuses_internal_addresses() {
     }
     assert!(rx.hits.try_recv().is_err(), "nothing reached the receiver");
 }
+
+/// A delivery cut off by a stop is sent again after the restart with the same id and the
+/// same bytes, even though the visitor changed in between (the payload is stored before the
+/// first attempt, not rendered again).
+#[tokio::test]
+async fn an_event_resent_after_a_restart_has_the_same_bytes() {
+    let options = || ServeOptions {
+        webhooks: Some(fast_retries()),
+        ..ServeOptions::default()
+    };
+    let s = TestServer::start_full(DomainConfig::default(), Clock::System, options()).await;
+    let mut rx = Receiver::start().await;
+    rx.delay_ms
+        .store(3_000, std::sync::atomic::Ordering::SeqCst);
+    s.webhook(&rx.url, &["conversationStarted"]).await;
+    let w = s.widget_id().await;
+    let (_, token) = s.new_visitor().await;
+    s.widget_call(
+        Method::POST,
+        "/messages",
+        &token,
+        Some(json!({"text": "hi"})),
+    )
+    .await
+    .ok();
+    let first = rx.next().await;
+    assert!(first.body["visitor"].get("name").is_none());
+
+    // Stopped while the receiver still holds the request: the attempt is never recorded.
+    let db = s.db.clone();
+    let dir = s.stop().await;
+    rx.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    // The visitor gives its name meanwhile (written while the server is down, so that it is
+    // surely there before the delivery is retried).
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE visitors SET name = 'Ada'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let s = TestServer::start_on_with(db, DomainConfig::default(), Clock::System, options()).await;
+    let now = s.session_on(&w, json!({"token": token})).await;
+    assert_eq!(
+        s.domain
+            .visitor(&s.account, now.ok()["visitorId"].as_str().unwrap())
+            .await
+            .unwrap()
+            .name
+            .as_deref(),
+        Some("Ada")
+    );
+    let again = rx.next().await;
+    assert_eq!(again.headers["webhook-id"], first.headers["webhook-id"]);
+    assert_eq!(again.raw, first.raw, "the same bytes, not a new rendering");
+    drop(dir);
+}
