@@ -148,6 +148,59 @@ impl AgentCache {
     }
 }
 
+/// The newest `online_until` of each account's agents, trusted for a short time (the CLI
+/// may remove agents from another process); pings through this process extend it at once.
+pub struct PresenceCache {
+    inner: Mutex<HashMap<String, (i64, Instant)>>,
+    ttl: Duration,
+}
+
+impl PresenceCache {
+    /// A cache whose entries live `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            inner: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The account's newest `online_until`, if known and fresh.
+    pub fn get(&self, account_id: &str) -> Option<i64> {
+        let inner = self.lock();
+        let (until, at) = inner.get(account_id)?;
+        (at.elapsed() < self.ttl).then_some(*until)
+    }
+
+    /// Remembers what the database said.
+    pub fn put(&self, account_id: &str, until: i64) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.len() >= AGENT_CACHE_MAX {
+            inner.clear();
+        }
+        inner.insert(account_id.to_owned(), (until, Instant::now()));
+    }
+
+    /// An agent of the account is online until `until` (a ping through this process).
+    pub fn extend(&self, account_id: &str, until: i64) {
+        let mut inner = self.lock();
+        if let Some((known, _)) = inner.get_mut(account_id) {
+            *known = (*known).max(until);
+        }
+    }
+
+    /// Forgets everything (after this process changed agents).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

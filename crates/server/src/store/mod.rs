@@ -503,6 +503,8 @@ pub struct AttemptOutcome {
     pub webhook_id: String,
     /// Event.
     pub event_id: String,
+    /// The event's conversation (whose queue moves on).
+    pub conversation_id: String,
     /// When it was made (ms).
     pub at: i64,
     /// HTTP status, if an answer came.
@@ -515,6 +517,9 @@ pub struct AttemptOutcome {
     pub retry_at: Option<i64>,
     /// Failures in a row after which the endpoint counts as failing.
     pub failing_after: i64,
+    /// Whether the endpoint had failures or was failing when the delivery was claimed (a
+    /// success then resets it).
+    pub endpoint_was_unhealthy: bool,
 }
 
 /// What recording an attempt changed about its endpoint.

@@ -80,6 +80,7 @@ struct InsertJob {
 #[allow(clippy::large_enum_variant)]
 enum WriterMsg {
     Job(Job),
+    Atomic(Job),
     Insert(InsertJob),
     /// From now on, send committed changes here.
     Feed(mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>),
@@ -90,6 +91,8 @@ enum WriterMsg {
 #[allow(clippy::large_enum_variant)]
 enum Pending {
     Job(Job),
+    /// A job that is atomic by itself (one statement, or its own savepoint).
+    Atomic(Job),
     Insert(InsertJob),
 }
 
@@ -116,6 +119,9 @@ struct WriterCtx {
     feed: Option<mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>>,
     /// Whether the current transaction added or rescheduled webhook deliveries.
     outbox_touched: bool,
+    /// Whether an account has endpoints for an event, asked once per batch (endpoints are
+    /// changed by other processes too, so this is not kept longer).
+    wanted: HashMap<(String, &'static str), bool>,
     signals: Signals,
 }
 
@@ -175,6 +181,7 @@ pub struct SqliteStore {
     head: Arc<AtomicI64>,
     feed_taken: std::sync::atomic::AtomicBool,
     signals: Signals,
+    presence: super::cache::PresenceCache,
 }
 
 impl SqliteStore {
@@ -225,6 +232,7 @@ impl SqliteStore {
             events: Vec::new(),
             feed: None,
             outbox_touched: false,
+            wanted: HashMap::new(),
             signals: signals.clone(),
         };
         // The writer gets a thread and runtime of its own: on the shared workers it waited
@@ -247,11 +255,30 @@ impl SqliteStore {
             head,
             feed_taken: std::sync::atomic::AtomicBool::new(false),
             signals,
+            presence: super::cache::PresenceCache::new(options.agent_cache_ttl),
         })
     }
 
     /// Runs `f` inside the writer's next transaction and returns its result once committed.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        self.write_with(false, f).await
+    }
+
+    /// [`Self::write`] for work that is atomic by itself (a single statement, or one that
+    /// sets its own savepoint): it saves the savepoint's two round trips to the database.
+    async fn write_atomic<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        self.write_with(true, f).await
+    }
+
+    async fn write_with<T, F>(&self, atomic: bool, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
@@ -272,8 +299,13 @@ impl SqliteStore {
                 }
             })
         });
+        let msg = if atomic {
+            WriterMsg::Atomic(job)
+        } else {
+            WriterMsg::Job(job)
+        };
         self.writer
-            .send(WriterMsg::Job(job))
+            .send(msg)
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::Aborted)?
@@ -286,6 +318,7 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
     while stop.is_none() {
         match rx.recv().await {
             Some(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+            Some(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
             Some(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
             Some(WriterMsg::Feed(tx)) => ctx.feed = Some(tx),
             Some(WriterMsg::Stop(done)) => stop = Some(done),
@@ -294,6 +327,7 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
         while batch.len() < max_batch && stop.is_none() {
             match rx.try_recv() {
                 Ok(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+                Ok(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
                 Ok(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
                 Ok(WriterMsg::Feed(tx)) => ctx.feed = Some(tx),
                 Ok(WriterMsg::Stop(done)) => stop = Some(done),
@@ -346,6 +380,7 @@ enum Owed {
 
 async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let started = std::time::Instant::now();
+    ctx.wanted.clear();
     let size = batch.len();
     if let Some(rows) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations: one multi-row INSERT in autocommit
@@ -380,6 +415,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             Pending::Job(job) => {
                 // One failing job must not leave half its writes behind, nor undo the others'.
                 let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                owed.push(Owed::Job(done.answer));
+            }
+            Pending::Atomic(job) => {
+                let mark = ctx.mark();
+                let done = job(ctx).await;
+                if !done.ok {
+                    ctx.undo_to(mark);
+                }
                 owed.push(Owed::Job(done.answer));
             }
             Pending::Insert(job) if job.idem.is_some() => {
@@ -946,29 +989,48 @@ const WEBHOOK_TRANSCRIPT: &str = "conversationTranscript";
 /// it; part of the caller's transaction.
 async fn emit_webhook(
     ctx: &mut WriterCtx,
-    kind: &str,
+    kind: &'static str,
     chat: &OpenChat,
     conversation_id: &str,
     from_seq: i64,
     to_seq: i64,
     now: i64,
 ) -> StoreResult<bool> {
-    let wanted: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM webhooks WHERE account_id = ? AND enabled = 1 \
-         AND instr(',' || events || ',', ',' || ? || ',') > 0",
-    )
-    .bind(&chat.account_id)
-    .bind(kind)
-    .fetch_one(&mut ctx.conn)
-    .await?;
-    if wanted == 0 {
+    let key = (chat.account_id.clone(), kind);
+    let wanted = match ctx.wanted.get(&key) {
+        Some(w) => *w,
+        None => {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM webhooks WHERE account_id = ? AND enabled = 1 \
+                 AND instr(',' || events || ',', ',' || ? || ',') > 0",
+            )
+            .bind(&chat.account_id)
+            .bind(kind)
+            .fetch_one(&mut ctx.conn)
+            .await?;
+            ctx.wanted.insert(key, n > 0);
+            n > 0
+        }
+    };
+    if !wanted {
         return Ok(false);
     }
     let seq = ctx.take_seq();
     let id = format!("evt_{}", crate::ids::new_id());
+    // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
+    // each endpoint that has none for this conversation yet (an existing head keeps its
+    // place: this event waits its turn behind it).
     sqlx::query(
         "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, kind, \
-         chat_id, from_seq, to_seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+           chat_id, from_seq, to_seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?); \
+         INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, conversation_id, \
+           event_seq, next_attempt_at, created_at) \
+           SELECT w.id, ?, ?, ?, ?, ?, ? FROM webhooks w WHERE w.account_id = ? \
+           AND w.enabled = 1 AND instr(',' || w.events || ',', ',' || ? || ',') > 0; \
+         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+           SELECT w.id, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
+           AND instr(',' || w.events || ',', ',' || ? || ',') > 0 \
+           ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
     )
     .bind(&id)
     .bind(seq)
@@ -980,14 +1042,6 @@ async fn emit_webhook(
     .bind(from_seq)
     .bind(to_seq)
     .bind(now)
-    .execute(&mut ctx.conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, conversation_id, \
-         event_seq, next_attempt_at, created_at) \
-         SELECT w.id, ?, ?, ?, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
-         AND instr(',' || w.events || ',', ',' || ? || ',') > 0",
-    )
     .bind(&id)
     .bind(&chat.account_id)
     .bind(conversation_id)
@@ -996,15 +1050,6 @@ async fn emit_webhook(
     .bind(now)
     .bind(&chat.account_id)
     .bind(kind)
-    .execute(&mut ctx.conn)
-    .await?;
-    // A queue that already has a head keeps it: this event waits its turn behind it.
-    sqlx::query(
-        "INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
-         SELECT w.id, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
-         AND instr(',' || w.events || ',', ',' || ? || ',') > 0 \
-         ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
-    )
     .bind(conversation_id)
     .bind(seq)
     .bind(now)
@@ -1200,6 +1245,110 @@ async fn end_chat(
     ctx.chat_undo
         .push(ChatUndo::Closed(conversation_id.to_owned(), chat.clone()));
     Ok(missed)
+}
+
+/// Records one attempt: the delivery's new state, the attempt log, the queue head, and
+/// (only when it changes) the endpoint's health. The first part is one round trip: its
+/// statements go to SQLite together, inside a savepoint of their own.
+async fn record_attempt_in(ctx: &mut WriterCtx, o: AttemptOutcome) -> StoreResult<EndpointHealth> {
+    let delivered = o.error.is_none();
+    let status = match (delivered, o.retry_at) {
+        (true, _) => "delivered",
+        (false, Some(_)) => "pending",
+        (false, None) => "failed",
+    };
+    let status_code = o.status_code.map(i64::from);
+    let result = sqlx::query(
+        "SAVEPOINT attempt; \
+         UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
+           next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
+           last_status = ?, last_error = ?, last_latency_ms = ?, \
+           delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
+           WHERE webhook_id = ? AND event_id = ?; \
+         INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
+           latency_ms, error) \
+           SELECT webhook_id, event_id, attempts, ?, ?, ?, ? FROM webhook_deliveries \
+           WHERE webhook_id = ? AND event_id = ?; \
+         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+           SELECT webhook_id, conversation_id, event_seq, next_attempt_at \
+           FROM webhook_deliveries WHERE webhook_id = ? AND conversation_id = ? \
+           AND status = 'pending' ORDER BY event_seq LIMIT 1 \
+           ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
+           head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at; \
+         DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ? \
+           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = ? \
+           AND conversation_id = ? AND status = 'pending'); \
+         RELEASE attempt",
+    )
+    .bind(status)
+    .bind(o.retry_at)
+    .bind(o.at)
+    .bind(status_code)
+    .bind(&o.error)
+    .bind(o.latency_ms)
+    .bind(delivered)
+    .bind(o.at)
+    .bind(&o.webhook_id)
+    .bind(&o.event_id)
+    .bind(o.at)
+    .bind(status_code)
+    .bind(o.latency_ms)
+    .bind(&o.error)
+    .bind(&o.webhook_id)
+    .bind(&o.event_id)
+    .bind(&o.webhook_id)
+    .bind(&o.conversation_id)
+    .bind(&o.webhook_id)
+    .bind(&o.conversation_id)
+    .bind(&o.webhook_id)
+    .bind(&o.conversation_id)
+    .execute(&mut ctx.conn)
+    .await;
+    if let Err(e) = result {
+        // Leave nothing half-done: the savepoint may still be open.
+        let _ = exec(&mut ctx.conn, "ROLLBACK TO attempt").await;
+        let _ = exec(&mut ctx.conn, "RELEASE attempt").await;
+        return Err(e.into());
+    }
+    ctx.outbox_touched = true;
+    let mut health = EndpointHealth::default();
+    // The common case, a success at a healthy endpoint, touches no endpoint row.
+    if delivered && !o.endpoint_was_unhealthy {
+        return Ok(health);
+    }
+    let row: Option<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT consecutive_failures, failing_since FROM webhooks WHERE id = ?")
+            .bind(&o.webhook_id)
+            .fetch_optional(&mut ctx.conn)
+            .await?;
+    let Some((failures, failing_since)) = row else {
+        return Ok(health);
+    };
+    if delivered {
+        health.recovered = failing_since.is_some();
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL WHERE id = ?",
+        )
+        .bind(&o.webhook_id)
+        .execute(&mut ctx.conn)
+        .await?;
+    } else {
+        let failures = failures + 1;
+        let becomes = failing_since.is_none() && failures >= o.failing_after;
+        health.became_failing = becomes;
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = ?, last_error = ?, \
+             failing_since = CASE WHEN ? THEN ? ELSE failing_since END WHERE id = ?",
+        )
+        .bind(failures)
+        .bind(&o.error)
+        .bind(becomes)
+        .bind(o.at)
+        .bind(&o.webhook_id)
+        .execute(&mut ctx.conn)
+        .await?;
+    }
+    Ok(health)
 }
 
 /// Looks up an idempotency key inside the writer's transaction.
@@ -1578,7 +1727,10 @@ impl Store for SqliteStore {
             Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
         })
         .await
-        .inspect(|_| self.agents.clear())
+        .inspect(|_| {
+            self.agents.clear();
+            self.presence.clear();
+        })
     }
 
     async fn agent_by_email_or_create(
@@ -1604,7 +1756,10 @@ impl Store for SqliteStore {
             })
         })
         .await
-        .inspect(|_| self.agents.clear())
+        .inspect(|_| {
+            self.agents.clear();
+            self.presence.clear();
+        })
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
@@ -1669,7 +1824,10 @@ impl Store for SqliteStore {
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
         self.delete_owned("agents", account_id, id)
             .await
-            .inspect(|_| self.agents.clear())
+            .inspect(|_| {
+                self.agents.clear();
+                self.presence.clear();
+            })
     }
 
     async fn set_agent_online_until(
@@ -1680,30 +1838,36 @@ impl Store for SqliteStore {
         idem: Option<IdempotencyRecord>,
     ) -> StoreResult<Guarded<bool>> {
         let (account_id, agent_id) = (account_id.to_owned(), agent_id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                if let Some(rec) = &idem {
-                    if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
-                        return Ok(g);
+        let account = account_id.clone();
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    if let Some(rec) = &idem {
+                        if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
+                            return Ok(g);
+                        }
                     }
-                }
-                let r = sqlx::query(
-                    "UPDATE agents SET online_until = max(online_until, ?) \
+                    let r = sqlx::query(
+                        "UPDATE agents SET online_until = max(online_until, ?) \
                      WHERE account_id = ? AND id = ?",
-                )
-                .bind(until)
-                .bind(&account_id)
-                .bind(&agent_id)
-                .execute(&mut ctx.conn)
-                .await?;
-                let found = r.rows_affected() > 0;
-                if let (true, Some(rec)) = (found, &idem) {
-                    idem_save(&mut ctx.conn, &account_id, rec).await?;
-                }
-                Ok(Guarded::Applied(found))
+                    )
+                    .bind(until)
+                    .bind(&account_id)
+                    .bind(&agent_id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    let found = r.rows_affected() > 0;
+                    if let (true, Some(rec)) = (found, &idem) {
+                        idem_save(&mut ctx.conn, &account_id, rec).await?;
+                    }
+                    Ok(Guarded::Applied(found))
+                })
             })
-        })
-        .await
+            .await;
+        if let Ok(Guarded::Applied(true)) = &result {
+            self.presence.extend(&account, until);
+        }
+        result
     }
 
     async fn pick_agent(
@@ -2081,14 +2245,19 @@ impl Store for SqliteStore {
     }
 
     async fn any_agent_online(&self, account_id: &str, now: i64) -> StoreResult<bool> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM agents WHERE account_id = ? AND online_until > ? LIMIT 1",
-        )
-        .bind(account_id)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(found.is_some())
+        // Every visitor message asks this; the newest online_until of the account answers
+        // it for any `now`, so it is kept briefly (pings through this server update it).
+        if let Some(until) = self.presence.get(account_id) {
+            return Ok(until > now);
+        }
+        let until: Option<i64> =
+            sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = ?")
+                .bind(account_id)
+                .fetch_one(&self.pool)
+                .await?;
+        let until = until.unwrap_or(0);
+        self.presence.put(account_id, until);
+        Ok(until > now)
     }
 
     async fn feed(
@@ -2337,22 +2506,17 @@ impl Store for SqliteStore {
 
     async fn freeze_payload(&self, event_id: &str, payload: String) -> StoreResult<String> {
         let id = event_id.to_owned();
-        self.write(move |ctx| {
+        self.write_atomic(move |ctx| {
             Box::pin(async move {
-                sqlx::query(
-                    "UPDATE webhook_events SET payload = ? WHERE id = ? AND payload IS NULL",
+                let stored: Option<Option<String>> = sqlx::query_scalar(
+                    "UPDATE webhook_events SET payload = coalesce(payload, ?) WHERE id = ? \
+                     RETURNING payload",
                 )
                 .bind(&payload)
                 .bind(&id)
-                .execute(&mut ctx.conn)
+                .fetch_optional(&mut ctx.conn)
                 .await?;
-                let stored: Option<String> =
-                    sqlx::query_scalar("SELECT payload FROM webhook_events WHERE id = ?")
-                        .bind(&id)
-                        .fetch_optional(&mut ctx.conn)
-                        .await?
-                        .flatten();
-                Ok(stored.unwrap_or(payload))
+                Ok(stored.flatten().unwrap_or(payload))
             })
         })
         .await
@@ -2368,90 +2532,8 @@ impl Store for SqliteStore {
     }
 
     async fn record_attempt(&self, o: AttemptOutcome) -> StoreResult<EndpointHealth> {
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let delivered = o.error.is_none();
-                let status = match (delivered, o.retry_at) {
-                    (true, _) => "delivered",
-                    (false, Some(_)) => "pending",
-                    (false, None) => "failed",
-                };
-                let updated: Option<(i64, String)> = sqlx::query_as(
-                    "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
-                     next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
-                     last_status = ?, last_error = ?, last_latency_ms = ?, \
-                     delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
-                     WHERE webhook_id = ? AND event_id = ? RETURNING attempts, conversation_id",
-                )
-                .bind(status)
-                .bind(o.retry_at)
-                .bind(o.at)
-                .bind(o.status_code.map(i64::from))
-                .bind(&o.error)
-                .bind(o.latency_ms)
-                .bind(delivered)
-                .bind(o.at)
-                .bind(&o.webhook_id)
-                .bind(&o.event_id)
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-                let Some((attempt, conversation_id)) = updated else {
-                    // The endpoint was removed meanwhile.
-                    return Ok(EndpointHealth::default());
-                };
-                advance_queue(ctx, &o.webhook_id, &conversation_id).await?;
-                sqlx::query(
-                    "INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
-                     latency_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&o.webhook_id)
-                .bind(&o.event_id)
-                .bind(attempt)
-                .bind(o.at)
-                .bind(o.status_code.map(i64::from))
-                .bind(o.latency_ms)
-                .bind(&o.error)
-                .execute(&mut ctx.conn)
-                .await?;
-                let (failures, failing_since): (i64, Option<i64>) = sqlx::query_as(
-                    "SELECT consecutive_failures, failing_since FROM webhooks WHERE id = ?",
-                )
-                .bind(&o.webhook_id)
-                .fetch_one(&mut ctx.conn)
-                .await?;
-                let mut health = EndpointHealth::default();
-                if delivered {
-                    health.recovered = failing_since.is_some();
-                    if failures > 0 || failing_since.is_some() {
-                        sqlx::query(
-                            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL \
-                             WHERE id = ?",
-                        )
-                        .bind(&o.webhook_id)
-                        .execute(&mut ctx.conn)
-                        .await?;
-                    }
-                } else {
-                    let failures = failures + 1;
-                    let becomes = failing_since.is_none() && failures >= o.failing_after;
-                    health.became_failing = becomes;
-                    sqlx::query(
-                        "UPDATE webhooks SET consecutive_failures = ?, last_error = ?, \
-                         failing_since = CASE WHEN ? THEN ? ELSE failing_since END WHERE id = ?",
-                    )
-                    .bind(failures)
-                    .bind(&o.error)
-                    .bind(becomes)
-                    .bind(o.at)
-                    .bind(&o.webhook_id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                }
-                ctx.outbox_touched = true;
-                Ok(health)
-            })
-        })
-        .await
+        self.write_atomic(move |ctx| Box::pin(record_attempt_in(ctx, o)))
+            .await
     }
 
     async fn list_deliveries(

@@ -53,7 +53,7 @@ impl Default for DispatcherConfig {
             retry_period: Duration::from_secs(24 * 3600),
             failing_after: 5,
             max_in_flight: 256,
-            per_endpoint: 16,
+            per_endpoint: 32,
             block_private: false,
             max_response_bytes: 64 * 1024,
         }
@@ -171,6 +171,7 @@ pub async fn run(
         }
     };
     let signals = domain.store().signals();
+    let cache = Arc::new(payload::RenderCache::default());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, String)>();
     // (endpoint, conversation) in flight, and the count per endpoint.
     let mut in_flight: Vec<(String, String)> = Vec::new();
@@ -178,6 +179,8 @@ pub async fn run(
     loop {
         let room = config.max_in_flight.saturating_sub(in_flight.len());
         let mut claimed = 0;
+        // Due work held back only by the in-flight caps: wait for a finish, not a timer.
+        let mut capped = room == 0;
         if room > 0 {
             match domain
                 .store()
@@ -188,20 +191,22 @@ pub async fn run(
                     for d in due {
                         let count = per_endpoint.entry(d.webhook.id.clone()).or_default();
                         if *count >= config.per_endpoint {
+                            capped = true;
                             continue;
                         }
                         *count += 1;
                         claimed += 1;
                         let key = (d.webhook.id.clone(), d.event.conversation_id.clone());
                         in_flight.push(key.clone());
-                        let (domain, client, config, done) = (
+                        let (domain, client, config, done, cache) = (
                             domain.clone(),
                             client.clone(),
                             config.clone(),
                             done_tx.clone(),
+                            cache.clone(),
                         );
                         tokio::spawn(async move {
-                            deliver(&domain, &client, &config, d).await;
+                            deliver(&domain, &client, &config, &cache, d).await;
                             let _ = done.send(key);
                         });
                     }
@@ -212,11 +217,15 @@ pub async fn run(
         if claimed > 0 {
             continue;
         }
-        let wait = match domain.store().next_delivery_at().await {
-            Ok(Some(at)) => Duration::from_millis(
-                u64::try_from((at - domain.now_ms()).clamp(1, 1000)).unwrap_or(1000),
-            ),
-            _ => Duration::from_secs(1),
+        let wait = if capped {
+            Duration::from_secs(1)
+        } else {
+            match domain.store().next_delivery_at().await {
+                Ok(Some(at)) => Duration::from_millis(
+                    u64::try_from((at - domain.now_ms()).clamp(1, 1000)).unwrap_or(1000),
+                ),
+                _ => Duration::from_secs(1),
+            }
         };
         tokio::select! {
             _ = signals.outbox.notified() => {}
@@ -250,6 +259,7 @@ async fn deliver(
     domain: &Domain,
     client: &reqwest::Client,
     config: &DispatcherConfig,
+    cache: &payload::RenderCache,
     d: DueDelivery,
 ) {
     let DueDelivery {
@@ -262,7 +272,7 @@ async fn deliver(
         Some(p) => p.clone(),
         // Rendered once and stored before the first attempt: a retry after a crash, a
         // restart or a replay sends the same bytes, even if the visitor changed meanwhile.
-        None => match payload::render(domain, &event).await {
+        None => match payload::render(domain, cache, &event).await {
             Ok(p) => match domain.store().freeze_payload(&event.id, p).await {
                 Ok(stored) => stored,
                 Err(e) => {
@@ -327,12 +337,14 @@ async fn deliver(
     let outcome = AttemptOutcome {
         webhook_id: webhook.id.clone(),
         event_id: event.id.clone(),
+        conversation_id: event.conversation_id.clone(),
         at,
         status_code,
         latency_ms,
         error,
         retry_at,
         failing_after: config.failing_after,
+        endpoint_was_unhealthy: webhook.consecutive_failures > 0 || webhook.failing_since.is_some(),
     };
     match domain.store().record_attempt(outcome).await {
         Ok(h) if h.became_failing => tracing::warn!(

@@ -3,8 +3,11 @@
 use serde::Serialize;
 use switchboard_wire::{ConversationsMessage, StartPage};
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use crate::domain::{Domain, DomainError, DomainResult};
-use crate::store::{MessageRow, OutboxEvent};
+use crate::store::{ChatInfo, MessageRow, OutboxEvent};
 
 /// An agent as webhooks show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -96,14 +99,54 @@ pub struct WebhookPayload {
     pub missed_messages_count: Option<usize>,
 }
 
+/// Chat start facts read for payloads. They never change once a chat exists, and a busy
+/// conversation has one fragment after another, each asking for the same chat. (Visitors
+/// are read every time: a change, such as a new group, must show in the next event.)
+#[derive(Default)]
+pub struct RenderCache {
+    chats: Mutex<HashMap<String, ChatInfo>>,
+}
+
+const RENDER_CACHE_MAX: usize = 10_000;
+
+impl RenderCache {
+    async fn chat(
+        &self,
+        domain: &Domain,
+        account: &str,
+        id: &str,
+    ) -> DomainResult<Option<ChatInfo>> {
+        if let Some(c) = lock(&self.chats).get(id) {
+            return Ok(Some(c.clone()));
+        }
+        let c = domain.store().chat(account, id).await?;
+        if let Some(c) = &c {
+            let mut map = lock(&self.chats);
+            if map.len() >= RENDER_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(id.to_owned(), c.clone());
+        }
+        Ok(c)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Renders the payload of an outbox event as JSON.
-pub async fn render(domain: &Domain, ev: &OutboxEvent) -> DomainResult<String> {
+pub async fn render(
+    domain: &Domain,
+    cache: &RenderCache,
+    ev: &OutboxEvent,
+) -> DomainResult<String> {
     let store = domain.store();
     let messages = store
         .messages_between(&ev.account_id, &ev.visitor_id, ev.from_seq, ev.to_seq)
         .await?;
     let visitor = domain.visitor(&ev.account_id, &ev.visitor_id).await?;
-    let chat = store.chat(&ev.account_id, &ev.chat_id).await?;
+    let chat = cache.chat(domain, &ev.account_id, &ev.chat_id).await?;
     let mut agents: Vec<WebhookAgent> = Vec::new();
     for m in &messages {
         let Some(id) = &m.agent_id else { continue };
