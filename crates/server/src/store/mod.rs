@@ -745,13 +745,21 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         busy: &[(String, String)],
     ) -> StoreResult<Vec<DueDelivery>>;
-    /// Stores the payload of an event unless one is stored already; returns the stored one
-    /// (so every attempt sends the same bytes, whoever rendered first).
-    async fn freeze_payload(&self, event_id: &str, payload: String) -> StoreResult<String>;
+    /// Stores the payloads of events (event id, JSON) unless one is stored already; returns
+    /// the stored ones by event id (so every attempt sends the same bytes, whoever rendered
+    /// first).
+    async fn freeze_payloads(
+        &self,
+        payloads: Vec<(String, String)>,
+    ) -> StoreResult<std::collections::HashMap<String, String>>;
     /// When the next pending delivery is due.
     async fn next_delivery_at(&self) -> StoreResult<Option<i64>>;
-    /// Records an attempt and reschedules or closes its delivery.
-    async fn record_attempt(&self, outcome: AttemptOutcome) -> StoreResult<EndpointHealth>;
+    /// Records attempts and reschedules or closes their deliveries; the endpoints' health
+    /// changes, in the same order.
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+    ) -> StoreResult<Vec<EndpointHealth>>;
     /// The deliveries of an endpoint, newest first, before `before_seq` if given.
     async fn list_deliveries(
         &self,

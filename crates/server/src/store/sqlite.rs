@@ -1247,72 +1247,92 @@ async fn end_chat(
     Ok(missed)
 }
 
-/// Records one attempt: the delivery's new state, the attempt log, the queue head, and
-/// (only when it changes) the endpoint's health. The first part is one round trip: its
-/// statements go to SQLite together, inside a savepoint of their own.
-async fn record_attempt_in(ctx: &mut WriterCtx, o: AttemptOutcome) -> StoreResult<EndpointHealth> {
-    let delivered = o.error.is_none();
-    let status = match (delivered, o.retry_at) {
-        (true, _) => "delivered",
-        (false, Some(_)) => "pending",
-        (false, None) => "failed",
-    };
-    let status_code = o.status_code.map(i64::from);
-    let result = sqlx::query(
-        "SAVEPOINT attempt; \
-         UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
-           next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
-           last_status = ?, last_error = ?, last_latency_ms = ?, \
-           delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
-           WHERE webhook_id = ? AND event_id = ?; \
-         INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
-           latency_ms, error) \
-           SELECT webhook_id, event_id, attempts, ?, ?, ?, ? FROM webhook_deliveries \
-           WHERE webhook_id = ? AND event_id = ?; \
-         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
-           SELECT webhook_id, conversation_id, event_seq, next_attempt_at \
-           FROM webhook_deliveries WHERE webhook_id = ? AND conversation_id = ? \
-           AND status = 'pending' ORDER BY event_seq LIMIT 1 \
-           ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
-           head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at; \
-         DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ? \
-           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = ? \
-           AND conversation_id = ? AND status = 'pending'); \
-         RELEASE attempt",
-    )
-    .bind(status)
-    .bind(o.retry_at)
-    .bind(o.at)
-    .bind(status_code)
-    .bind(&o.error)
-    .bind(o.latency_ms)
-    .bind(delivered)
-    .bind(o.at)
-    .bind(&o.webhook_id)
-    .bind(&o.event_id)
-    .bind(o.at)
-    .bind(status_code)
-    .bind(o.latency_ms)
-    .bind(&o.error)
-    .bind(&o.webhook_id)
-    .bind(&o.event_id)
-    .bind(&o.webhook_id)
-    .bind(&o.conversation_id)
-    .bind(&o.webhook_id)
-    .bind(&o.conversation_id)
-    .bind(&o.webhook_id)
-    .bind(&o.conversation_id)
-    .execute(&mut ctx.conn)
-    .await;
-    if let Err(e) = result {
+/// The statements that record one attempt (22 parameters): the delivery's new state, the
+/// attempt log and the queue head.
+const RECORD_ATTEMPT_SQL: &str = "\
+    UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
+      next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
+      last_status = ?, last_error = ?, last_latency_ms = ?, \
+      delivered_at = CASE WHEN ? THEN ? ELSE delivered_at END \
+      WHERE webhook_id = ? AND event_id = ?; \
+    INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
+      latency_ms, error) \
+      SELECT webhook_id, event_id, attempts, ?, ?, ?, ? FROM webhook_deliveries \
+      WHERE webhook_id = ? AND event_id = ?; \
+    INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+      SELECT webhook_id, conversation_id, event_seq, next_attempt_at \
+      FROM webhook_deliveries WHERE webhook_id = ? AND conversation_id = ? \
+      AND status = 'pending' ORDER BY event_seq LIMIT 1 \
+      ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
+      head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at; \
+    DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ? \
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = ? \
+      AND conversation_id = ? AND status = 'pending'); ";
+
+/// Records attempts: all of their delivery, log and queue changes go to SQLite in one round
+/// trip inside a savepoint of their own; endpoint health is then updated where it changes.
+async fn record_attempts_in(
+    ctx: &mut WriterCtx,
+    outcomes: Vec<AttemptOutcome>,
+) -> StoreResult<Vec<EndpointHealth>> {
+    let mut sql = String::with_capacity(40 + outcomes.len() * RECORD_ATTEMPT_SQL.len());
+    sql.push_str("SAVEPOINT attempts; ");
+    for _ in &outcomes {
+        sql.push_str(RECORD_ATTEMPT_SQL);
+    }
+    sql.push_str("RELEASE attempts");
+    let mut q = sqlx::query(&sql);
+    for o in &outcomes {
+        let delivered = o.error.is_none();
+        let status = match (delivered, o.retry_at) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        let status_code = o.status_code.map(i64::from);
+        q = q
+            .bind(status)
+            .bind(o.retry_at)
+            .bind(o.at)
+            .bind(status_code)
+            .bind(o.error.clone())
+            .bind(o.latency_ms)
+            .bind(delivered)
+            .bind(o.at)
+            .bind(o.webhook_id.clone())
+            .bind(o.event_id.clone())
+            .bind(o.at)
+            .bind(status_code)
+            .bind(o.latency_ms)
+            .bind(o.error.clone())
+            .bind(o.webhook_id.clone())
+            .bind(o.event_id.clone())
+            .bind(o.webhook_id.clone())
+            .bind(o.conversation_id.clone())
+            .bind(o.webhook_id.clone())
+            .bind(o.conversation_id.clone())
+            .bind(o.webhook_id.clone())
+            .bind(o.conversation_id.clone());
+    }
+    if let Err(e) = q.execute(&mut ctx.conn).await {
         // Leave nothing half-done: the savepoint may still be open.
-        let _ = exec(&mut ctx.conn, "ROLLBACK TO attempt").await;
-        let _ = exec(&mut ctx.conn, "RELEASE attempt").await;
+        let _ = exec(&mut ctx.conn, "ROLLBACK TO attempts").await;
+        let _ = exec(&mut ctx.conn, "RELEASE attempts").await;
         return Err(e.into());
     }
     ctx.outbox_touched = true;
+    let mut health = Vec::with_capacity(outcomes.len());
+    for o in &outcomes {
+        health.push(update_health(ctx, o).await?);
+    }
+    Ok(health)
+}
+
+/// Counts a failure against an endpoint, or clears its failures after a success; the common
+/// case, a success at a healthy endpoint, touches nothing.
+async fn update_health(ctx: &mut WriterCtx, o: &AttemptOutcome) -> StoreResult<EndpointHealth> {
+    let delivered = o.error.is_none();
     let mut health = EndpointHealth::default();
-    // The common case, a success at a healthy endpoint, touches no endpoint row.
     if delivered && !o.endpoint_was_unhealthy {
         return Ok(health);
     }
@@ -2470,7 +2490,14 @@ impl Store for SqliteStore {
         busy: &[(String, String)],
     ) -> StoreResult<Vec<DueDelivery>> {
         // Only the head of each (endpoint, conversation) queue may go: that is what keeps a
-        // conversation's events in order at the receiver.
+        // conversation's events in order at the receiver. Heads in flight are left out in
+        // SQL, so a busy dispatcher does not read them again and again.
+        let busy_json = serde_json::Value::Array(
+            busy.iter()
+                .map(|(w, c)| serde_json::Value::String(format!("{w}|{c}")))
+                .collect(),
+        )
+        .to_string();
         let rows: Vec<DueRow> = sqlx::query_as(
             "SELECT d.attempts, \
              e.id AS e_id, e.seq AS e_seq, e.account_id AS e_account_id, \
@@ -2486,10 +2513,13 @@ impl Store for SqliteStore {
              JOIN webhook_events e ON e.id = d.event_id \
              JOIN webhooks w ON w.id = q.webhook_id \
              WHERE q.next_attempt_at <= ? AND w.enabled = 1 AND d.status = 'pending' \
+             AND q.webhook_id || '|' || q.conversation_id \
+                 NOT IN (SELECT value FROM json_each(?)) \
              ORDER BY q.next_attempt_at LIMIT ?",
         )
         .bind(now)
-        .bind(i64::from(limit) + busy.len() as i64)
+        .bind(busy_json)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -2504,19 +2534,37 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn freeze_payload(&self, event_id: &str, payload: String) -> StoreResult<String> {
-        let id = event_id.to_owned();
+    async fn freeze_payloads(
+        &self,
+        payloads: Vec<(String, String)>,
+    ) -> StoreResult<HashMap<String, String>> {
+        if payloads.is_empty() {
+            return Ok(HashMap::new());
+        }
         self.write_atomic(move |ctx| {
             Box::pin(async move {
-                let stored: Option<Option<String>> = sqlx::query_scalar(
-                    "UPDATE webhook_events SET payload = coalesce(payload, ?) WHERE id = ? \
-                     RETURNING payload",
-                )
-                .bind(&payload)
-                .bind(&id)
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-                Ok(stored.flatten().unwrap_or(payload))
+                // One round trip; each statement keeps a payload stored before (by an earlier
+                // attempt) and answers with the one that is now stored.
+                let mut sql = String::new();
+                for _ in &payloads {
+                    sql.push_str(
+                        "UPDATE webhook_events SET payload = coalesce(payload, ?) WHERE id = ? \
+                         RETURNING id, payload; ",
+                    );
+                }
+                let mut q = sqlx::query_as::<_, (String, Option<String>)>(&sql);
+                for (id, payload) in &payloads {
+                    q = q.bind(payload.clone()).bind(id.clone());
+                }
+                let rows = q.fetch_all(&mut ctx.conn).await?;
+                let mut stored: HashMap<String, String> = rows
+                    .into_iter()
+                    .filter_map(|(id, p)| p.map(|p| (id, p)))
+                    .collect();
+                for (id, payload) in payloads {
+                    stored.entry(id).or_insert(payload);
+                }
+                Ok(stored)
             })
         })
         .await
@@ -2531,8 +2579,14 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn record_attempt(&self, o: AttemptOutcome) -> StoreResult<EndpointHealth> {
-        self.write_atomic(move |ctx| Box::pin(record_attempt_in(ctx, o)))
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+    ) -> StoreResult<Vec<EndpointHealth>> {
+        if outcomes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write_atomic(move |ctx| Box::pin(record_attempts_in(ctx, outcomes)))
             .await
     }
 

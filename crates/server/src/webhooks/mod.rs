@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use hmac::Mac;
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::domain::Domain;
 use crate::store::{AttemptOutcome, DueDelivery};
@@ -53,7 +53,7 @@ impl Default for DispatcherConfig {
             retry_period: Duration::from_secs(24 * 3600),
             failing_after: 5,
             max_in_flight: 256,
-            per_endpoint: 32,
+            per_endpoint: 64,
             block_private: false,
             max_response_bytes: 64 * 1024,
         }
@@ -148,6 +148,98 @@ fn next_retry(config: &DispatcherConfig, attempts: i64, created_at: i64, now: i6
     (at <= deadline).then_some(at)
 }
 
+/// Requests made at about the same time, gathered into one store call: under load, many
+/// deliveries share one database round trip instead of paying one each.
+struct Batcher<I, O> {
+    tx: mpsc::UnboundedSender<(I, oneshot::Sender<Result<O, String>>)>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    fn spawn<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Vec<O>, String>> + Send,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(I, oneshot::Sender<Result<O, String>>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut items = vec![first];
+                while items.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(next) => items.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (inputs, replies): (Vec<I>, Vec<_>) = items.into_iter().unzip();
+                match f(inputs).await {
+                    Ok(outputs) => {
+                        for (reply, out) in replies.into_iter().zip(outputs) {
+                            let _ = reply.send(Ok(out));
+                        }
+                    }
+                    Err(e) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    async fn call(&self, item: I) -> Result<O, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((item, tx))
+            .map_err(|_| "the dispatcher is stopping".to_owned())?;
+        rx.await
+            .map_err(|_| "the dispatcher is stopping".to_owned())?
+    }
+}
+
+/// The store calls a delivery makes, batched across deliveries.
+struct Batchers {
+    freeze: Batcher<(String, String), String>,
+    record: Batcher<AttemptOutcome, crate::store::EndpointHealth>,
+}
+
+impl Batchers {
+    fn spawn(domain: &Arc<Domain>) -> Self {
+        let (d1, d2) = (domain.clone(), domain.clone());
+        Self {
+            freeze: Batcher::spawn(move |items: Vec<(String, String)>| {
+                let d = d1.clone();
+                async move {
+                    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+                    let stored = d
+                        .store()
+                        .freeze_payloads(items)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(ids
+                        .into_iter()
+                        .map(|id| stored.get(&id).cloned().unwrap_or_default())
+                        .collect())
+                }
+            }),
+            record: Batcher::spawn(move |items: Vec<AttemptOutcome>| {
+                let d = d2.clone();
+                async move {
+                    d.store()
+                        .record_attempts(items)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            }),
+        }
+    }
+}
+
+/// Most deliveries claimed per query: more would mostly be held back by the per-endpoint
+/// cap and read again next time.
+const CLAIM_BATCH: usize = 64;
+
 /// Delivers webhooks until `shutdown` turns true.
 pub async fn run(
     domain: Arc<Domain>,
@@ -172,6 +264,7 @@ pub async fn run(
     };
     let signals = domain.store().signals();
     let cache = Arc::new(payload::RenderCache::default());
+    let batchers = Arc::new(Batchers::spawn(&domain));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, String)>();
     // (endpoint, conversation) in flight, and the count per endpoint.
     let mut in_flight: Vec<(String, String)> = Vec::new();
@@ -184,7 +277,7 @@ pub async fn run(
         if room > 0 {
             match domain
                 .store()
-                .due_deliveries(domain.now_ms(), room as u32, &in_flight)
+                .due_deliveries(domain.now_ms(), room.min(CLAIM_BATCH) as u32, &in_flight)
                 .await
             {
                 Ok(due) => {
@@ -198,15 +291,16 @@ pub async fn run(
                         claimed += 1;
                         let key = (d.webhook.id.clone(), d.event.conversation_id.clone());
                         in_flight.push(key.clone());
-                        let (domain, client, config, done, cache) = (
+                        let (domain, client, config, done, cache, batchers) = (
                             domain.clone(),
                             client.clone(),
                             config.clone(),
                             done_tx.clone(),
                             cache.clone(),
+                            batchers.clone(),
                         );
                         tokio::spawn(async move {
-                            deliver(&domain, &client, &config, &cache, d).await;
+                            deliver(&domain, &client, &config, &cache, &batchers, d).await;
                             let _ = done.send(key);
                         });
                     }
@@ -260,6 +354,7 @@ async fn deliver(
     client: &reqwest::Client,
     config: &DispatcherConfig,
     cache: &payload::RenderCache,
+    batchers: &Batchers,
     d: DueDelivery,
 ) {
     let DueDelivery {
@@ -273,7 +368,7 @@ async fn deliver(
         // Rendered once and stored before the first attempt: a retry after a crash, a
         // restart or a replay sends the same bytes, even if the visitor changed meanwhile.
         None => match payload::render(domain, cache, &event).await {
-            Ok(p) => match domain.store().freeze_payload(&event.id, p).await {
+            Ok(p) => match batchers.freeze.call((event.id.clone(), p)).await {
                 Ok(stored) => stored,
                 Err(e) => {
                     tracing::warn!(error = %e, event = %event.id, "storing a webhook payload");
@@ -346,7 +441,7 @@ async fn deliver(
         failing_after: config.failing_after,
         endpoint_was_unhealthy: webhook.consecutive_failures > 0 || webhook.failing_since.is_some(),
     };
-    match domain.store().record_attempt(outcome).await {
+    match batchers.record.call(outcome).await {
         Ok(h) if h.became_failing => tracing::warn!(
             webhook = %webhook.id, url = %webhook.url,
             "webhook endpoint is failing: {} attempts in a row failed; its deliveries are retried, other endpoints are not affected",
