@@ -722,3 +722,113 @@ async fn webhook_deliveries_survive_sigkill() {
         );
     }
 }
+
+/// `switchboard` run for its human output (no `--json`).
+fn cli_text(db: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("SWITCHBOARD_API_KEY")
+        .output()
+        .expect("run switchboard");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An endpoint that keeps failing is shown as failing by the CLI, with the reason, and its
+/// log shows each attempt; replay and removal work from the CLI too.
+#[tokio::test]
+async fn the_cli_shows_a_failing_webhook_and_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    // A port with nobody listening: every attempt is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    cli(&db, &["accounts", "list"]);
+    let hook = cli(
+        &db,
+        &[
+            "webhooks",
+            "add",
+            "--url",
+            &format!("http://127.0.0.1:{dead}/hook"),
+            "--event",
+            "conversationStarted",
+            "--description",
+            "crm",
+        ],
+    );
+    let id = hook["id"].as_str().unwrap().to_owned();
+    assert!(hook["secret"].as_str().unwrap().starts_with("whsec_"));
+    let widget = cli(&db, &["accounts", "widget"])["widgetId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut child, url, _) = serve_with(
+        &db,
+        Some("k"),
+        &["--webhook-retry-first", "0.02", "--session-rate", "0"],
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let session: Value = http
+        .post(format!("{url}/widget/v1/{widget}/session"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let r = http
+        .post(format!("{url}/widget/v1/{widget}/messages"))
+        .bearer_auth(token)
+        .json(&json!({"text": "hello?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let list = cli(&db, &["webhooks", "list"]);
+        if list[0]["status"] == "failing" {
+            break list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failing: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(listed[0]["consecutiveFailures"].as_i64().unwrap() >= 5);
+    let human = cli_text(&db, &["webhooks", "list"]);
+    assert!(human.contains("FAILING since"), "{human}");
+    assert!(human.contains("could not connect"), "{human}");
+    let log = cli(&db, &["webhooks", "log", &id]);
+    let event = log[0]["eventId"].as_str().unwrap().to_owned();
+    assert_eq!(log[0]["status"], "pending");
+    let attempts = cli(&db, &["webhooks", "log", &id, "--event", &event]);
+    assert!(attempts[0]["attemptLog"].as_array().unwrap().len() >= 5);
+    let human = cli_text(&db, &["webhooks", "log", &id, "--event", &event]);
+    assert!(human.contains("#1 "), "{human}");
+    assert!(human.contains("next attempt"), "{human}");
+    assert_eq!(
+        cli(&db, &["webhooks", "replay", &id, &event])["replayed"],
+        true
+    );
+    assert_eq!(cli(&db, &["webhooks", "remove", &id])["removed"], true);
+    assert_eq!(cli(&db, &["webhooks", "list"]), json!([]));
+    let _ = child.kill().await;
+}
