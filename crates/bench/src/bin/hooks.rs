@@ -54,6 +54,9 @@ struct Cli {
     /// Seconds to wait after the last message for fragments still on their way.
     #[arg(long, default_value_t = 5)]
     grace: u64,
+    /// Webhook endpoints, each getting every fragment (deliveries = endpoints × fragments).
+    #[arg(long, default_value_t = 1)]
+    endpoints: usize,
     /// Extra flags for `switchboard serve` (e.g. `--sync=normal`).
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
@@ -185,6 +188,7 @@ struct Receiver {
 
 async fn hook(
     axum::extract::State(r): axum::extract::State<Arc<Receiver>>,
+    axum::extract::Path(endpoint): axum::extract::Path<usize>,
     body: Bytes,
 ) -> axum::http::StatusCode {
     let at = Instant::now();
@@ -203,7 +207,7 @@ async fn hook(
     };
     let mut arrivals = r.arrivals.lock().expect("arrivals");
     for id in ids {
-        if arrivals.insert(id, at).is_some() {
+        if arrivals.insert(format!("{endpoint}:{id}"), at).is_some() {
             r.repeats.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -272,27 +276,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // The receiver.
     let receiver = Arc::new(Receiver::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let hook_url = format!("http://{}/hook", listener.local_addr()?);
+    let hook_base = format!("http://{}/hook", listener.local_addr()?);
     let app = axum::Router::new()
-        .route("/hook", axum::routing::post(hook))
+        .route("/hook/{endpoint}", axum::routing::post(hook))
         .with_state(receiver.clone());
     let receiver_task = tokio::spawn(async move { axum::serve(listener, app).await });
 
     // The endpoint and the widget id, through the CLI, before the server starts.
-    let webhook = admin(
-        &exe,
-        &db,
-        &[
-            "webhooks",
-            "add",
-            "--url",
-            &hook_url,
-            "--event",
-            "conversationFragment",
-        ],
-    )
-    .await?;
-    let webhook_id = webhook["id"].as_str().context("webhook id")?.to_owned();
+    let endpoints = cli.endpoints.max(1);
+    let mut webhook_id = String::new();
+    for i in 0..endpoints {
+        let hook_url = format!("{hook_base}/{i}");
+        let webhook = admin(
+            &exe,
+            &db,
+            &[
+                "webhooks",
+                "add",
+                "--url",
+                &hook_url,
+                "--event",
+                "conversationFragment",
+            ],
+        )
+        .await?;
+        if i == 0 {
+            webhook_id = webhook["id"].as_str().context("webhook id")?.to_owned();
+        }
+    }
     let widget = admin(&exe, &db, &["accounts", "widget"]).await?["widgetId"]
         .as_str()
         .context("widgetId")?
@@ -414,7 +425,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     loop {
         let all = {
             let arrivals = receiver.arrivals.lock().expect("arrivals");
-            acked.iter().all(|(id, _)| arrivals.contains_key(id))
+            acked
+                .iter()
+                .all(|(id, _)| (0..endpoints).all(|e| arrivals.contains_key(&format!("{e}:{id}"))))
         };
         if all || Instant::now() >= grace_end {
             break;
@@ -431,15 +444,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         let arrivals = receiver.arrivals.lock().expect("arrivals");
         for (id, acked_at) in &acked {
-            match arrivals.get(id) {
-                Some(at) => {
-                    if at < acked_at {
-                        before_ack += 1;
+            for e in 0..endpoints {
+                match arrivals.get(&format!("{e}:{id}")) {
+                    Some(at) => {
+                        if at < acked_at {
+                            before_ack += 1;
+                        }
+                        let d = at.saturating_duration_since(*acked_at);
+                        delays_us.push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
                     }
-                    let d = at.saturating_duration_since(*acked_at);
-                    delays_us.push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+                    None => missing += 1,
                 }
-                None => missing += 1,
             }
         }
     }
@@ -479,10 +494,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     error_kinds.sort();
     println!();
     println!(
-        "switchboard-hooks-bench: {} visitors, target {} msg/s for {} s, concurrency {}, {} cores",
+        "switchboard-hooks-bench: {} visitors, target {} msg/s for {} s, {} endpoint(s), \
+         concurrency {}, {} cores",
         cli.visitors,
         cli.rate,
         cli.duration,
+        endpoints,
         cli.concurrency,
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -511,11 +528,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         posts_total,
         posts_total as f64 / cli.duration as f64,
         cli.duration,
-        (acked.len() as u64 - missing) as f64 / posts_total.max(1) as f64
+        (acked.len() as u64 * endpoints as u64 - missing) as f64 / posts_total.max(1) as f64
     );
     println!(
-        "delay 200 -> fragment: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages; {} \
-         arrived before their 200 was read, counted as 0)",
+        "delay 200 -> fragment: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} deliveries of a \
+         message to an endpoint; {} arrived before their 200 was read, counted as 0)",
         pct(0.50),
         pct(0.99),
         delays_us.last().map_or(f64::NAN, |&m| m as f64 / 1000.0),
@@ -523,9 +540,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         before_ack
     );
     println!(
-        "never arrived:        {} of {} within {} s after the end (waited {:.2} s)",
+        "never arrived:        {} of {} (message, endpoint) pairs within {} s after the end \
+         (waited {:.2} s)",
         missing,
-        acked.len(),
+        acked.len() * endpoints,
         cli.grace,
         waited.as_secs_f64()
     );
