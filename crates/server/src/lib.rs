@@ -33,11 +33,51 @@ pub async fn open(
     config: DomainConfig,
     clock: Clock,
 ) -> anyhow::Result<Arc<Domain>> {
+    let path = sqlite_path(path)?;
+    let path = path.as_path();
     let store = SqliteStore::open(path, sqlite)
         .await
         .map_err(|e| anyhow::anyhow!("opening database {}: {e}", path.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
     Ok(Arc::new(Domain::new(store, config, clock)))
+}
+
+/// The SQLite file a `--db` value names: a path, or `sqlite://PATH`. Other URLs are refused
+/// with a clear message instead of becoming oddly named files.
+pub fn sqlite_path(db: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let Some(text) = db.to_str() else {
+        return Ok(db.to_path_buf());
+    };
+    if let Some(rest) = text.strip_prefix("sqlite://") {
+        if rest.is_empty() {
+            anyhow::bail!("--db sqlite:// needs a file path, e.g. sqlite://./switchboard.db");
+        }
+        return Ok(std::path::PathBuf::from(rest));
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        anyhow::bail!(
+            "--db {}: this build has no PostgreSQL backend yet; use a file path or sqlite://PATH",
+            redact_url(text)
+        );
+    }
+    if let Some((scheme, _)) = text.split_once("://") {
+        anyhow::bail!(
+            "--db {}: unsupported database URL scheme {scheme:?}; use a file path or sqlite://PATH",
+            redact_url(text)
+        );
+    }
+    Ok(db.to_path_buf())
+}
+
+/// A URL with any password replaced, for error messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests

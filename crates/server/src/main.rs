@@ -18,7 +18,7 @@ mod main_api;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Database file (created when missing).
+    /// Database: a file path or sqlite://PATH (created when missing).
     #[arg(
         long,
         global = true,

@@ -832,3 +832,43 @@ async fn the_cli_shows_a_failing_webhook_and_its_log() {
     assert_eq!(cli(&db, &["webhooks", "list"]), json!([]));
     let _ = child.kill().await;
 }
+
+/// `--db` takes a path or `sqlite://PATH`; a PostgreSQL or other URL is refused with a clear
+/// message (with the password hidden), not turned into a file.
+#[tokio::test]
+async fn db_urls_are_understood_or_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("by-url.db");
+    let url = format!("sqlite://{}", file.display());
+    let account = cli(Path::new(&url), &["accounts", "create", "acme"]);
+    assert!(file.exists(), "sqlite:// names the file");
+    let listed = cli(&file, &["accounts", "list"]);
+    assert_eq!(listed[0]["id"], account["id"], "the same database by path");
+
+    for (db, expect) in [
+        (
+            "postgres://app:s3cret@127.0.0.1:5432/chat",
+            "no PostgreSQL backend",
+        ),
+        ("mysql://localhost/chat", "unsupported database URL scheme"),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .current_dir(dir.path())
+            .args(["--db", db, "accounts", "list"])
+            .env_remove("SWITCHBOARD_API_KEY")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{err}");
+        assert!(!err.contains("s3cret"), "password shown: {err}");
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("by-url.db")),
+        "no stray files: {names:?}"
+    );
+}
