@@ -6,17 +6,16 @@
 //! after a warm-up, and stops the children by pid. Numbers, not pass/fail.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
+use switchboard_bench::child::Server;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 #[derive(Debug, Parser)]
 #[command(about = "Load benchmark for switchboard")]
@@ -77,56 +76,6 @@ async fn bare_server() -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Server {
-    async fn start(mut cmd: Command, dir: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting server")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("listening on http://") {
-                    return Ok(url.to_owned());
-                }
-            }
-            bail!("server exited before listening")
-        })
-        .await
-        .context("server did not start within 60 s")??;
-        Ok(Self {
-            child,
-            addr,
-            _dir: dir,
-        })
-    }
-
-    async fn stop(mut self) {
-        // SIGTERM by pid, then wait: a graceful stop, like an operator's.
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        let _ = self.child.kill().await;
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-}
-
 #[derive(Clone)]
 struct Scenario {
     name: &'static str,
@@ -153,7 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut bare_cmd = Command::new(&exe);
     bare_cmd.arg("bare-server");
-    let bare = Server::start(bare_cmd, None).await?;
+    let bare = Server::start(bare_cmd).await?;
     let bare_stats = load(
         &cli,
         &bare.addr,
@@ -178,8 +127,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .args(&cli.serve_arg)
         .env("SWITCHBOARD_API_KEY", key)
         .env("RUST_LOG", "warn");
-    let sb = Server::start(sb_cmd, Some(dir)).await?;
-    let rss_idle = rss_kib(sb.pid());
+    let sb = Server::start(sb_cmd).await?;
+    let rss_idle = sb.rss_kib().ok();
 
     let seed = request(&sb.addr, Scenario {
         name: "seed",
@@ -218,8 +167,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         api_key: Some(key.into()),
     })
     .await?;
-    let rss_after = rss_kib(sb.pid());
+    let rss_after = sb.rss_kib().ok();
     sb.stop().await;
+    drop(dir);
 
     println!();
     println!(
@@ -259,14 +209,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("switchboard RSS: {a} KiB idle, {b} KiB after the run");
     }
     Ok(())
-}
-
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 async fn connect(

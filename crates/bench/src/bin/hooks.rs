@@ -10,11 +10,11 @@
 //! holds both ends, so it is one clock). Numbers, not pass/fail.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchboard_bench::child::{admin, Server};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -25,8 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Parser)]
@@ -77,88 +76,6 @@ fn main() -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // The switchboard child
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    async fn start(mut cmd: Command) -> anyhow::Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting switchboard")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("listening on http://") {
-                    return Ok(url.to_owned());
-                }
-            }
-            bail!("switchboard exited before listening")
-        })
-        .await
-        .context("switchboard did not start within 60 s")??;
-        // Keep reading the child's stdout so that a later line can never block it.
-        tokio::spawn(async move {
-            let mut err = tokio::io::stderr();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = err.write_all(format!("[server] {line}\n").as_bytes()).await;
-            }
-        });
-        Ok(Self { child, addr })
-    }
-
-    async fn stop(mut self) {
-        // SIGTERM by pid, then wait: a graceful stop, like an operator's.
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        let _ = self.child.kill().await;
-    }
-}
-
-/// Runs a `switchboard` admin verb with `--json` and returns its output.
-async fn admin(exe: &Path, db: &Path, args: &[&str]) -> anyhow::Result<Value> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        Command::new(exe)
-            .arg("--db")
-            .arg(db)
-            .arg("--json")
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .with_context(|| format!("`switchboard {}` did not finish in 60 s", args.join(" ")))?
-    .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`switchboard {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| {
-        format!(
-            "`switchboard {}` did not print JSON: {}",
-            args.join(" "),
-            text.trim()
-        )
-    })
-}
 
 fn switchboard_exe(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(p) = &cli.switchboard {

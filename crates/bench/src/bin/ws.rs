@@ -15,11 +15,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchboard_bench::child::rss_kib;
+use switchboard_bench::child::{admin, Server};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -30,9 +31,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -147,101 +147,6 @@ async fn bare_ws_server(read_buffer: Option<usize>) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // Child servers
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    async fn start(mut cmd: Command) -> anyhow::Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting server")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("listening on http://") {
-                    return Ok(url.to_owned());
-                }
-            }
-            bail!("server exited before listening")
-        })
-        .await
-        .context("server did not start within 60 s")??;
-        if !addr.starts_with("127.0.0.1:") {
-            bail!("server listens on {addr}; this bench only connects to 127.0.0.1");
-        }
-        // Keep reading the child's stdout so that a later line can never block it or fail.
-        tokio::spawn(async move {
-            let mut err = tokio::io::stderr();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = err.write_all(format!("[server] {line}\n").as_bytes()).await;
-            }
-        });
-        Ok(Self { child, addr })
-    }
-
-    async fn stop(mut self) {
-        // SIGTERM by pid, then wait: a graceful stop, like an operator's.
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        let _ = self.child.kill().await;
-    }
-
-    fn rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.child.id().context("server has exited")?;
-        rss_kib(&format!("/proc/{pid}/status"))
-    }
-}
-
-fn rss_kib(status_path: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(status_path).with_context(|| status_path.to_owned())?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in {status_path}"))
-}
-
-/// Runs a `switchboard` admin verb with `--json` and returns its output.
-async fn admin(exe: &Path, db: &Path, args: &[&str]) -> anyhow::Result<Value> {
-    let out = Command::new(exe)
-        .arg("--db")
-        .arg(db)
-        .arg("--json")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`switchboard {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| {
-        format!(
-            "`switchboard {}` did not print JSON: {}",
-            args.join(" "),
-            text.trim()
-        )
-    })
-}
 
 // ---------------------------------------------------------------------------------------
 // Limits

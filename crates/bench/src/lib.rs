@@ -1,0 +1,3 @@
+//! Shared pieces of the benchmark binaries (numbers, never assertions).
+
+pub mod child;
