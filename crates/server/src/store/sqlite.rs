@@ -1068,39 +1068,37 @@ async fn advance_queue(
     webhook_id: &str,
     conversation_id: &str,
 ) -> StoreResult<()> {
-    let next: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT event_seq, next_attempt_at FROM webhook_deliveries \
-         WHERE webhook_id = ? AND conversation_id = ? AND status = 'pending' \
-         ORDER BY event_seq LIMIT 1",
-    )
-    .bind(webhook_id)
-    .bind(conversation_id)
-    .fetch_optional(&mut ctx.conn)
-    .await?;
-    match next {
-        Some((seq, at)) => {
-            sqlx::query(
-                "INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, \
-                 next_attempt_at) VALUES (?, ?, ?, ?) ON CONFLICT (webhook_id, conversation_id) \
-                 DO UPDATE SET head_seq = excluded.head_seq, \
-                 next_attempt_at = excluded.next_attempt_at",
-            )
-            .bind(webhook_id)
-            .bind(conversation_id)
-            .bind(seq)
-            .bind(at)
-            .execute(&mut ctx.conn)
-            .await?;
-        }
-        None => {
-            sqlx::query("DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ?")
-                .bind(webhook_id)
-                .bind(conversation_id)
-                .execute(&mut ctx.conn)
-                .await?;
-        }
-    }
+    bind_advance_queue(sqlx::query(ADVANCE_QUEUE_SQL), webhook_id, conversation_id)
+        .execute(&mut ctx.conn)
+        .await?;
     Ok(())
+}
+
+/// Points the queue of (endpoint, conversation) at its oldest pending delivery, or removes
+/// it when none is left (6 parameters: see [`bind_advance_queue`]).
+const ADVANCE_QUEUE_SQL: &str = "\
+    INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+      SELECT webhook_id, conversation_id, event_seq, next_attempt_at \
+      FROM webhook_deliveries WHERE webhook_id = ? AND conversation_id = ? \
+      AND status = 'pending' ORDER BY event_seq LIMIT 1 \
+      ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
+      head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at; \
+    DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ? \
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = ? \
+      AND conversation_id = ? AND status = 'pending'); ";
+
+fn bind_advance_queue<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    webhook_id: &str,
+    conversation_id: &str,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let mut q = q;
+    for _ in 0..3 {
+        q = q
+            .bind(webhook_id.to_owned())
+            .bind(conversation_id.to_owned());
+    }
+    q
 }
 
 /// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
@@ -1247,8 +1245,8 @@ async fn end_chat(
     Ok(missed)
 }
 
-/// The statements that record one attempt (22 parameters): the delivery's new state, the
-/// attempt log and the queue head.
+/// The statements that record one attempt (16 parameters), followed by
+/// [`ADVANCE_QUEUE_SQL`]: the delivery's new state and the attempt log.
 const RECORD_ATTEMPT_SQL: &str = "\
     UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, \
       next_attempt_at = coalesce(?, next_attempt_at), last_attempt_at = ?, \
@@ -1258,16 +1256,7 @@ const RECORD_ATTEMPT_SQL: &str = "\
     INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
       latency_ms, error) \
       SELECT webhook_id, event_id, attempts, ?, ?, ?, ? FROM webhook_deliveries \
-      WHERE webhook_id = ? AND event_id = ?; \
-    INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
-      SELECT webhook_id, conversation_id, event_seq, next_attempt_at \
-      FROM webhook_deliveries WHERE webhook_id = ? AND conversation_id = ? \
-      AND status = 'pending' ORDER BY event_seq LIMIT 1 \
-      ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
-      head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at; \
-    DELETE FROM webhook_queues WHERE webhook_id = ? AND conversation_id = ? \
-      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = ? \
-      AND conversation_id = ? AND status = 'pending'); ";
+      WHERE webhook_id = ? AND event_id = ?; ";
 
 /// Records attempts: all of their delivery, log and queue changes go to SQLite in one round
 /// trip inside a savepoint of their own; endpoint health is then updated where it changes.
@@ -1275,10 +1264,13 @@ async fn record_attempts_in(
     ctx: &mut WriterCtx,
     outcomes: Vec<AttemptOutcome>,
 ) -> StoreResult<Vec<EndpointHealth>> {
-    let mut sql = String::with_capacity(40 + outcomes.len() * RECORD_ATTEMPT_SQL.len());
+    let mut sql = String::with_capacity(
+        40 + outcomes.len() * (RECORD_ATTEMPT_SQL.len() + ADVANCE_QUEUE_SQL.len()),
+    );
     sql.push_str("SAVEPOINT attempts; ");
     for _ in &outcomes {
         sql.push_str(RECORD_ATTEMPT_SQL);
+        sql.push_str(ADVANCE_QUEUE_SQL);
     }
     sql.push_str("RELEASE attempts");
     let mut q = sqlx::query(&sql);
@@ -1306,13 +1298,8 @@ async fn record_attempts_in(
             .bind(o.latency_ms)
             .bind(o.error.clone())
             .bind(o.webhook_id.clone())
-            .bind(o.event_id.clone())
-            .bind(o.webhook_id.clone())
-            .bind(o.conversation_id.clone())
-            .bind(o.webhook_id.clone())
-            .bind(o.conversation_id.clone())
-            .bind(o.webhook_id.clone())
-            .bind(o.conversation_id.clone());
+            .bind(o.event_id.clone());
+        q = bind_advance_queue(q, &o.webhook_id, &o.conversation_id);
     }
     if let Err(e) = q.execute(&mut ctx.conn).await {
         // Leave nothing half-done: the savepoint may still be open.
@@ -1485,6 +1472,29 @@ struct ChatRow {
     start_page_url: Option<String>,
     start_page_title: Option<String>,
 }
+
+impl From<ChatRow> for ChatInfo {
+    fn from(c: ChatRow) -> Self {
+        ChatInfo {
+            id: c.id,
+            start_seq: c.start_seq,
+            started_at: c.started_at,
+            ended_at: c.ended_at,
+            no_agent_online: c.no_agent_online,
+            start_page_url: c.start_page_url,
+            start_page_title: c.start_page_title,
+        }
+    }
+}
+
+/// Columns of [`ChatRow`].
+const CHAT_COLUMNS: &str =
+    "id, start_seq, started_at, ended_at, no_agent_online, start_page_url, start_page_title";
+
+/// Columns of [`DeliveryRow`] from `webhook_deliveries d JOIN webhook_events e`.
+const DELIVERY_COLUMNS: &str = "d.webhook_id, d.event_id, e.kind, d.conversation_id, \
+     d.event_seq, d.status, d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, \
+     d.last_status, d.last_error, d.last_latency_ms, d.delivered_at";
 
 const WEBHOOK_COLUMNS: &str = "id, account_id, url, events, description, enabled, secret, \
      created_at, consecutive_failures, failing_since, last_error";
@@ -2328,10 +2338,9 @@ impl Store for SqliteStore {
         let chat_ids: Vec<&str> = rows.iter().filter_map(|r| r.fchat.as_deref()).collect();
         let mut chats: HashMap<String, ChatInfo> = HashMap::new();
         if !chat_ids.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT id, start_seq, started_at, ended_at, no_agent_online, start_page_url, \
-                 start_page_title FROM chats WHERE id IN (",
-            );
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                "SELECT {CHAT_COLUMNS} FROM chats WHERE id IN ("
+            ));
             let mut sep = qb.separated(", ");
             for id in &chat_ids {
                 sep.push_bind(*id);
@@ -2339,18 +2348,7 @@ impl Store for SqliteStore {
             sep.push_unseparated(")");
             let found: Vec<ChatRow> = qb.build_query_as().fetch_all(&self.pool).await?;
             for c in found {
-                chats.insert(
-                    c.id.clone(),
-                    ChatInfo {
-                        id: c.id,
-                        start_seq: c.start_seq,
-                        started_at: c.started_at,
-                        ended_at: c.ended_at,
-                        no_agent_online: c.no_agent_online,
-                        start_page_url: c.start_page_url,
-                        start_page_title: c.start_page_title,
-                    },
-                );
+                chats.insert(c.id.clone(), c.into());
             }
         }
         Ok(rows
@@ -2522,16 +2520,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(DueRow::into_due)
-            .filter(|d| {
-                !busy
-                    .iter()
-                    .any(|(w, c)| *w == d.webhook.id && *c == d.event.conversation_id)
-            })
-            .take(limit as usize)
-            .collect())
+        Ok(rows.into_iter().map(DueRow::into_due).collect())
     }
 
     async fn freeze_payloads(
@@ -2597,14 +2586,12 @@ impl Store for SqliteStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryRow>> {
-        Ok(sqlx::query_as(
-            "SELECT d.webhook_id, d.event_id, e.kind, d.conversation_id, d.event_seq, d.status, \
-             d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, d.last_status, \
-             d.last_error, d.last_latency_ms, d.delivered_at \
+        Ok(sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} \
              FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
              WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_seq < ? \
-             ORDER BY d.event_seq DESC LIMIT ?",
-        )
+             ORDER BY d.event_seq DESC LIMIT ?"
+        ))
         .bind(account_id)
         .bind(webhook_id)
         .bind(before_seq.unwrap_or(i64::MAX))
@@ -2619,13 +2606,11 @@ impl Store for SqliteStore {
         webhook_id: &str,
         event_id: &str,
     ) -> StoreResult<Option<DeliveryRow>> {
-        Ok(sqlx::query_as(
-            "SELECT d.webhook_id, d.event_id, e.kind, d.conversation_id, d.event_seq, d.status, \
-             d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, d.last_status, \
-             d.last_error, d.last_latency_ms, d.delivered_at \
+        Ok(sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} \
              FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
-             WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_id = ?",
-        )
+             WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_id = ?"
+        ))
         .bind(account_id)
         .bind(webhook_id)
         .bind(event_id)
@@ -2708,23 +2693,14 @@ impl Store for SqliteStore {
     }
 
     async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>> {
-        let row: Option<ChatRow> = sqlx::query_as(
-            "SELECT id, start_seq, started_at, ended_at, no_agent_online, start_page_url, \
-             start_page_title FROM chats WHERE account_id = ? AND id = ?",
-        )
+        let row: Option<ChatRow> = sqlx::query_as(&format!(
+            "SELECT {CHAT_COLUMNS} FROM chats WHERE account_id = ? AND id = ?"
+        ))
         .bind(account_id)
         .bind(chat_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|c| ChatInfo {
-            id: c.id,
-            start_seq: c.start_seq,
-            started_at: c.started_at,
-            ended_at: c.ended_at,
-            no_agent_online: c.no_agent_online,
-            start_page_url: c.start_page_url,
-            start_page_title: c.start_page_title,
-        }))
+        Ok(row.map(ChatInfo::from))
     }
 
     async fn close(&self) {
