@@ -161,12 +161,7 @@ impl Domain {
         self.store
             .delivery(account_id, id, event_id)
             .await?
-            .ok_or_else(|| {
-                DomainError::NotFound(format!(
-                    "event {} was never delivered to webhook {id}",
-                    event_id.chars().take(64).collect::<String>()
-                ))
-            })
+            .ok_or_else(|| never_delivered(id, event_id))
     }
 
     /// The attempts of one delivery.
@@ -195,10 +190,7 @@ impl Domain {
         {
             Ok(())
         } else {
-            Err(DomainError::NotFound(format!(
-                "event {} was never delivered to webhook {id}",
-                event_id.chars().take(64).collect::<String>()
-            )))
+            Err(never_delivered(id, event_id))
         }
     }
 
@@ -267,8 +259,12 @@ fn parse_events(events: Option<Vec<String>>) -> DomainResult<Option<String>> {
 }
 
 fn webhook_not_found(id: &str) -> DomainError {
+    DomainError::NotFound(format!("Webhook {} does not exist", shown(id)))
+}
+
+fn never_delivered(webhook_id: &str, event_id: &str) -> DomainError {
     DomainError::NotFound(format!(
-        "Webhook {} does not exist",
-        id.chars().take(64).collect::<String>()
+        "event {} was never delivered to webhook {webhook_id}",
+        shown(event_id)
     ))
 }

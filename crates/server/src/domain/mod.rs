@@ -833,12 +833,13 @@ impl Domain {
             )));
         }
         let position = |field: &'static str, id: String| async move {
-            match self.store.message_position(account_id, &id).await? {
-                Some((seq, v)) if v == visitor => Ok(seq),
-                _ => Err(DomainError::Invalid(format!(
-                    "{field} {id} is not a message of visitor {visitor}"
-                ))),
-            }
+            self.position_in(account_id, visitor, &id)
+                .await?
+                .ok_or_else(|| {
+                    DomainError::Invalid(format!(
+                        "{field} {id} is not a message of visitor {visitor}"
+                    ))
+                })
         };
         let window = match (page.before, page.after) {
             (Some(_), Some(_)) => {
@@ -854,6 +855,22 @@ impl Domain {
             .store
             .list_messages(account_id, visitor, window, page.limit)
             .await?)
+    }
+
+    /// The feed position of a message of this visitor (deleted ones included: they still
+    /// mark a place); `None` if it is not one of the visitor's messages.
+    async fn position_in(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        message_id: &str,
+    ) -> DomainResult<Option<i64>> {
+        Ok(
+            match self.store.message_position(account_id, message_id).await? {
+                Some((seq, v)) if v == visitor_id => Some(seq),
+                _ => None,
+            },
+        )
     }
 
     /// Forgets idempotency keys past their retention.
@@ -882,11 +899,16 @@ fn key_reused() -> DomainError {
 
 fn not_found(id: &str, pushed: bool) -> DomainError {
     let what = if pushed { "Pushed message" } else { "Message" };
+    DomainError::NotFound(format!("{what} {} does not exist", shown(id)))
+}
+
+/// A client-given id as an error message shows it: at most 64 characters.
+fn shown(id: &str) -> String {
     let mut shown: String = id.chars().take(64).collect();
     if shown.len() < id.len() {
         shown.push('…');
     }
-    DomainError::NotFound(format!("{what} {shown} does not exist"))
+    shown
 }
 
 fn change_result(

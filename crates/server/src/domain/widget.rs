@@ -305,16 +305,19 @@ impl Domain {
         let id = message_id
             .filter(|m| !m.trim().is_empty())
             .ok_or_else(|| DomainError::Missing("messageId is required".into()))?;
-        match self.store.message_position(&who.account_id, &id).await? {
-            Some((seq, v)) if v == who.visitor_id => Ok(self
-                .store
-                .mark_read(&who.account_id, &who.visitor_id, seq)
-                .await?),
-            _ => Err(DomainError::NotFound(format!(
-                "Message {} does not exist in this conversation",
-                id.chars().take(64).collect::<String>()
-            ))),
-        }
+        let seq = self
+            .position_in(&who.account_id, &who.visitor_id, &id)
+            .await?
+            .ok_or_else(|| {
+                DomainError::NotFound(format!(
+                    "Message {} does not exist in this conversation",
+                    shown(&id)
+                ))
+            })?;
+        Ok(self
+            .store
+            .mark_read(&who.account_id, &who.visitor_id, seq)
+            .await?)
     }
 
     /// The visitor, as stored.
@@ -332,13 +335,14 @@ impl Domain {
         visitor_id: &str,
         message_id: &str,
     ) -> DomainResult<i64> {
-        match self.store.message_position(account_id, message_id).await? {
-            Some((seq, v)) if v == visitor_id => Ok(seq),
-            _ => Err(DomainError::Invalid(format!(
-                "after: {} is not a message of this visitor",
-                message_id.chars().take(64).collect::<String>()
-            ))),
-        }
+        self.position_in(account_id, visitor_id, message_id)
+            .await?
+            .ok_or_else(|| {
+                DomainError::Invalid(format!(
+                    "after: {} is not a message of this visitor",
+                    shown(message_id)
+                ))
+            })
     }
 
     /// The newest committed feed position.

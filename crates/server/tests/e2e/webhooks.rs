@@ -393,7 +393,7 @@ async fn a_failing_endpoint_does_not_hold_up_a_healthy_one() {
             .ok();
         }
     }
-    let (hits, _) = collect_all_for(&s, &mut good).await;
+    let (hits, _) = collect_all(&s, &mut good).await;
     assert_in_order(&hits, 3);
 
     // The others are retried and marked failing, visibly in the API.
@@ -450,12 +450,6 @@ async fn a_failing_endpoint_does_not_hold_up_a_healthy_one() {
     }
     drop(slow);
     drop(broken);
-}
-
-/// Like [`collect_all`], for a receiver that gets every event (the outbox counts events,
-/// not deliveries, so this waits for as many distinct ids as events).
-async fn collect_all_for(s: &TestServer, rx: &mut Receiver) -> (Vec<Hit>, usize) {
-    collect_all(s, rx).await
 }
 
 #[tokio::test]
