@@ -23,60 +23,102 @@ use tokio::net::TcpListener;
 use tower::Layer;
 
 use crate::domain::{Clock, Domain, DomainConfig};
+use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store;
 
-/// Opens the database at `path` and builds the domain service over it.
+/// Settings of both backends; the one the database names is used.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// For an SQLite file.
+    pub sqlite: SqliteOptions,
+    /// For a PostgreSQL URL.
+    pub postgres: PostgresOptions,
+}
+
+impl From<SqliteOptions> for StoreOptions {
+    fn from(sqlite: SqliteOptions) -> Self {
+        Self {
+            sqlite,
+            ..Self::default()
+        }
+    }
+}
+
+/// The database a `--db` value names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file (a path, or `sqlite://PATH`).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL server (`postgres://` or `postgresql://` URL).
+    Postgres(String),
+}
+
+impl Database {
+    /// Reads a `--db` value. Unknown URL schemes are refused with a clear message instead of
+    /// becoming oddly named files.
+    pub fn parse(db: &std::path::Path) -> anyhow::Result<Self> {
+        let Some(text) = db.to_str() else {
+            return Ok(Self::Sqlite(db.to_path_buf()));
+        };
+        if let Some(rest) = text.strip_prefix("sqlite://") {
+            if rest.is_empty() {
+                anyhow::bail!("--db sqlite:// needs a file path, e.g. sqlite://./switchboard.db");
+            }
+            return Ok(Self::Sqlite(std::path::PathBuf::from(rest)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Self::Postgres(text.to_owned()));
+        }
+        if let Some((scheme, _)) = text.split_once("://") {
+            anyhow::bail!(
+                "--db {}: unsupported database URL scheme {scheme:?}; use a file path, \
+                 sqlite://PATH or postgres://USER@HOST/DATABASE",
+                store::postgres::redact(text)
+            );
+        }
+        Ok(Self::Sqlite(db.to_path_buf()))
+    }
+}
+
+/// Opens the database `db` names (a path, `sqlite://PATH` or `postgres://...`), runs its
+/// migrations and builds the domain service over it.
 pub async fn open(
-    path: &std::path::Path,
-    sqlite: SqliteOptions,
+    db: &std::path::Path,
+    options: impl Into<StoreOptions>,
     config: DomainConfig,
     clock: Clock,
 ) -> anyhow::Result<Arc<Domain>> {
-    let path = sqlite_path(path)?;
-    let path = path.as_path();
-    let store = SqliteStore::open(path, sqlite)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", path.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let options = options.into();
+    let store: Arc<dyn Store> = match Database::parse(db)? {
+        Database::Sqlite(path) => Arc::new(
+            SqliteStore::open(&path, options.sqlite)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening database {}: {e}", path.display()))?,
+        ),
+        Database::Postgres(url) => Arc::new(
+            PostgresStore::open(&url, options.postgres)
+                .await
+                .map_err(|e| postgres_open_error(&url, e))?,
+        ),
+    };
     Ok(Arc::new(Domain::new(store, config, clock)))
 }
 
-/// The SQLite file a `--db` value names: a path, or `sqlite://PATH`. Other URLs are refused
-/// with a clear message instead of becoming oddly named files.
-pub fn sqlite_path(db: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    let Some(text) = db.to_str() else {
-        return Ok(db.to_path_buf());
-    };
-    if let Some(rest) = text.strip_prefix("sqlite://") {
-        if rest.is_empty() {
-            anyhow::bail!("--db sqlite:// needs a file path, e.g. sqlite://./switchboard.db");
+/// What to tell the operator when PostgreSQL cannot be opened.
+fn postgres_open_error(url: &str, e: store::StoreError) -> anyhow::Error {
+    let shown = store::postgres::redact(url);
+    match &e {
+        store::StoreError::Database(
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_),
+        ) => anyhow::anyhow!("cannot connect to PostgreSQL at {shown}: {e}"),
+        store::StoreError::Database(sqlx::Error::Configuration(_)) => {
+            anyhow::anyhow!("--db {shown} is not a valid PostgreSQL URL: {e}")
         }
-        return Ok(std::path::PathBuf::from(rest));
-    }
-    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-        anyhow::bail!(
-            "--db {}: this build has no PostgreSQL backend yet; use a file path or sqlite://PATH",
-            redact_url(text)
-        );
-    }
-    if let Some((scheme, _)) = text.split_once("://") {
-        anyhow::bail!(
-            "--db {}: unsupported database URL scheme {scheme:?}; use a file path or sqlite://PATH",
-            redact_url(text)
-        );
-    }
-    Ok(db.to_path_buf())
-}
-
-/// A URL with any password replaced, for error messages.
-fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+        store::StoreError::Migrate(_) => {
+            anyhow::anyhow!("migrating the PostgreSQL database at {shown}: {e}")
         }
-        _ => url.to_owned(),
+        _ => anyhow::anyhow!("cannot connect to PostgreSQL at {shown}: {e}"),
     }
 }
 

@@ -7,6 +7,7 @@
 use async_trait::async_trait;
 
 mod cache;
+pub mod postgres;
 pub mod sqlite;
 
 /// Failures of the storage layer. HTTP status codes are decided elsewhere.

@@ -1,0 +1,3246 @@
+//! The PostgreSQL backend: several switchboard instances on one database.
+//!
+//! Writes work as in the SQLite backend: one writer task per instance commits everything
+//! queued at that moment in one transaction (group commit) and answers the callers after
+//! the commit. Every write transaction locks the single `feed_head` row first, so
+//! transactions of all instances commit in seq order: a reader that sees seq n sees
+//! everything below it, and the feed can be read from the tables by position.
+//!
+//! Each instance keeps the open chats in memory, as the SQLite writer does. The head row
+//! names the instance that wrote last; a writer that finds another instance's writes since
+//! its own reloads the chats those writes touched before it goes on, so chat timers and
+//! transcripts stay exactly-once with any number of instances.
+//!
+//! Committed changes reach every instance's live streams through a feed reader that reads
+//! the tables from the last position it saw, woken by the local writer, by `LISTEN
+//! switchboard_feed` (other instances), and by a slow poll (a dropped LISTEN connection
+//! then costs latency, never an event).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::{mpsc, oneshot};
+
+use super::cache::AgentCache;
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The channel on which instances announce commits (the payload is the new head).
+const FEED_CHANNEL: &str = "switchboard_feed";
+/// The channel on which instances announce agent changes (the payload is the account id).
+const AGENTS_CHANNEL: &str = "switchboard_agents";
+
+/// Tuning of the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Connections for reads (the writer and the listener have their own).
+    pub read_connections: u32,
+    /// How long to wait for a connection at start-up and from the pool.
+    pub connect_timeout: Duration,
+    /// Longest time one statement may run (`statement_timeout`); 0 leaves the server's.
+    pub statement_timeout: Duration,
+    /// How long a dispatcher owns the deliveries it claimed; after that (the instance died
+    /// or hangs) another instance takes them. Longer than a delivery attempt can take.
+    pub webhook_lease: Duration,
+    /// How often the feed is read even without a notification.
+    pub feed_poll: Duration,
+    /// How long an agent looked up by id or email is trusted (other instances' changes
+    /// also clear it at once through a notification).
+    pub agent_cache_ttl: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 512,
+            read_connections: 16,
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            webhook_lease: Duration::from_secs(60),
+            feed_poll: Duration::from_secs(1),
+            agent_cache_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a job leaves for the writer: whether it succeeded (else its savepoint is rolled
+/// back) and how to answer its caller once the commit outcome is known.
+struct JobDone {
+    ok: bool,
+    answer: Answer,
+}
+
+/// Answers a job's caller, given the commit error if the commit failed.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
+
+/// A new message: the hot path, coalesced with the other inserts of its batch into one
+/// multi-row INSERT when it carries no idempotency key.
+struct InsertJob {
+    row: MessageRow,
+    idem: Option<IdempotencyRecord>,
+    reply: oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+}
+
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum WriterMsg {
+    Job(Job),
+    Atomic(Job),
+    Insert(InsertJob),
+    Stop(oneshot::Sender<()>),
+}
+
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Pending {
+    Job(Job),
+    /// A job that is atomic by itself (one statement, or its own savepoint).
+    Atomic(Job),
+    Insert(InsertJob),
+}
+
+/// State owned by the writer task.
+struct WriterCtx {
+    conn: PgConnection,
+    /// To connect again after the connection broke.
+    connect: PgConnectOptions,
+    /// This instance's name in `feed_head.writer`.
+    instance: String,
+    /// The head this writer committed last; if the head row shows anything else, another
+    /// instance wrote since and `open_chats` must catch up.
+    committed: i64,
+    /// (account, visitor) -> conversation id, for visitors known to exist. A visitor's
+    /// conversation never changes, whichever instance created it.
+    conversations: HashMap<(String, String), String>,
+    /// Entries added in the current transaction, forgotten again if it fails.
+    added: Vec<(String, String)>,
+    /// The next feed position (valid while the head row is locked).
+    next_seq: i64,
+    /// Open chats by conversation id, as of `committed`.
+    open_chats: HashMap<String, OpenChat>,
+    /// Changes to `open_chats` in the current transaction, undone if it fails.
+    chat_undo: Vec<ChatUndo>,
+    /// Changes of the current transaction (only whether there were any matters here: the
+    /// feed reader reads them back from the tables).
+    events: Vec<Arc<FeedEvent>>,
+    /// Whether the current transaction added or rescheduled webhook deliveries.
+    outbox_touched: bool,
+    /// Whether an account has endpoints for an event, asked once per batch.
+    wanted: HashMap<(String, &'static str), bool>,
+    signals: Signals,
+    /// Wakes the feed reader after a commit.
+    committed_signal: Arc<tokio::sync::Notify>,
+}
+
+/// An open chat as the writer tracks it.
+#[derive(Debug, Clone)]
+struct OpenChat {
+    info: ChatInfo,
+    account_id: String,
+    visitor_id: String,
+    /// Time of the newest not-pushed message.
+    last_activity: i64,
+    /// Time of the newest message, pushed ones included.
+    last_message_at: i64,
+    /// Seq of the newest message.
+    last_seq: i64,
+    /// Messages up to this seq were sent in a fragment.
+    fragment_seq: i64,
+}
+
+impl OpenChat {
+    /// Notes a new message of the chat's conversation.
+    fn note(&mut self, m: &MessageRow) {
+        if !m.is_pushed {
+            self.last_activity = self.last_activity.max(m.created_at);
+        }
+        self.last_message_at = self.last_message_at.max(m.created_at);
+        self.last_seq = self.last_seq.max(m.seq);
+    }
+
+    /// Messages of the chat not yet sent in a fragment: seq in (from, last_seq].
+    fn unfragmented_from(&self) -> Option<i64> {
+        let from = self.fragment_seq.max(self.info.start_seq - 1);
+        (self.last_seq > from).then_some(from)
+    }
+}
+
+enum ChatUndo {
+    Opened(String),
+    Closed(String, OpenChat),
+    Fragmented(String, i64),
+}
+
+/// How far the current transaction had got, to undo a failed job's part of it.
+struct Mark {
+    events: usize,
+    chat_undo: usize,
+}
+
+const CONVERSATION_CACHE_MAX: usize = 200_000;
+
+/// PostgreSQL implementation of [`Store`].
+pub struct PostgresStore {
+    pool: PgPool,
+    writer: mpsc::Sender<WriterMsg>,
+    agents: Arc<AgentCache>,
+    head: Arc<AtomicI64>,
+    feed: std::sync::Mutex<Option<FeedReceiver>>,
+    /// Whether someone took the feed (until then the reader drops what it reads).
+    feed_taken: Arc<std::sync::atomic::AtomicBool>,
+    signals: Signals,
+    presence: Arc<super::cache::PresenceCache>,
+    options: PostgresOptions,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, runs the migrations and starts the writer, the
+    /// feed reader and the listener.
+    pub async fn open(url: &str, options: PostgresOptions) -> StoreResult<Self> {
+        let mut connect = PgConnectOptions::from_str(url)?
+            .application_name("switchboard")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        if !options.statement_timeout.is_zero() {
+            connect = connect.options([(
+                "statement_timeout",
+                format!("{}ms", options.statement_timeout.as_millis()),
+            )]);
+        }
+        let mut conn = tokio::time::timeout(options.connect_timeout, connect.connect())
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+        // Several instances may start at once: the migrator takes an advisory lock.
+        MIGRATOR.run(&mut conn).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.read_connections.max(2))
+            .min_connections(1)
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect.clone())
+            .await?;
+
+        let (tx, rx) = mpsc::channel(8192);
+        let head_now: i64 = sqlx::query_scalar("SELECT seq FROM feed_head")
+            .fetch_one(&mut conn)
+            .await?;
+        let head = Arc::new(AtomicI64::new(head_now));
+        let signals = Signals::default();
+        let committed_signal = Arc::new(tokio::sync::Notify::new());
+        let ctx = WriterCtx {
+            conn,
+            connect: connect.clone(),
+            instance: format!("{}-{}", std::process::id(), crate::ids::new_id()),
+            // Nothing matches: the first transaction loads the open chats.
+            committed: -1,
+            conversations: HashMap::new(),
+            added: Vec::new(),
+            next_seq: 0,
+            open_chats: HashMap::new(),
+            chat_undo: Vec::new(),
+            events: Vec::new(),
+            outbox_touched: false,
+            wanted: HashMap::new(),
+            signals: signals.clone(),
+            committed_signal: committed_signal.clone(),
+        };
+        let max_batch = options.max_batch.max(1);
+        let mut tasks = vec![tokio::spawn(writer_loop(ctx, rx, max_batch))];
+
+        let agents = Arc::new(AgentCache::new(options.agent_cache_ttl));
+        let presence = Arc::new(super::cache::PresenceCache::new(options.agent_cache_ttl));
+        let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+        let feed_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let remote = Arc::new(tokio::sync::Notify::new());
+        tasks.push(tokio::spawn(listen(
+            pool.clone(),
+            remote.clone(),
+            agents.clone(),
+            presence.clone(),
+        )));
+        tasks.push(tokio::spawn(
+            FeedReader {
+                pool: pool.clone(),
+                after: head_now,
+                head: head.clone(),
+                out: feed_tx,
+                taken: feed_taken.clone(),
+                signals: signals.clone(),
+            }
+            .run(committed_signal, remote, options.feed_poll),
+        ));
+        Ok(Self {
+            pool,
+            writer: tx,
+            agents,
+            head,
+            feed: std::sync::Mutex::new(Some(feed_rx)),
+            feed_taken,
+            signals,
+            presence,
+            options,
+            tasks,
+        })
+    }
+
+    /// Runs `f` inside the writer's next transaction and returns its result once committed.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        self.write_with(false, f).await
+    }
+
+    /// [`Self::write`] for work that is atomic by itself (a single statement, or one that
+    /// sets its own savepoint): it saves the savepoint's two round trips to the database.
+    async fn write_atomic<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        self.write_with(true, f).await
+    }
+
+    async fn write_with<T, F>(&self, atomic: bool, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
+        let job: Job = Box::new(move |ctx| {
+            Box::pin(async move {
+                let result = f(ctx).await;
+                let ok = result.is_ok();
+                JobDone {
+                    ok,
+                    answer: Box::new(move |commit_error| {
+                        let _ = tx.send(match commit_error {
+                            None => result,
+                            Some(e) => Err(StoreError::Commit(e.to_owned())),
+                        });
+                    }),
+                }
+            })
+        });
+        let msg = if atomic {
+            WriterMsg::Atomic(job)
+        } else {
+            WriterMsg::Job(job)
+        };
+        self.writer
+            .send(msg)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::Aborted)?
+    }
+}
+
+async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    let mut stop: Option<oneshot::Sender<()>> = None;
+    while stop.is_none() {
+        match rx.recv().await {
+            Some(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+            Some(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
+            Some(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
+            Some(WriterMsg::Stop(done)) => stop = Some(done),
+            None => break,
+        }
+        while batch.len() < max_batch && stop.is_none() {
+            match rx.try_recv() {
+                Ok(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
+                Ok(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
+                Ok(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
+                Ok(WriterMsg::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            run_batch(&mut ctx, &mut batch).await;
+        }
+    }
+    // Answer anything still queued with an error rather than leaving callers hanging.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let WriterMsg::Stop(done) = msg {
+            let _ = done.send(());
+        }
+    }
+    let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(ctx.conn.close());
+    if let Err(e) = close.await {
+        tracing::warn!(error = %e, "closing the writer connection");
+    }
+    if let Some(done) = stop {
+        let _ = done.send(());
+    }
+}
+
+/// Runs one statement. Boxed: it keeps the writer task's future provably `Send` (sqlx's
+/// executor impls trip the compiler's higher-ranked lifetime inference otherwise).
+fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move { sqlx::Executor::execute(conn, sql).await.map(|_| ()) })
+}
+
+/// Starts a write transaction: locks the head row, which orders this transaction after
+/// every other instance's, and brings the open chats up to date if another instance wrote
+/// since this writer's last commit.
+async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
+    if let Err(e) = exec(&mut ctx.conn, "BEGIN").await {
+        reconnect(ctx).await;
+        return Err(e.into());
+    }
+    let locked: Result<(i64, String), sqlx::Error> =
+        sqlx::query_as("SELECT seq, writer FROM feed_head FOR UPDATE")
+            .fetch_one(&mut ctx.conn)
+            .await;
+    let (head, writer) = match locked {
+        Ok(row) => row,
+        Err(e) => {
+            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            return Err(e.into());
+        }
+    };
+    if head != ctx.committed || writer != ctx.instance {
+        if let Err(e) = catch_up(ctx, head).await {
+            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            return Err(e);
+        }
+    }
+    ctx.next_seq = head + 1;
+    Ok(())
+}
+
+/// Replaces the writer's connection after a failure that may have broken it (the failed
+/// batch is answered with an error; the next one uses the new connection).
+async fn reconnect(ctx: &mut WriterCtx) {
+    ctx.committed = -1;
+    match ctx.connect.connect().await {
+        Ok(conn) => {
+            let old = std::mem::replace(&mut ctx.conn, conn);
+            let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(old.close());
+            let _ = close.await;
+            tracing::info!("the writer reconnected to PostgreSQL");
+        }
+        Err(e) => tracing::error!(error = %e, "the writer cannot reconnect to PostgreSQL"),
+    }
+}
+
+/// Reloads the open chats that other instances' writes since `ctx.committed` touched (all
+/// of them on the first transaction).
+async fn catch_up(ctx: &mut WriterCtx, head: i64) -> StoreResult<()> {
+    if ctx.committed < 0 {
+        ctx.open_chats = load_open_chats(&mut ctx.conn, None).await?;
+    } else {
+        let touched: Vec<String> = sqlx::query_scalar(
+            "SELECT conversation_id FROM messages WHERE seq > $1 AND seq <= $2 \
+             UNION SELECT conversation_id FROM events WHERE seq > $1 AND seq <= $2 \
+             UNION SELECT conversation_id FROM webhook_events WHERE seq > $1 AND seq <= $2",
+        )
+        .bind(ctx.committed)
+        .bind(head)
+        .fetch_all(&mut ctx.conn)
+        .await?;
+        if !touched.is_empty() {
+            for c in &touched {
+                ctx.open_chats.remove(c);
+            }
+            let fresh = load_open_chats(&mut ctx.conn, Some(&touched)).await?;
+            ctx.open_chats.extend(fresh);
+        }
+    }
+    ctx.committed = head;
+    Ok(())
+}
+
+/// Ends a write transaction: records the new head and this writer as its author, commits.
+async fn commit(ctx: &mut WriterCtx) -> Result<i64, sqlx::Error> {
+    let head = ctx.next_seq - 1;
+    let notify = if head > ctx.committed {
+        format!(", n AS (SELECT pg_notify('{FEED_CHANNEL}', $1::text)) SELECT 1 FROM n")
+    } else {
+        " SELECT 1".to_owned()
+    };
+    sqlx::query(&format!(
+        "WITH u AS (UPDATE feed_head SET seq = $1, writer = $2 RETURNING 1){notify}"
+    ))
+    .bind(head)
+    .bind(&ctx.instance)
+    .execute(&mut ctx.conn)
+    .await?;
+    exec(&mut ctx.conn, "COMMIT").await?;
+    Ok(head)
+}
+
+fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
+    Box::pin(run_batch_inner(ctx, batch))
+}
+
+/// An answer owed to a caller once the commit outcome is known.
+// Moved once through a channel or a Vec: boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Owed {
+    Job(Answer),
+    Insert(
+        oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+        StoreResult<Guarded<MessageRow>>,
+    ),
+}
+
+async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
+    let started = std::time::Instant::now();
+    ctx.wanted.clear();
+    let size = batch.len();
+    if let Some(rows) = ctx.fast_path_rows(batch) {
+        // Only new messages for known conversations, and nobody else wrote since this
+        // writer's last commit: one statement moves the head and inserts them, atomic and
+        // durable on its own, so the batch costs one round trip.
+        let first = ctx.committed + 1;
+        let rows: Vec<MessageRow> = rows
+            .into_iter()
+            .zip(first..)
+            .map(|(mut r, seq)| {
+                r.seq = seq;
+                r
+            })
+            .collect();
+        match insert_rows_at_head(ctx, &rows).await {
+            Ok(true) => {
+                for row in &rows {
+                    if let Some(chat) = ctx.open_chats.get_mut(&row.conversation_id) {
+                        chat.note(row);
+                    }
+                }
+                ctx.committed = first + rows.len() as i64 - 1;
+                tracing::debug!(
+                    size,
+                    total_us = started.elapsed().as_micros() as u64,
+                    "group commit (single statement)"
+                );
+                for row in &rows {
+                    ctx.message_created(row);
+                }
+                ctx.publish();
+                answer_fast_path(batch, rows, Ok(()));
+                return;
+            }
+            // Another instance wrote since: take the general path, which catches up.
+            Ok(false) => {}
+            Err(e) => {
+                reconnect(ctx).await;
+                answer_fast_path(batch, rows, Err(e));
+                return;
+            }
+        }
+    }
+    if let Err(e) = begin(ctx).await {
+        tracing::error!(error = %e, jobs = batch.len(), "could not start a write transaction");
+        ctx.committed = -1;
+        // Dropping the jobs answers their callers with an error; nothing was written.
+        batch.clear();
+        return;
+    }
+    let mut owed: Vec<Owed> = Vec::with_capacity(batch.len());
+    let mut plain: Vec<InsertJob> = Vec::new();
+    for pending in batch.drain(..) {
+        match pending {
+            Pending::Job(job) => {
+                // One failing job must not leave half its writes behind, nor undo the others'.
+                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                owed.push(Owed::Job(done.answer));
+            }
+            Pending::Atomic(job) => {
+                let mark = ctx.mark();
+                let done = job(ctx).await;
+                if !done.ok {
+                    ctx.undo_to(mark);
+                }
+                owed.push(Owed::Job(done.answer));
+            }
+            Pending::Insert(job) if job.idem.is_some() => {
+                let InsertJob { row, idem, reply } = job;
+                let result =
+                    in_savepoint_result(ctx, move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
+                        .await;
+                owed.push(Owed::Insert(reply, result));
+            }
+            Pending::Insert(job) => plain.push(job),
+        }
+    }
+    if !plain.is_empty() {
+        for (reply, result) in insert_plain(ctx, plain).await {
+            owed.push(Owed::Insert(reply, result));
+        }
+    }
+    let before_commit = started.elapsed();
+    let commit = commit(ctx).await;
+    tracing::debug!(
+        size,
+        work_us = before_commit.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
+    let commit_error = match commit {
+        Ok(head) => {
+            ctx.committed = head;
+            ctx.added.clear();
+            ctx.chat_undo.clear();
+            ctx.publish();
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed; the batch is rolled back");
+            if exec(&mut ctx.conn, "ROLLBACK").await.is_err() {
+                reconnect(ctx).await;
+            }
+            // The chats in memory may be ahead of the database now: reload them all.
+            ctx.committed = -1;
+            ctx.forget_added();
+            ctx.undo_to(Mark {
+                events: 0,
+                chat_undo: 0,
+            });
+            Some(e.to_string())
+        }
+    };
+    for o in owed {
+        match o {
+            Owed::Job(answer) => answer(commit_error.as_deref()),
+            Owed::Insert(reply, result) => {
+                let _ = reply.send(match &commit_error {
+                    None => result,
+                    Some(e) => Err(StoreError::Commit(e.clone())),
+                });
+            }
+        }
+    }
+}
+
+/// Answers the callers of a single-statement batch.
+fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<MessageRow>, result: StoreResult<()>) {
+    let result = result.map_err(|e| {
+        tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
+        e.to_string()
+    });
+    for (pending, row) in batch.drain(..).zip(rows) {
+        if let Pending::Insert(job) = pending {
+            let answer = match &result {
+                Ok(()) => Ok(Guarded::Applied(row)),
+                Err(e) => Err(StoreError::Commit(e.clone())),
+            };
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Runs a job between SAVEPOINT and RELEASE, rolling back to the savepoint if it failed.
+async fn in_savepoint<F>(ctx: &mut WriterCtx, f: F) -> JobDone
+where
+    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone>,
+{
+    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
+        tracing::error!(error = %e, "savepoint");
+    }
+    let mark = ctx.mark();
+    let done = f(ctx).await;
+    finish_savepoint(ctx, done.ok, mark).await;
+    done
+}
+
+async fn in_savepoint_result<T, F>(ctx: &mut WriterCtx, f: F) -> StoreResult<T>
+where
+    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>>,
+{
+    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
+        tracing::error!(error = %e, "savepoint");
+    }
+    let mark = ctx.mark();
+    let result = f(ctx).await;
+    finish_savepoint(ctx, result.is_ok(), mark).await;
+    result
+}
+
+async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool, mark: Mark) {
+    if !ok {
+        if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
+            tracing::error!(error = %e, "rolling back to savepoint");
+        }
+        ctx.undo_to(mark);
+    }
+    if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
+        tracing::error!(error = %e, "releasing savepoint");
+    }
+}
+
+/// An insert guarded by an idempotency key: replay, refuse, or insert and remember.
+async fn insert_guarded(
+    ctx: &mut WriterCtx,
+    mut m: MessageRow,
+    idem: Option<IdempotencyRecord>,
+) -> StoreResult<Guarded<MessageRow>> {
+    if let Some(rec) = &idem {
+        if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
+            return Ok(g);
+        }
+    }
+    m.conversation_id = ctx
+        .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
+        .await?;
+    if m.seq == 0 {
+        m.seq = ctx.take_seq();
+    }
+    ctx.track_chat(&m).await?;
+    insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
+    ctx.message_created(&m);
+    if let Some(rec) = &idem {
+        idem_save(&mut ctx.conn, &m.account_id, rec).await?;
+    }
+    Ok(Guarded::Applied(m))
+}
+
+/// Rows per multi-row INSERT (17 parameters each; SQLite allows 32,766 per statement).
+const INSERT_CHUNK: usize = 256;
+
+/// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
+/// rows are retried one by one so that one bad row fails alone.
+async fn insert_plain(
+    ctx: &mut WriterCtx,
+    jobs: Vec<InsertJob>,
+) -> Vec<(
+    oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+    StoreResult<Guarded<MessageRow>>,
+)> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut row = job.row.clone();
+        match ctx
+            .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
+            .await
+        {
+            Ok(c) => {
+                row.conversation_id = c;
+                row.seq = ctx.take_seq();
+                match ctx.track_chat(&row).await {
+                    Ok(()) => ready.push((job, row)),
+                    Err(e) => out.push((job.reply, Err(e))),
+                }
+            }
+            Err(e) => out.push((job.reply, Err(e.into()))),
+        }
+    }
+    let mut rest = ready.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
+        let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
+        // One statement is atomic: a failure undoes all of it and nothing else.
+        let inserted = insert_rows(&mut ctx.conn, &rows).await;
+        match inserted {
+            Ok(()) => {
+                for (job, row) in chunk {
+                    ctx.message_created(&row);
+                    out.push((job.reply, Ok(Guarded::Applied(row))));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
+                for (job, row) in chunk {
+                    let result = in_savepoint_result(ctx, move |ctx| {
+                        Box::pin(insert_guarded(ctx, row, None))
+                    })
+                    .await;
+                    out.push((job.reply, result));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The INSERT of messages whose conversation and seq are set, as one statement with one
+/// array per column (so it is prepared once, whatever the number of rows); `$18` is a
+/// condition that must hold for anything to be inserted.
+const INSERT_MESSAGES_SQL: &str = "\
+    INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, \
+      agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+      is_trigger, received_from, created_at, updated_at) \
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bool[], $12::bool[], \
+      $13::bool[], $14::bool[], $15::text[], $16::bigint[], $17::bigint[])";
+
+/// Binds the columns of `rows` to [`INSERT_MESSAGES_SQL`]-shaped statements.
+fn bind_rows<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    rows: &[MessageRow],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn col<T>(rows: &[MessageRow], f: impl Fn(&MessageRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    q.bind(col(rows, |m| m.seq))
+        .bind(col(rows, |m| m.id.clone()))
+        .bind(col(rows, |m| m.account_id.clone()))
+        .bind(col(rows, |m| m.conversation_id.clone()))
+        .bind(col(rows, |m| m.visitor_id.clone()))
+        .bind(col(rows, |m| m.kind.clone()))
+        .bind(col(rows, |m| m.text.clone()))
+        .bind(col(rows, |m| m.agent_id.clone()))
+        .bind(col(rows, |m| m.agent_name.clone()))
+        .bind(col(rows, |m| m.agent_userpic.clone()))
+        .bind(col(rows, |m| m.is_pushed))
+        .bind(col(rows, |m| m.is_missed))
+        .bind(col(rows, |m| m.is_missed_by_visitor))
+        .bind(col(rows, |m| m.is_trigger))
+        .bind(col(rows, |m| m.received_from.clone()))
+        .bind(col(rows, |m| m.created_at))
+        .bind(col(rows, |m| m.updated_at))
+}
+
+/// Inserts messages whose conversation and seq are set (inside the writer's transaction).
+fn insert_rows<'a>(
+    conn: &'a mut PgConnection,
+    rows: &'a [MessageRow],
+) -> BoxFuture<'a, StoreResult<()>> {
+    Box::pin(async move {
+        bind_rows(sqlx::query(INSERT_MESSAGES_SQL), rows)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
+/// Inserts messages numbered from `committed + 1` in one autocommit statement that also
+/// moves the head, provided the head is still this writer's last commit; false (nothing
+/// written) if another instance wrote since.
+async fn insert_rows_at_head(ctx: &mut WriterCtx, rows: &[MessageRow]) -> StoreResult<bool> {
+    // The NOTIFY is part of the statement's transaction: other instances hear of the rows
+    // when they are committed, never before.
+    let sql = format!(
+        "WITH h AS (UPDATE feed_head SET seq = seq + $18 WHERE seq = $19 AND writer = $20 \
+         RETURNING seq), i AS ({INSERT_MESSAGES_SQL} WHERE EXISTS (SELECT 1 FROM h)) \
+         SELECT pg_notify('{FEED_CHANNEL}', seq::text) FROM h"
+    );
+    let r = bind_rows(sqlx::query(&sql), rows)
+        .bind(rows.len() as i64)
+        .bind(ctx.committed)
+        .bind(&ctx.instance)
+        .execute(&mut ctx.conn)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+impl WriterCtx {
+    /// The rows of a batch that can be written by one statement: only plain inserts
+    /// (no idempotency key), all to visitors whose conversation is known, none starting a
+    /// chat, at most one chunk, and only while this writer's memory is current.
+    fn fast_path_rows(&self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
+        if batch.len() > INSERT_CHUNK || self.committed < 0 {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let Pending::Insert(job) = pending else {
+                return None;
+            };
+            if job.idem.is_some() {
+                return None;
+            }
+            let key = (job.row.account_id.clone(), job.row.visitor_id.clone());
+            let conversation = self.conversations.get(&key)?;
+            if !job.row.is_pushed && !self.open_chats.contains_key(conversation) {
+                return None;
+            }
+            let mut row = job.row.clone();
+            row.conversation_id = conversation.clone();
+            rows.push(row);
+        }
+        Some(rows)
+    }
+
+    fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            events: self.events.len(),
+            chat_undo: self.chat_undo.len(),
+        }
+    }
+
+    /// Forgets what the failed part of a transaction did to the writer's memory.
+    fn undo_to(&mut self, mark: Mark) {
+        self.events.truncate(mark.events);
+        while self.chat_undo.len() > mark.chat_undo {
+            match self.chat_undo.pop() {
+                Some(ChatUndo::Opened(conversation)) => {
+                    self.open_chats.remove(&conversation);
+                }
+                Some(ChatUndo::Closed(conversation, chat)) => {
+                    self.open_chats.insert(conversation, chat);
+                }
+                Some(ChatUndo::Fragmented(conversation, before)) => {
+                    if let Some(chat) = self.open_chats.get_mut(&conversation) {
+                        chat.fragment_seq = before;
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn message_created(&mut self, m: &MessageRow) {
+        self.events.push(Arc::new(FeedEvent {
+            seq: m.seq,
+            kind: EventKind::MessageCreated,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            message: Some(Arc::new(m.clone())),
+            chat: None,
+        }));
+    }
+
+    /// After a commit: wakes the feed reader (which reads the changes back in order, with
+    /// the other instances') and the outbox dispatcher.
+    fn publish(&mut self) {
+        if std::mem::take(&mut self.outbox_touched) {
+            self.signals.outbox.notify_one();
+        }
+        let events = std::mem::take(&mut self.events);
+        if events.is_empty() {
+            return;
+        }
+        if events.iter().any(|e| e.kind == EventKind::MessageCreated) {
+            self.signals.activity.notify_one();
+        }
+        self.committed_signal.notify_one();
+    }
+
+    /// Notes a new message's effect on its conversation's chat: a not-pushed message with
+    /// no open chat starts one (recorded with an event in this transaction).
+    async fn track_chat(&mut self, m: &MessageRow) -> StoreResult<()> {
+        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
+            chat.note(m);
+            return Ok(());
+        }
+        if m.is_pushed {
+            return Ok(());
+        }
+        let chat_id = crate::ids::new_id();
+        let no_agent = m.kind == "visitor" && m.is_missed;
+        let page: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "INSERT INTO chats (id, account_id, conversation_id, visitor_id, start_seq, \
+             started_at, no_agent_online, start_page_url, start_page_title) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, page_url, page_title FROM visitors \
+             WHERE account_id = $8 AND id = $9 RETURNING start_page_url, start_page_title",
+        )
+        .bind(&chat_id)
+        .bind(&m.account_id)
+        .bind(&m.conversation_id)
+        .bind(&m.visitor_id)
+        .bind(m.seq)
+        .bind(m.created_at)
+        .bind(no_agent)
+        .bind(&m.account_id)
+        .bind(&m.visitor_id)
+        .fetch_optional(&mut self.conn)
+        .await?;
+        let (start_page_url, start_page_title) = page.unwrap_or_default();
+        let info = ChatInfo {
+            id: chat_id,
+            start_seq: m.seq,
+            started_at: m.created_at,
+            ended_at: None,
+            no_agent_online: no_agent,
+            start_page_url,
+            start_page_title,
+        };
+        let seq = self.take_seq();
+        insert_event(
+            &mut self.conn,
+            seq,
+            EventKind::ConversationStarted,
+            m,
+            Some(&info.id),
+            m.created_at,
+        )
+        .await?;
+        self.events.push(Arc::new(FeedEvent {
+            seq,
+            kind: EventKind::ConversationStarted,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            message: Some(Arc::new(m.clone())),
+            chat: Some(info.clone()),
+        }));
+        let chat = OpenChat {
+            info,
+            account_id: m.account_id.clone(),
+            visitor_id: m.visitor_id.clone(),
+            last_activity: m.created_at,
+            last_message_at: m.created_at,
+            last_seq: m.seq,
+            fragment_seq: 0,
+        };
+        emit_webhook(
+            self,
+            WEBHOOK_STARTED,
+            &chat,
+            &m.conversation_id,
+            m.seq - 1,
+            m.seq,
+            m.created_at,
+        )
+        .await?;
+        self.open_chats.insert(m.conversation_id.clone(), chat);
+        self.chat_undo
+            .push(ChatUndo::Opened(m.conversation_id.clone()));
+        Ok(())
+    }
+
+    fn forget_added(&mut self) {
+        for key in self.added.drain(..) {
+            self.conversations.remove(&key);
+        }
+    }
+
+    /// The conversation of a visitor, creating visitor and conversation on first contact.
+    async fn conversation_for(
+        &mut self,
+        account_id: &str,
+        visitor_id: &str,
+        now: i64,
+    ) -> Result<String, sqlx::Error> {
+        let key = (account_id.to_owned(), visitor_id.to_owned());
+        if let Some(id) = self.conversations.get(&key) {
+            return Ok(id.clone());
+        }
+        sqlx::query(
+            "INSERT INTO visitors (account_id, id, created_at, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, id) DO NOTHING",
+        )
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(now)
+        .bind(now)
+        .execute(&mut self.conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO conversations (id, account_id, visitor_id, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, visitor_id) DO NOTHING",
+        )
+        .bind(crate::ids::new_id())
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(now)
+        .execute(&mut self.conn)
+        .await?;
+        let id: String = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE account_id = $1 AND visitor_id = $2",
+        )
+        .bind(account_id)
+        .bind(visitor_id)
+        .fetch_one(&mut self.conn)
+        .await?;
+        if self.conversations.len() >= CONVERSATION_CACHE_MAX {
+            self.conversations.clear();
+        }
+        self.conversations.insert(key.clone(), id.clone());
+        self.added.push(key);
+        Ok(id)
+    }
+}
+
+/// Records a feed event (anything but a message's creation, which the message row is).
+async fn insert_event(
+    conn: &mut PgConnection,
+    seq: i64,
+    kind: EventKind,
+    m: &MessageRow,
+    chat_id: Option<&str>,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, \
+         chat_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(seq)
+    .bind(&m.account_id)
+    .bind(&m.conversation_id)
+    .bind(&m.visitor_id)
+    .bind(kind.as_str())
+    .bind(&m.id)
+    .bind(chat_id)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct OpenChatRow {
+    id: String,
+    account_id: String,
+    conversation_id: String,
+    visitor_id: String,
+    start_seq: i64,
+    started_at: i64,
+    no_agent_online: bool,
+    start_page_url: Option<String>,
+    start_page_title: Option<String>,
+    last_activity: i64,
+    last_message_at: i64,
+    last_seq: i64,
+    fragment_seq: i64,
+}
+
+/// The open chats (of the `only` conversations if given), with their last activity
+/// recomputed from the messages.
+async fn load_open_chats(
+    conn: &mut PgConnection,
+    only: Option<&[String]>,
+) -> StoreResult<HashMap<String, OpenChat>> {
+    let rows: Vec<OpenChatRow> = sqlx::query_as(
+        "SELECT c.id, c.account_id, c.conversation_id, c.visitor_id, c.start_seq, c.started_at, \
+         c.no_agent_online, c.start_page_url, c.start_page_title, \
+         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq AND NOT m.is_pushed), \
+                  c.started_at) AS last_activity, \
+         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
+                  c.started_at) AS last_message_at, \
+         coalesce((SELECT max(m.seq) FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
+                  c.start_seq) AS last_seq, \
+         c.fragment_seq \
+         FROM chats c WHERE c.ended_at IS NULL \
+         AND ($1::text[] IS NULL OR c.conversation_id = ANY($1))",
+    )
+    .bind(only)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.conversation_id,
+                OpenChat {
+                    info: ChatInfo {
+                        id: r.id,
+                        start_seq: r.start_seq,
+                        started_at: r.started_at,
+                        ended_at: None,
+                        no_agent_online: r.no_agent_online,
+                        start_page_url: r.start_page_url,
+                        start_page_title: r.start_page_title,
+                    },
+                    account_id: r.account_id,
+                    visitor_id: r.visitor_id,
+                    last_activity: r.last_activity,
+                    last_message_at: r.last_message_at,
+                    last_seq: r.last_seq,
+                    fragment_seq: r.fragment_seq,
+                },
+            )
+        })
+        .collect())
+}
+
+const WEBHOOK_STARTED: &str = "conversationStarted";
+const WEBHOOK_FRAGMENT: &str = "conversationFragment";
+const WEBHOOK_TRANSCRIPT: &str = "conversationTranscript";
+
+/// Writes a webhook event and its deliveries, if some enabled endpoint of the account wants
+/// it; part of the caller's transaction.
+async fn emit_webhook(
+    ctx: &mut WriterCtx,
+    kind: &'static str,
+    chat: &OpenChat,
+    conversation_id: &str,
+    from_seq: i64,
+    to_seq: i64,
+    now: i64,
+) -> StoreResult<bool> {
+    let key = (chat.account_id.clone(), kind);
+    let wanted = match ctx.wanted.get(&key) {
+        Some(w) => *w,
+        None => {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM webhooks WHERE account_id = $1 AND enabled \
+                 AND $2 = ANY(string_to_array(events, ','))",
+            )
+            .bind(&chat.account_id)
+            .bind(kind)
+            .fetch_one(&mut ctx.conn)
+            .await?;
+            ctx.wanted.insert(key, n > 0);
+            n > 0
+        }
+    };
+    if !wanted {
+        return Ok(false);
+    }
+    let seq = ctx.take_seq();
+    let id = format!("evt_{}", crate::ids::new_id());
+    // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
+    // each endpoint that has none for this conversation yet (an existing head keeps its
+    // place: this event waits its turn behind it).
+    sqlx::query(
+        "WITH e AS (INSERT INTO webhook_events (id, seq, account_id, conversation_id, \
+           visitor_id, kind, chat_id, from_seq, to_seq, created_at) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)), \
+         w AS (SELECT id FROM webhooks WHERE account_id = $3 AND enabled \
+           AND $6 = ANY(string_to_array(events, ','))), \
+         d AS (INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, \
+           conversation_id, event_seq, next_attempt_at, created_at) \
+           SELECT w.id, $1, $3, $4, $2, $10, $10 FROM w) \
+         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+           SELECT w.id, $4, $2, $10 FROM w \
+           ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(seq)
+    .bind(&chat.account_id)
+    .bind(conversation_id)
+    .bind(&chat.visitor_id)
+    .bind(kind)
+    .bind(&chat.info.id)
+    .bind(from_seq)
+    .bind(to_seq)
+    .bind(now)
+    .execute(&mut ctx.conn)
+    .await?;
+    ctx.outbox_touched = true;
+    Ok(true)
+}
+
+/// Points the queue of (endpoint, conversation) at its oldest pending delivery (releasing
+/// any claim on it), or removes it when none is left.
+async fn advance_queue(
+    ctx: &mut WriterCtx,
+    webhook_id: &str,
+    conversation_id: &str,
+) -> StoreResult<()> {
+    sqlx::query(ADVANCE_QUEUE_SQL)
+        .bind(vec![webhook_id.to_owned()])
+        .bind(vec![conversation_id.to_owned()])
+        .execute(&mut ctx.conn)
+        .await?;
+    Ok(())
+}
+
+/// Points each queue ($1 endpoints, $2 conversations, as parallel arrays) at its oldest
+/// pending delivery, releasing any claim, and removes the queues with none left.
+const ADVANCE_QUEUE_SQL: &str = "\
+    WITH k AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS k(w, c)), \
+    heads AS (SELECT k.w, k.c, h.event_seq, h.next_attempt_at FROM k \
+      LEFT JOIN LATERAL (SELECT event_seq, next_attempt_at FROM webhook_deliveries \
+        WHERE webhook_id = k.w AND conversation_id = k.c AND status = 'pending' \
+        ORDER BY event_seq LIMIT 1) h ON true), \
+    gone AS (DELETE FROM webhook_queues q USING heads \
+      WHERE heads.event_seq IS NULL AND q.webhook_id = heads.w AND q.conversation_id = heads.c) \
+    INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
+      SELECT w, c, event_seq, next_attempt_at FROM heads WHERE event_seq IS NOT NULL \
+      ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
+      head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at, \
+      claimed_until = 0";
+
+/// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
+/// messages that became missed by the visitor (for the cache).
+async fn run_timers_in(
+    ctx: &mut WriterCtx,
+    now: i64,
+    fragment_before: i64,
+    idle_before: i64,
+) -> StoreResult<(TimerOutcome, Vec<MessageRow>)> {
+    let mut due: Vec<(String, i64)> = ctx
+        .open_chats
+        .iter()
+        .filter(|(_, c)| {
+            c.last_activity < idle_before
+                || (c.unfragmented_from().is_some() && c.last_message_at <= fragment_before)
+        })
+        .map(|(k, c)| (k.clone(), c.last_activity))
+        .collect();
+    due.sort_by_key(|(_, at)| *at);
+    let mut outcome = TimerOutcome::default();
+    let mut flagged = Vec::new();
+    for (conversation_id, _) in due {
+        let Some(chat) = ctx.open_chats.get(&conversation_id).cloned() else {
+            continue;
+        };
+        // The fragment first: a transcript always follows the last fragment.
+        if let Some(from) = chat.unfragmented_from() {
+            if emit_webhook(
+                ctx,
+                WEBHOOK_FRAGMENT,
+                &chat,
+                &conversation_id,
+                from,
+                chat.last_seq,
+                now,
+            )
+            .await?
+            {
+                outcome.webhook_events += 1;
+            }
+            sqlx::query("UPDATE chats SET fragment_seq = $1 WHERE id = $2")
+                .bind(chat.last_seq)
+                .bind(&chat.info.id)
+                .execute(&mut ctx.conn)
+                .await?;
+            if let Some(c) = ctx.open_chats.get_mut(&conversation_id) {
+                c.fragment_seq = chat.last_seq;
+            }
+            ctx.chat_undo.push(ChatUndo::Fragmented(
+                conversation_id.clone(),
+                chat.fragment_seq,
+            ));
+        }
+        if chat.last_activity < idle_before {
+            flagged.extend(end_chat(ctx, &conversation_id, &chat, now).await?);
+            outcome.ended += 1;
+            if emit_webhook(
+                ctx,
+                WEBHOOK_TRANSCRIPT,
+                &chat,
+                &conversation_id,
+                chat.info.start_seq - 1,
+                chat.last_seq,
+                now,
+            )
+            .await?
+            {
+                outcome.webhook_events += 1;
+            }
+        }
+    }
+    let fragment_delay = now - fragment_before;
+    let idle_timeout = now - idle_before;
+    outcome.next_deadline = ctx
+        .open_chats
+        .values()
+        .map(|c| {
+            let end = c.last_activity + idle_timeout;
+            match c.unfragmented_from() {
+                Some(_) => end.min(c.last_message_at + fragment_delay),
+                None => end,
+            }
+        })
+        .min();
+    Ok((outcome, flagged))
+}
+
+/// Ends one chat: flags the agent messages the visitor never read and records the end.
+async fn end_chat(
+    ctx: &mut WriterCtx,
+    conversation_id: &str,
+    chat: &OpenChat,
+    now: i64,
+) -> StoreResult<Vec<MessageRow>> {
+    let seq = ctx.take_seq();
+    sqlx::query("UPDATE chats SET ended_at = $1, end_seq = $2 WHERE id = $3")
+        .bind(now)
+        .bind(seq)
+        .bind(&chat.info.id)
+        .execute(&mut ctx.conn)
+        .await?;
+    let missed: Vec<MessageRow> = sqlx::query_as(&format!(
+        "UPDATE messages SET is_missed_by_visitor = true \
+         WHERE account_id = $1 AND visitor_id = $2 AND seq >= $3 AND seq < $4 \
+         AND type = 'agent' AND deleted_at IS NULL AND NOT is_missed_by_visitor \
+         AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = $5) \
+         RETURNING {MESSAGE_COLUMNS}"
+    ))
+    .bind(&chat.account_id)
+    .bind(&chat.visitor_id)
+    .bind(chat.info.start_seq)
+    .bind(seq)
+    .bind(conversation_id)
+    .fetch_all(&mut ctx.conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(seq)
+    .bind(&chat.account_id)
+    .bind(conversation_id)
+    .bind(&chat.visitor_id)
+    .bind(EventKind::ConversationEnded.as_str())
+    .bind(&chat.info.id)
+    .bind(now)
+    .execute(&mut ctx.conn)
+    .await?;
+    let mut info = chat.info.clone();
+    info.ended_at = Some(now);
+    ctx.events.push(Arc::new(FeedEvent {
+        seq,
+        kind: EventKind::ConversationEnded,
+        account_id: chat.account_id.clone(),
+        visitor_id: chat.visitor_id.clone(),
+        conversation_id: conversation_id.to_owned(),
+        message: None,
+        chat: Some(info),
+    }));
+    ctx.open_chats.remove(conversation_id);
+    ctx.chat_undo
+        .push(ChatUndo::Closed(conversation_id.to_owned(), chat.clone()));
+    Ok(missed)
+}
+
+/// Records attempts given as parallel arrays: each delivery's new state and its log entry.
+const RECORD_ATTEMPTS_SQL: &str = "\
+    WITH o AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
+        $5::bigint[], $6::bigint[], $7::text[], $8::bigint[]) \
+        AS o(w, e, status, retry_at, at, code, error, latency)), \
+    u AS (UPDATE webhook_deliveries d SET attempts = d.attempts + 1, status = o.status, \
+        next_attempt_at = coalesce(o.retry_at, d.next_attempt_at), last_attempt_at = o.at, \
+        last_status = o.code, last_error = o.error, last_latency_ms = o.latency, \
+        delivered_at = CASE WHEN o.status = 'delivered' THEN o.at ELSE d.delivered_at END \
+        FROM o WHERE d.webhook_id = o.w AND d.event_id = o.e \
+        RETURNING d.webhook_id, d.event_id, d.attempts, o.at, o.code, o.latency, o.error) \
+    INSERT INTO webhook_attempts (webhook_id, event_id, attempt, at, status_code, \
+      latency_ms, error) SELECT * FROM u";
+
+/// Records attempts: their delivery and log changes in one statement, their queues moved on
+/// in a second; endpoint health is then updated where it changes.
+async fn record_attempts_in(
+    ctx: &mut WriterCtx,
+    outcomes: Vec<AttemptOutcome>,
+) -> StoreResult<Vec<EndpointHealth>> {
+    let status: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match (o.error.is_none(), o.retry_at) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        })
+        .collect();
+    let hooks: Vec<String> = outcomes.iter().map(|o| o.webhook_id.clone()).collect();
+    let conversations: Vec<String> = outcomes.iter().map(|o| o.conversation_id.clone()).collect();
+    sqlx::query(RECORD_ATTEMPTS_SQL)
+        .bind(&hooks)
+        .bind(
+            outcomes
+                .iter()
+                .map(|o| o.event_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(status)
+        .bind(outcomes.iter().map(|o| o.retry_at).collect::<Vec<_>>())
+        .bind(outcomes.iter().map(|o| o.at).collect::<Vec<_>>())
+        .bind(
+            outcomes
+                .iter()
+                .map(|o| o.status_code.map(i64::from))
+                .collect::<Vec<_>>(),
+        )
+        .bind(outcomes.iter().map(|o| o.error.clone()).collect::<Vec<_>>())
+        .bind(outcomes.iter().map(|o| o.latency_ms).collect::<Vec<_>>())
+        .execute(&mut ctx.conn)
+        .await?;
+    sqlx::query(ADVANCE_QUEUE_SQL)
+        .bind(&hooks)
+        .bind(&conversations)
+        .execute(&mut ctx.conn)
+        .await?;
+    ctx.outbox_touched = true;
+    let mut health = Vec::with_capacity(outcomes.len());
+    for o in &outcomes {
+        health.push(update_health(ctx, o).await?);
+    }
+    Ok(health)
+}
+
+/// Counts a failure against an endpoint, or clears its failures after a success; the common
+/// case, a success at a healthy endpoint, touches nothing.
+async fn update_health(ctx: &mut WriterCtx, o: &AttemptOutcome) -> StoreResult<EndpointHealth> {
+    let delivered = o.error.is_none();
+    let mut health = EndpointHealth::default();
+    if delivered && !o.endpoint_was_unhealthy {
+        return Ok(health);
+    }
+    let row: Option<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT consecutive_failures, failing_since FROM webhooks WHERE id = $1")
+            .bind(&o.webhook_id)
+            .fetch_optional(&mut ctx.conn)
+            .await?;
+    let Some((failures, failing_since)) = row else {
+        return Ok(health);
+    };
+    if delivered {
+        health.recovered = failing_since.is_some();
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL WHERE id = $1",
+        )
+        .bind(&o.webhook_id)
+        .execute(&mut ctx.conn)
+        .await?;
+    } else {
+        let failures = failures + 1;
+        let becomes = failing_since.is_none() && failures >= o.failing_after;
+        health.became_failing = becomes;
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = $1, last_error = $2, \
+             failing_since = CASE WHEN $3 THEN $4 ELSE failing_since END WHERE id = $5",
+        )
+        .bind(failures)
+        .bind(&o.error)
+        .bind(becomes)
+        .bind(o.at)
+        .bind(&o.webhook_id)
+        .execute(&mut ctx.conn)
+        .await?;
+    }
+    Ok(health)
+}
+
+/// Looks up an idempotency key inside the writer's transaction.
+async fn idem_check<T>(
+    conn: &mut PgConnection,
+    account_id: &str,
+    rec: &IdempotencyRecord,
+) -> StoreResult<Option<Guarded<T>>> {
+    let row: Option<(String, i64, String, i64)> = sqlx::query_as(
+        "SELECT fingerprint, status, body, created_at FROM idempotency_keys \
+         WHERE account_id = $1 AND key = $2",
+    )
+    .bind(account_id)
+    .bind(&rec.key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some((fp, status, body, created)) if created >= rec.now - rec.retention_ms => {
+            if fp == rec.fingerprint {
+                Some(Guarded::Replayed(StoredResponse {
+                    status: u16::try_from(status).unwrap_or(200),
+                    body,
+                }))
+            } else {
+                Some(Guarded::KeyReused)
+            }
+        }
+        _ => None,
+    })
+}
+
+async fn idem_save(
+    conn: &mut PgConnection,
+    account_id: &str,
+    rec: &IdempotencyRecord,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO idempotency_keys (account_id, key, fingerprint, status, body, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, key) DO UPDATE SET \
+         fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body, \
+         created_at = excluded.created_at",
+    )
+    .bind(account_id)
+    .bind(&rec.key)
+    .bind(&rec.fingerprint)
+    .bind(i64::from(rec.response.status))
+    .bind(&rec.response.body)
+    .bind(rec.now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(what.to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "seq, id, account_id, conversation_id, visitor_id, type, text, \
+     agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+     is_trigger, received_from, created_at, updated_at, deleted_at";
+
+/// [`MESSAGE_COLUMNS`] of the table aliased `m`, for joins (all NULL when nothing joined).
+const MESSAGE_COLUMNS_M: &str = "m.seq, m.id, m.account_id, m.conversation_id, m.visitor_id, \
+     m.type, m.text, m.agent_id, m.agent_name, m.agent_userpic, m.is_pushed, m.is_missed, \
+     m.is_missed_by_visitor, m.is_trigger, m.received_from, m.created_at, m.updated_at, \
+     m.deleted_at";
+
+/// Columns of [`VisitorRow`] from `visitors v JOIN conversations c`.
+const VISITOR_COLUMNS: &str = "v.id, v.account_id, v.group_id, v.name, v.email, \
+     v.browser_language, v.start_page_url, v.start_page_title, v.page_url, v.page_title, \
+     v.attributes, c.id AS conversation_id, v.created_at";
+
+/// One row of the feed union: the event and, when it concerns one, its message.
+struct FeedRow {
+    fseq: i64,
+    fkind: String,
+    faccount: String,
+    fconversation: String,
+    fvisitor: String,
+    fchat: Option<String>,
+    message: Option<MessageRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for FeedRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let id: Option<String> = row.try_get("id")?;
+        let message = match id {
+            Some(_) => Some(MessageRow::from_row(row)?),
+            None => None,
+        };
+        Ok(FeedRow {
+            fseq: row.try_get("fseq")?,
+            fkind: row.try_get("fkind")?,
+            faccount: row.try_get("faccount")?,
+            fconversation: row.try_get("fconversation")?,
+            fvisitor: row.try_get("fvisitor")?,
+            fchat: row.try_get("fchat")?,
+            message,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ChatRow {
+    id: String,
+    start_seq: i64,
+    started_at: i64,
+    ended_at: Option<i64>,
+    no_agent_online: bool,
+    start_page_url: Option<String>,
+    start_page_title: Option<String>,
+}
+
+impl From<ChatRow> for ChatInfo {
+    fn from(c: ChatRow) -> Self {
+        ChatInfo {
+            id: c.id,
+            start_seq: c.start_seq,
+            started_at: c.started_at,
+            ended_at: c.ended_at,
+            no_agent_online: c.no_agent_online,
+            start_page_url: c.start_page_url,
+            start_page_title: c.start_page_title,
+        }
+    }
+}
+
+/// Columns of [`ChatRow`].
+const CHAT_COLUMNS: &str =
+    "id, start_seq, started_at, ended_at, no_agent_online, start_page_url, start_page_title";
+
+/// Columns of [`DeliveryRow`] from `webhook_deliveries d JOIN webhook_events e`.
+const DELIVERY_COLUMNS: &str = "d.webhook_id, d.event_id, e.kind, d.conversation_id, \
+     d.event_seq, d.status, d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, \
+     d.last_status, d.last_error, d.last_latency_ms, d.delivered_at";
+
+const WEBHOOK_COLUMNS: &str = "id, account_id, url, events, description, enabled, secret, \
+     created_at, consecutive_failures, failing_since, last_error";
+
+/// A due delivery as read: the event's and the endpoint's columns, prefixed.
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    attempts: i64,
+    e_id: String,
+    e_seq: i64,
+    e_account_id: String,
+    e_conversation_id: String,
+    e_visitor_id: String,
+    e_kind: String,
+    e_chat_id: String,
+    e_from_seq: i64,
+    e_to_seq: i64,
+    e_payload: Option<String>,
+    e_created_at: i64,
+    w_id: String,
+    w_account_id: String,
+    w_url: String,
+    w_events: String,
+    w_description: Option<String>,
+    w_enabled: bool,
+    w_secret: String,
+    w_created_at: i64,
+    w_consecutive_failures: i64,
+    w_failing_since: Option<i64>,
+    w_last_error: Option<String>,
+}
+
+impl DueRow {
+    fn into_due(self) -> DueDelivery {
+        DueDelivery {
+            attempts: self.attempts,
+            event: OutboxEvent {
+                id: self.e_id,
+                seq: self.e_seq,
+                account_id: self.e_account_id,
+                conversation_id: self.e_conversation_id,
+                visitor_id: self.e_visitor_id,
+                kind: self.e_kind,
+                chat_id: self.e_chat_id,
+                from_seq: self.e_from_seq,
+                to_seq: self.e_to_seq,
+                payload: self.e_payload,
+                created_at: self.e_created_at,
+            },
+            webhook: WebhookRow {
+                id: self.w_id,
+                account_id: self.w_account_id,
+                url: self.w_url,
+                events: self.w_events,
+                description: self.w_description,
+                enabled: self.w_enabled,
+                secret: self.w_secret,
+                created_at: self.w_created_at,
+                consecutive_failures: self.w_consecutive_failures,
+                failing_since: self.w_failing_since,
+                last_error: self.w_last_error,
+            },
+        }
+    }
+}
+
+const AGENT_COLUMNS: &str =
+    "id, account_id, name, email, userpic, is_dummy, online_until, created_at";
+
+/// [`AGENT_COLUMNS`] of the table aliased `a`, for joins.
+const AGENT_COLUMNS_A: &str =
+    "a.id, a.account_id, a.name, a.email, a.userpic, a.is_dummy, a.online_until, a.created_at";
+
+async fn insert_agent(
+    conn: &mut PgConnection,
+    account_id: &str,
+    a: &NewAgent,
+) -> StoreResult<AgentRow> {
+    let email_key = a.email.as_deref().map(|e| e.trim().to_lowercase());
+    sqlx::query(
+        "INSERT INTO agents (id, account_id, name, email, email_key, userpic, is_dummy, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&a.id)
+    .bind(account_id)
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(&email_key)
+    .bind(&a.userpic)
+    .bind(a.is_dummy)
+    .bind(a.created_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| conflict_on_unique(e, "an agent with this email"))?;
+    for group in &a.groups {
+        sqlx::query(
+            "INSERT INTO group_members (group_id, agent_id, account_id) VALUES ($1, $2, $3)",
+        )
+        .bind(group)
+        .bind(&a.id)
+        .bind(account_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(AgentRow {
+        id: a.id.clone(),
+        account_id: account_id.to_owned(),
+        name: a.name.clone(),
+        email: a.email.clone(),
+        userpic: a.userpic.clone(),
+        is_dummy: a.is_dummy,
+        online_until: 0,
+        created_at: a.created_at,
+    })
+}
+
+/// Up to `limit` feed entries after `after`, oldest first: of one account (and visitor) if
+/// given, else of every account (the feed reader's view).
+async fn read_feed(
+    pool: &PgPool,
+    account_id: Option<&str>,
+    visitor_id: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> StoreResult<Vec<FeedEvent>> {
+    let cols = MESSAGE_COLUMNS_M;
+    // Each branch is cut at `limit` first, so the union never sorts more than twice that.
+    let sql = format!(
+        "SELECT * FROM (SELECT m.seq AS fseq, 'messageCreated' AS fkind, \
+           m.account_id AS faccount, m.conversation_id AS fconversation, \
+           m.visitor_id AS fvisitor, NULL::text AS fchat, {cols} \
+           FROM messages m WHERE ($1::text IS NULL OR m.account_id = $1) \
+           AND ($2::text IS NULL OR m.visitor_id = $2) AND m.seq > $3 \
+           ORDER BY m.seq LIMIT $4) a \
+         UNION ALL \
+         SELECT * FROM (SELECT e.seq AS fseq, e.kind AS fkind, e.account_id, e.conversation_id, \
+           e.visitor_id, e.chat_id, {cols} \
+           FROM events e LEFT JOIN messages m ON m.id = e.message_id \
+           WHERE ($1::text IS NULL OR e.account_id = $1) \
+           AND ($2::text IS NULL OR e.visitor_id = $2) AND e.seq > $3 \
+           ORDER BY e.seq LIMIT $4) b \
+         ORDER BY fseq LIMIT $4"
+    );
+    let rows: Vec<FeedRow> = sqlx::query_as(&sql)
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    let chat_ids: Vec<String> = rows.iter().filter_map(|r| r.fchat.clone()).collect();
+    let mut chats: HashMap<String, ChatInfo> = HashMap::new();
+    if !chat_ids.is_empty() {
+        let found: Vec<ChatRow> = sqlx::query_as(&format!(
+            "SELECT {CHAT_COLUMNS} FROM chats WHERE id = ANY($1)"
+        ))
+        .bind(&chat_ids)
+        .fetch_all(pool)
+        .await?;
+        for c in found {
+            chats.insert(c.id.clone(), c.into());
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let kind = EventKind::parse(&r.fkind)?;
+            let chat = r.fchat.as_ref().and_then(|c| chats.get(c).cloned());
+            Some(FeedEvent {
+                seq: r.fseq,
+                kind,
+                account_id: r.faccount,
+                visitor_id: r.fvisitor,
+                conversation_id: r.fconversation,
+                message: r.message.map(Arc::new),
+                chat,
+            })
+        })
+        .collect())
+}
+
+/// Reads committed changes of every account in order and hands them to the real-time
+/// fan-out: after each local commit, on a notification from another instance, and every
+/// `poll` regardless.
+struct FeedReader {
+    pool: PgPool,
+    after: i64,
+    head: Arc<AtomicI64>,
+    out: mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>,
+    taken: Arc<std::sync::atomic::AtomicBool>,
+    signals: Signals,
+}
+
+impl FeedReader {
+    const PAGE: i64 = 2000;
+
+    async fn run(
+        mut self,
+        local: Arc<tokio::sync::Notify>,
+        remote: Arc<tokio::sync::Notify>,
+        poll: Duration,
+    ) {
+        loop {
+            tokio::select! {
+                _ = local.notified() => {}
+                _ = remote.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if let Err(e) = self.read_all().await {
+                tracing::warn!(error = %e, "reading the feed; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if self.out.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Reads and forwards everything after `self.after`.
+    async fn read_all(&mut self) -> StoreResult<()> {
+        loop {
+            let page = read_feed(&self.pool, None, None, self.after, Self::PAGE).await?;
+            let Some(last) = page.last().map(|e| e.seq) else {
+                return Ok(());
+            };
+            let full = page.len() as i64 >= Self::PAGE;
+            if page.iter().any(|e| e.kind == EventKind::MessageCreated) {
+                // Another instance's messages move this instance's chat timers too.
+                self.signals.activity.notify_one();
+            }
+            self.after = last;
+            self.head.fetch_max(last, Ordering::SeqCst);
+            if self.taken.load(Ordering::SeqCst) {
+                let _ = self.out.send(page.into_iter().map(Arc::new).collect());
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Listens for other instances' commits and agent changes; reconnects when the connection
+/// drops (the feed reader's poll covers the gap).
+async fn listen(
+    pool: PgPool,
+    remote: Arc<tokio::sync::Notify>,
+    agents: Arc<AgentCache>,
+    presence: Arc<super::cache::PresenceCache>,
+) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen_all([FEED_CHANNEL, AGENTS_CHANNEL]).await {
+            tracing::warn!(error = %e, "LISTEN; trying again");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything committed while not listening is read now.
+        remote.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == AGENTS_CHANNEL => {
+                    agents.clear();
+                    presence.clear();
+                }
+                Ok(Some(_)) => remote.notify_one(),
+                Ok(None) => {
+                    tracing::warn!("LISTEN connection lost; reconnecting");
+                    remote.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)> {
+        let name = name.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let existing: Option<Account> = sqlx::query_as(
+                    "SELECT id, name, is_default, created_at FROM accounts WHERE is_default",
+                )
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                if let Some(a) = existing {
+                    return Ok((a, false));
+                }
+                let account = Account {
+                    id: crate::ids::new_id(),
+                    name,
+                    is_default: true,
+                    created_at: now,
+                };
+                sqlx::query(
+                    "INSERT INTO accounts (id, name, is_default, created_at, widget_id, \
+                     identity_key) VALUES ($1, $2, true, $3, $4, $5)",
+                )
+                .bind(&account.id)
+                .bind(&account.name)
+                .bind(now)
+                .bind(crate::ids::new_widget_id())
+                .bind(crate::ids::new_identity_key())
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok((account, true))
+            })
+        })
+        .await
+    }
+
+    async fn create_account(&self, id: &str, name: &str, now: i64) -> StoreResult<Account> {
+        let account = Account {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            is_default: false,
+            created_at: now,
+        };
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO accounts (id, name, is_default, created_at, widget_id, \
+                     identity_key) VALUES ($1, $2, false, $3, $4, $5)",
+                )
+                .bind(&account.id)
+                .bind(&account.name)
+                .bind(now)
+                .bind(crate::ids::new_widget_id())
+                .bind(crate::ids::new_identity_key())
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(account)
+            })
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> StoreResult<Vec<Account>> {
+        Ok(sqlx::query_as(
+            "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
+        Ok(
+            sqlx::query_as("SELECT id, name, is_default, created_at FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
+        let key = key.clone();
+        let key_hash = key_hash.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&key.id)
+                .bind(&key.account_id)
+                .bind(&key.name)
+                .bind(&key_hash)
+                .bind(&key.prefix)
+                .bind(key.created_at)
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "this API key"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn account_for_key(&self, key_hash: &str) -> StoreResult<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT account_id, key_hash FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_api_keys(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, prefix, created_at, revoked_at FROM api_keys \
+             WHERE account_id = $1 ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
+        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 \
+                     WHERE account_id = $2 AND id = $3 AND revoked_at IS NULL",
+                )
+                .bind(now)
+                .bind(&account_id)
+                .bind(&key_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow> {
+        let (account_id, agent) = (account_id.to_owned(), agent.clone());
+        self.write(move |ctx| {
+            Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
+        })
+        .await
+        .inspect(|_| {
+            self.agents.clear();
+            self.presence.clear();
+        })
+    }
+
+    async fn agent_by_email_or_create(
+        &self,
+        account_id: &str,
+        agent: &NewAgent,
+    ) -> StoreResult<AgentRow> {
+        let (account_id, agent) = (account_id.to_owned(), agent.clone());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
+                let existing: Option<AgentRow> = sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
+                ))
+                .bind(&account_id)
+                .bind(&email_key)
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                match existing {
+                    Some(a) => Ok(a),
+                    None => insert_agent(&mut ctx.conn, &account_id, &agent).await,
+                }
+            })
+        })
+        .await
+        .inspect(|_| {
+            self.agents.clear();
+            self.presence.clear();
+        })
+    }
+
+    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
+        let key = format!("id:{id}");
+        if let Some(hit) = self.agents.get(account_id, &key) {
+            return Ok(hit);
+        }
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        self.agents.put(account_id, &key, row.clone());
+        Ok(row)
+    }
+
+    async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
+        let email_key = email.trim().to_lowercase();
+        let key = format!("email:{email_key}");
+        if let Some(hit) = self.agents.get(account_id, &key) {
+            return Ok(hit);
+        }
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
+        ))
+        .bind(account_id)
+        .bind(&email_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        self.agents.put(account_id, &key, row.clone());
+        Ok(row)
+    }
+
+    async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
+        let agents: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let members: Vec<(String, String)> = sqlx::query_as(
+            "SELECT agent_id, group_id FROM group_members WHERE account_id = $1 ORDER BY group_id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for (agent, group) in members {
+            groups.entry(agent).or_default().push(group);
+        }
+        Ok(agents
+            .into_iter()
+            .map(|a| {
+                let g = groups.remove(&a.id).unwrap_or_default();
+                (a, g)
+            })
+            .collect())
+    }
+
+    async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        self.delete_owned("agents", account_id, id)
+            .await
+            .inspect(|_| {
+                self.agents.clear();
+                self.presence.clear();
+            })
+    }
+
+    async fn set_agent_online_until(
+        &self,
+        account_id: &str,
+        agent_id: &str,
+        until: i64,
+        idem: Option<IdempotencyRecord>,
+    ) -> StoreResult<Guarded<bool>> {
+        let (account_id, agent_id) = (account_id.to_owned(), agent_id.to_owned());
+        let account = account_id.clone();
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    if let Some(rec) = &idem {
+                        if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
+                            return Ok(g);
+                        }
+                    }
+                    let r = sqlx::query(
+                        "UPDATE agents SET online_until = greatest(online_until, $1) \
+                     WHERE account_id = $2 AND id = $3",
+                    )
+                    .bind(until)
+                    .bind(&account_id)
+                    .bind(&agent_id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    let found = r.rows_affected() > 0;
+                    if let (true, Some(rec)) = (found, &idem) {
+                        idem_save(&mut ctx.conn, &account_id, rec).await?;
+                    }
+                    Ok(Guarded::Applied(found))
+                })
+            })
+            .await;
+        if let Ok(Guarded::Applied(true)) = &result {
+            self.presence.extend(&account, until);
+        }
+        result
+    }
+
+    async fn pick_agent(
+        &self,
+        account_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<AgentRow>> {
+        let row = match group_id {
+            Some(g) => {
+                sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a \
+                     JOIN group_members m ON m.agent_id = a.id AND m.group_id = $1 \
+                     WHERE a.account_id = $2 ORDER BY (a.online_until > $3) DESC, random() LIMIT 1"
+                ))
+                .bind(g)
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a WHERE a.account_id = $1 \
+                     ORDER BY (a.online_until > $2) DESC, random() LIMIT 1"
+                ))
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        Ok(row)
+    }
+
+    async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
+        let group = group.clone();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO groups (id, account_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&group.id)
+                .bind(&group.account_id)
+                .bind(&group.name)
+                .bind(group.created_at)
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "a group with this name"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = $1 AND id = $2",
+        )
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = $1 \
+             ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        self.delete_owned("groups", account_id, id).await
+    }
+
+    async fn insert_message(
+        &self,
+        m: MessageRow,
+        idem: Option<IdempotencyRecord>,
+    ) -> StoreResult<Guarded<MessageRow>> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriterMsg::Insert(InsertJob {
+                row: m,
+                idem,
+                reply,
+            }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::Aborted)?
+    }
+
+    async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
+        // No cache: another instance may change the message at any time.
+        let row: Option<MessageRow> = sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"
+        ))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    async fn update_message_text(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        text: &str,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        self.change_message(account_id, id, pushed, Change::Text(text.to_owned()), now)
+            .await
+    }
+
+    async fn delete_message(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        self.change_message(account_id, id, pushed, Change::Delete, now)
+            .await
+    }
+
+    async fn set_visitor_group(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<()>> {
+        let (account_id, visitor_id) = (account_id.to_owned(), visitor_id.to_owned());
+        let group_id = group_id.map(str::to_owned);
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE visitors SET group_id = $1, updated_at = $2 \
+                     WHERE account_id = $3 AND id = $4",
+                )
+                .bind(&group_id)
+                .bind(now)
+                .bind(&account_id)
+                .bind(&visitor_id)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok((r.rows_affected() > 0).then_some(()))
+            })
+        })
+        .await
+    }
+
+    async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1::bigint FROM visitors WHERE account_id = $1 AND id = $2")
+                .bind(account_id)
+                .bind(visitor_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn message_position(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<(i64, String)>> {
+        Ok(
+            sqlx::query_as(
+                "SELECT seq, visitor_id FROM messages WHERE id = $1 AND account_id = $2",
+            )
+            .bind(id)
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)> {
+        // One row more than asked tells whether there is more.
+        let fetch = i64::from(limit) + 1;
+        let base = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
+             AND deleted_at IS NULL"
+        );
+        let (sql, bound) = match window {
+            Window::Latest => (format!("{base} ORDER BY seq DESC LIMIT $3"), None),
+            Window::Before(seq) => (
+                format!("{base} AND seq < $3 ORDER BY seq DESC LIMIT $4"),
+                Some(seq),
+            ),
+            Window::After(seq) => (
+                format!("{base} AND seq > $3 ORDER BY seq ASC LIMIT $4"),
+                Some(seq),
+            ),
+        };
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(account_id)
+            .bind(visitor_id);
+        if let Some(seq) = bound {
+            query = query.bind(seq);
+        }
+        let mut rows = query.bind(fetch).fetch_all(&self.pool).await?;
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        if !matches!(window, Window::After(_)) {
+            rows.reverse();
+        }
+        Ok((rows, has_more))
+    }
+
+    async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
+        self.write_atomic(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+                    .bind(before)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected())
+            })
+        })
+        .await
+    }
+
+    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        Ok(sqlx::query_as(
+            "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = $1",
+        )
+        .bind(widget_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        let (a, new_widget, new_key) = (
+            account_id.to_owned(),
+            crate::ids::new_widget_id(),
+            crate::ids::new_identity_key(),
+        );
+        // Accounts made before a widget id existed get theirs on first use.
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE accounts SET widget_id = coalesce(widget_id, $1), \
+                     identity_key = coalesce(identity_key, $2) WHERE id = $3",
+                )
+                .bind(&new_widget)
+                .bind(&new_key)
+                .bind(&a)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(sqlx::query_as(
+                    "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE id = $1",
+                )
+                .bind(&a)
+                .fetch_optional(&mut ctx.conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool> {
+        let (a, k) = (account_id.to_owned(), key.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let r = sqlx::query("UPDATE accounts SET identity_key = $1 WHERE id = $2")
+                    .bind(&k)
+                    .bind(&a)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn upsert_visitor(
+        &self,
+        account_id: &str,
+        p: VisitorProfile,
+        now: i64,
+    ) -> StoreResult<VisitorRow> {
+        let account_id = account_id.to_owned();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                ctx.conversation_for(&account_id, &p.id, now).await?;
+                sqlx::query(
+                    "UPDATE visitors SET name = coalesce($1, name), email = coalesce($2, email), \
+                     browser_language = coalesce($3, browser_language), \
+                     page_url = coalesce($4, page_url), page_title = coalesce($5, page_title), \
+                     start_page_url = coalesce(start_page_url, $6), \
+                     start_page_title = coalesce(start_page_title, $7), \
+                     attributes = CASE WHEN $8 IS NULL THEN attributes \
+                                  ELSE sb_merge_patch(attributes::jsonb, $9::jsonb)::text END, \
+                     updated_at = $10 WHERE account_id = $11 AND id = $12",
+                )
+                .bind(&p.name)
+                .bind(&p.email)
+                .bind(&p.browser_language)
+                .bind(&p.page_url)
+                .bind(&p.page_title)
+                .bind(&p.page_url)
+                .bind(&p.page_title)
+                .bind(&p.attributes)
+                .bind(&p.attributes)
+                .bind(now)
+                .bind(&account_id)
+                .bind(&p.id)
+                .execute(&mut ctx.conn)
+                .await?;
+                let row: VisitorRow = sqlx::query_as(&format!(
+                    "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
+                     ON c.account_id = v.account_id AND c.visitor_id = v.id \
+                     WHERE v.account_id = $1 AND v.id = $2"
+                ))
+                .bind(&account_id)
+                .bind(&p.id)
+                .fetch_one(&mut ctx.conn)
+                .await?;
+                Ok(row)
+            })
+        })
+        .await
+    }
+
+    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
+             ON c.account_id = v.account_id AND c.visitor_id = v.id \
+             WHERE v.account_id = $1 AND v.id = $2"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn mark_read(&self, account_id: &str, visitor_id: &str, seq: i64) -> StoreResult<()> {
+        let (a, v) = (account_id.to_owned(), visitor_id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE conversations SET visitor_read_seq = greatest(visitor_read_seq, $1) \
+                     WHERE account_id = $2 AND visitor_id = $3",
+                )
+                .bind(seq)
+                .bind(&a)
+                .bind(&v)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn any_agent_online(&self, account_id: &str, now: i64) -> StoreResult<bool> {
+        // Every visitor message asks this; the newest online_until of the account answers
+        // it for any `now`, so it is kept briefly (pings through this server update it).
+        if let Some(until) = self.presence.get(account_id) {
+            return Ok(until > now);
+        }
+        let until: Option<i64> =
+            sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&self.pool)
+                .await?;
+        let until = until.unwrap_or(0);
+        self.presence.put(account_id, until);
+        Ok(until > now)
+    }
+
+    async fn feed(
+        &self,
+        account_id: &str,
+        visitor_id: Option<&str>,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<FeedEvent>> {
+        read_feed(
+            &self.pool,
+            Some(account_id),
+            visitor_id,
+            after,
+            i64::from(limit),
+        )
+        .await
+    }
+
+    async fn feed_head(&self) -> StoreResult<i64> {
+        Ok(self.head.load(Ordering::SeqCst))
+    }
+
+    fn take_feed(&self) -> Option<FeedReceiver> {
+        let taken = self.feed.lock().ok()?.take();
+        if taken.is_some() {
+            self.feed_taken.store(true, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    async fn run_timers(
+        &self,
+        now: i64,
+        fragment_before: i64,
+        idle_before: i64,
+    ) -> StoreResult<TimerOutcome> {
+        let (outcome, _flagged) = self
+            .write(move |ctx| Box::pin(run_timers_in(ctx, now, fragment_before, idle_before)))
+            .await?;
+        Ok(outcome)
+    }
+
+    fn signals(&self) -> Signals {
+        self.signals.clone()
+    }
+
+    async fn create_webhook(&self, w: &WebhookRow) -> StoreResult<()> {
+        let w = w.clone();
+        self.write(move |ctx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO webhooks (id, account_id, url, events, description, enabled, \
+                     secret, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&w.id)
+                .bind(&w.account_id)
+                .bind(&w.url)
+                .bind(&w.events)
+                .bind(&w.description)
+                .bind(w.enabled)
+                .bind(&w.secret)
+                .bind(w.created_at)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn update_webhook(
+        &self,
+        account_id: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> StoreResult<Option<WebhookRow>> {
+        let (a, i) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let (set_description, description) = match patch.description {
+                    Some(d) => (true, d),
+                    None => (false, None),
+                };
+                Ok(sqlx::query_as(&format!(
+                    "UPDATE webhooks SET url = coalesce($1, url), events = coalesce($2, events), \
+                     description = CASE WHEN $3 THEN $4 ELSE description END, \
+                     enabled = coalesce($5, enabled) WHERE account_id = $6 AND id = $7 \
+                     RETURNING {WEBHOOK_COLUMNS}"
+                ))
+                .bind(&patch.url)
+                .bind(&patch.events)
+                .bind(set_description)
+                .bind(&description)
+                .bind(patch.enabled)
+                .bind(&a)
+                .bind(&i)
+                .fetch_optional(&mut ctx.conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        self.delete_owned("webhooks", account_id, id).await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+        busy: &[(String, String)],
+    ) -> StoreResult<Vec<DueDelivery>> {
+        // Only the head of each (endpoint, conversation) queue may go: that is what keeps a
+        // conversation's events in order at the receiver. A head is claimed for a lease, so
+        // no other instance sends it meanwhile; an instance that dies loses its claims when
+        // the lease runs out. Row locks are skipped, never waited for.
+        let busy: Vec<String> = busy.iter().map(|(w, c)| format!("{w}|{c}")).collect();
+        let lease = i64::try_from(self.options.webhook_lease.as_millis()).unwrap_or(60_000);
+        let rows: Vec<DueRow> = sqlx::query_as(
+            "WITH c AS (SELECT q.webhook_id, q.conversation_id FROM webhook_queues q \
+               JOIN webhooks w ON w.id = q.webhook_id \
+               WHERE q.next_attempt_at <= $1 AND q.claimed_until <= $1 AND w.enabled \
+               AND NOT (q.webhook_id || '|' || q.conversation_id = ANY($2)) \
+               ORDER BY q.next_attempt_at LIMIT $3 FOR UPDATE OF q SKIP LOCKED), \
+             cl AS (UPDATE webhook_queues q SET claimed_until = $4 FROM c \
+               WHERE q.webhook_id = c.webhook_id AND q.conversation_id = c.conversation_id \
+               RETURNING q.webhook_id, q.head_seq, q.next_attempt_at) \
+             SELECT d.attempts, \
+             e.id AS e_id, e.seq AS e_seq, e.account_id AS e_account_id, \
+             e.conversation_id AS e_conversation_id, e.visitor_id AS e_visitor_id, \
+             e.kind AS e_kind, e.chat_id AS e_chat_id, e.from_seq AS e_from_seq, \
+             e.to_seq AS e_to_seq, e.payload AS e_payload, e.created_at AS e_created_at, \
+             w.id AS w_id, w.account_id AS w_account_id, w.url AS w_url, w.events AS w_events, \
+             w.description AS w_description, w.enabled AS w_enabled, w.secret AS w_secret, \
+             w.created_at AS w_created_at, w.consecutive_failures AS w_consecutive_failures, \
+             w.failing_since AS w_failing_since, w.last_error AS w_last_error \
+             FROM cl \
+             JOIN webhook_deliveries d ON d.webhook_id = cl.webhook_id AND d.event_seq = cl.head_seq \
+             JOIN webhook_events e ON e.id = d.event_id \
+             JOIN webhooks w ON w.id = cl.webhook_id \
+             WHERE d.status = 'pending' ORDER BY cl.next_attempt_at",
+        )
+        .bind(now)
+        .bind(&busy)
+        .bind(i64::from(limit))
+        .bind(now.saturating_add(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(DueRow::into_due).collect())
+    }
+
+    async fn freeze_payloads(
+        &self,
+        payloads: Vec<(String, String)>,
+    ) -> StoreResult<HashMap<String, String>> {
+        if payloads.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // Not through the writer: no seq is taken. A payload stored before (by an earlier
+        // attempt, maybe on another instance) is kept and returned.
+        let (ids, bodies): (Vec<String>, Vec<String>) = payloads.iter().cloned().unzip();
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "UPDATE webhook_events e SET payload = coalesce(e.payload, p.payload) \
+             FROM unnest($1::text[], $2::text[]) AS p(id, payload) WHERE e.id = p.id \
+             RETURNING e.id, e.payload",
+        )
+        .bind(ids)
+        .bind(bodies)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stored: HashMap<String, String> = rows
+            .into_iter()
+            .filter_map(|(id, p)| p.map(|p| (id, p)))
+            .collect();
+        for (id, payload) in payloads {
+            stored.entry(id).or_insert(payload);
+        }
+        Ok(stored)
+    }
+
+    async fn next_delivery_at(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(greatest(q.next_attempt_at, q.claimed_until)) FROM webhook_queues q \
+             JOIN webhooks w ON w.id = q.webhook_id WHERE w.enabled",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn record_attempts(
+        &self,
+        outcomes: Vec<AttemptOutcome>,
+    ) -> StoreResult<Vec<EndpointHealth>> {
+        if outcomes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |ctx| Box::pin(record_attempts_in(ctx, outcomes)))
+            .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.account_id = $1 AND d.webhook_id = $2 AND d.event_seq < $3 \
+             ORDER BY d.event_seq DESC LIMIT $4"
+        ))
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Option<DeliveryRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.account_id = $1 AND d.webhook_id = $2 AND d.event_id = $3"
+        ))
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_attempts(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Vec<AttemptRow>> {
+        Ok(sqlx::query_as(
+            "SELECT a.event_id, a.attempt, a.at, a.status_code, a.latency_ms, a.error \
+             FROM webhook_attempts a JOIN webhooks w ON w.id = a.webhook_id \
+             WHERE w.account_id = $1 AND a.webhook_id = $2 AND a.event_id = $3 ORDER BY a.attempt",
+        )
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn replay_delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (a, w, e) = (
+            account_id.to_owned(),
+            webhook_id.to_owned(),
+            event_id.to_owned(),
+        );
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let conversation: Option<String> = sqlx::query_scalar(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, \
+                     created_at = $2 WHERE account_id = $3 AND webhook_id = $4 AND event_id = $5 \
+                     RETURNING conversation_id",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(&a)
+                .bind(&w)
+                .bind(&e)
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+                let Some(conversation) = conversation else {
+                    return Ok(false);
+                };
+                advance_queue(ctx, &w, &conversation).await?;
+                ctx.outbox_touched = true;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn messages_between(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<MessageRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
+             AND seq > $3 AND seq <= $4 AND deleted_at IS NULL ORDER BY seq"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(from_seq)
+        .bind(to_seq)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>> {
+        let row: Option<ChatRow> = sqlx::query_as(&format!(
+            "SELECT {CHAT_COLUMNS} FROM chats WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account_id)
+        .bind(chat_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(ChatInfo::from))
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.pool.close().await;
+    }
+}
+
+/// What an edit or delete does to a live agent message.
+enum Change {
+    Text(String),
+    Delete,
+}
+
+impl PostgresStore {
+    /// Deletes the row `id` of an account from `table`; false if there is none.
+    async fn delete_owned(
+        &self,
+        table: &'static str,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<bool> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.write(move |ctx| {
+            Box::pin(async move {
+                let sql = format!("DELETE FROM {table} WHERE account_id = $1 AND id = $2");
+                let r = sqlx::query(&sql)
+                    .bind(&account_id)
+                    .bind(&id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    /// Applies `change` to a live agent message of the account whose pushed flag is
+    /// `pushed`, then refreshes the message cache.
+    async fn change_message(
+        &self,
+        account_id: &str,
+        id: &str,
+        pushed: bool,
+        change: Change,
+        now: i64,
+    ) -> StoreResult<MessageChange> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let (set, value) = match change {
+                        Change::Text(text) => ("text = $1::text", Some(text)),
+                        Change::Delete => ("deleted_at = $1::bigint", None),
+                    };
+                    let sql = format!(
+                        "UPDATE messages SET {set}, updated_at = $2 WHERE id = $3 AND account_id = $4 \
+                         AND is_pushed = $5 AND deleted_at IS NULL AND type = 'agent' \
+                         RETURNING {MESSAGE_COLUMNS}"
+                    );
+                    let kind = if value.is_some() {
+                        EventKind::MessageUpdated
+                    } else {
+                        EventKind::MessageDeleted
+                    };
+                    let query = sqlx::query_as::<_, MessageRow>(&sql);
+                    let query = match value {
+                        Some(text) => query.bind(text),
+                        None => query.bind(now),
+                    };
+                    let row = query
+                        .bind(now)
+                        .bind(&id)
+                        .bind(&account_id)
+                        .bind(pushed)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?;
+                    if let Some(row) = &row {
+                        let seq = ctx.take_seq();
+                        insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
+                        ctx.events.push(Arc::new(FeedEvent {
+                            seq,
+                            kind,
+                            account_id: row.account_id.clone(),
+                            visitor_id: row.visitor_id.clone(),
+                            conversation_id: row.conversation_id.clone(),
+                            message: Some(Arc::new(row.clone())),
+                            chat: None,
+                        }));
+                    }
+                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                })
+            })
+            .await?;
+        Ok(result)
+    }
+}
+
+/// Tells "no such message" from "a visitor's message" after a guarded UPDATE matched nothing.
+async fn classify_change(
+    conn: &mut PgConnection,
+    row: Option<MessageRow>,
+    account_id: &str,
+    id: &str,
+    pushed: bool,
+) -> StoreResult<MessageChange> {
+    if let Some(row) = row {
+        return Ok(MessageChange::Done(Box::new(row)));
+    }
+    let kind: Option<String> = sqlx::query_scalar(
+        "SELECT type FROM messages WHERE id = $1 AND account_id = $2 AND is_pushed = $3 \
+         AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(account_id)
+    .bind(pushed)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match kind.as_deref() {
+        Some("visitor") => MessageChange::NotAgentMessage,
+        _ => MessageChange::NotFound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sqlx::Connection;
+
+    use super::*;
+
+    /// A database of its own for one test, on the server `SWITCHBOARD_TEST_POSTGRES` names
+    /// (these tests run only when it is set); dropped at the end.
+    struct TempDb {
+        admin: String,
+        name: String,
+        url: String,
+    }
+
+    impl TempDb {
+        async fn create() -> Option<Self> {
+            let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES").ok()?;
+            let name = format!("sb_unit_{}", crate::ids::new_id().to_lowercase());
+            let mut conn = PgConnection::connect(&admin).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let mut url = url::Url::parse(&admin).unwrap();
+            url.set_path(&name);
+            Some(Self {
+                admin,
+                name,
+                url: url.to_string(),
+            })
+        }
+
+        async fn drop_now(self) {
+            let mut conn = PgConnection::connect(&self.admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn message(account: &str, id: &str, visitor: &str) -> MessageRow {
+        MessageRow {
+            id: id.into(),
+            account_id: account.into(),
+            visitor_id: visitor.into(),
+            kind: "agent".into(),
+            text: format!("text of {id}"),
+            created_at: 1,
+            updated_at: 1,
+            ..MessageRow::default()
+        }
+    }
+
+    fn agent(id: &str, email: &str, groups: &[&str]) -> NewAgent {
+        NewAgent {
+            id: id.into(),
+            name: id.into(),
+            email: Some(email.into()),
+            userpic: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            is_dummy: false,
+            created_at: 1,
+        }
+    }
+
+    /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
+    /// other jobs with them.
+    #[tokio::test]
+    async fn a_failing_job_in_a_batch_is_rolled_back_alone() {
+        let Some(db) = TempDb::create().await else {
+            return;
+        };
+        let store = Arc::new(
+            PostgresStore::open(&db.url, PostgresOptions::default())
+                .await
+                .unwrap(),
+        );
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        let acc = account.id.clone();
+        store
+            .create_agent(&acc, &agent("taken", "taken@x.com", &[]))
+            .await
+            .unwrap();
+
+        // Hold the write lock elsewhere so the jobs below queue up and commit together.
+        let mut blocker = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query("SELECT seq FROM feed_head FOR UPDATE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let (s, acc) = (store.clone(), acc.clone());
+            tasks.push(tokio::spawn(async move {
+                s.insert_message(message(&acc, &format!("m{i}"), "v"), None)
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        let (s, a) = (store.clone(), acc.clone());
+        // Fails after its first statement: the agent row is written, its group is not there.
+        let half = tokio::spawn(async move {
+            s.create_agent(&a, &agent("half", "half@x.com", &["no-such-group"]))
+                .await
+                .map(|_| ())
+        });
+        let (s, a) = (store.clone(), acc.clone());
+        let duplicate = tokio::spawn(async move {
+            s.create_agent(&a, &agent("dup", "TAKEN@x.com", &[]))
+                .await
+                .map(|_| ())
+        });
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+
+        for t in tasks {
+            t.await.unwrap().expect("valid inserts commit");
+        }
+        assert!(half.await.unwrap().is_err());
+        assert!(matches!(
+            duplicate.await.unwrap(),
+            Err(StoreError::Conflict(_))
+        ));
+
+        let count = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(count("SELECT count(*) FROM messages").await, 4);
+        assert_eq!(
+            count("SELECT count(*) FROM agents WHERE id = 'half'").await,
+            0,
+            "half-written agent left behind"
+        );
+        assert_eq!(count("SELECT count(*) FROM agents").await, 1);
+        store.close().await;
+        db.drop_now().await;
+    }
+}
