@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::domain::DomainConfig;
+use crate::store::postgres::PostgresOptions;
 use crate::store::sqlite::SqliteOptions;
 
 /// How commits reach the disk.
@@ -51,9 +52,9 @@ pub struct ServeArgs {
     /// Recent messages kept in memory for reads (0 disables the cache).
     #[arg(long, env = "SWITCHBOARD_MESSAGE_CACHE", default_value_t = 10_000)]
     pub message_cache: usize,
-    /// Minutes without a (not pushed) message after which a chat ends.
-    #[arg(long, env = "SWITCHBOARD_CHAT_TIMEOUT", default_value_t = 30)]
-    pub chat_timeout: u64,
+    /// Minutes without a (not pushed) message after which a chat ends (fractions allowed).
+    #[arg(long, env = "SWITCHBOARD_CHAT_TIMEOUT", default_value_t = 30.0)]
+    pub chat_timeout: f64,
     /// Messages a visitor may send per minute (0: unlimited).
     #[arg(long, env = "SWITCHBOARD_VISITOR_RATE", default_value_t = 30)]
     pub visitor_rate: u32,
@@ -84,6 +85,18 @@ pub struct ServeArgs {
     /// Hours after which a delivery that keeps failing is given up.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_RETRY_HOURS", default_value_t = 24.0)]
     pub webhook_retry_hours: f64,
+    /// Seconds a webhook delivery claimed by one instance stays its own (PostgreSQL): when
+    /// an instance dies, the others deliver its claimed events after this long. Raised to
+    /// the webhook timeout plus 5 s if lower.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_LEASE", default_value_t = 60.0)]
+    pub webhook_lease: f64,
+    /// Connections to PostgreSQL for reads and webhook claims (the writer and the listener
+    /// have one each besides).
+    #[arg(long, env = "SWITCHBOARD_PG_CONNECTIONS", default_value_t = 16)]
+    pub pg_connections: u32,
+    /// Seconds a PostgreSQL statement may run before the server cancels it (0: no limit).
+    #[arg(long, env = "SWITCHBOARD_PG_STATEMENT_TIMEOUT", default_value_t = 30.0)]
+    pub pg_statement_timeout: f64,
     /// Refuse webhook URLs and hosts that are private, loopback or link-local (SSRF guard).
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_BLOCK_PRIVATE")]
     pub webhook_block_private: bool,
@@ -107,7 +120,7 @@ impl ServeArgs {
         DomainConfig {
             presence_window: Duration::from_secs(self.presence_window),
             partner_key: self.partner_key.clone().filter(|k| !k.is_empty()),
-            chat_timeout: Duration::from_secs(self.chat_timeout.saturating_mul(60)),
+            chat_timeout: secs(self.chat_timeout * 60.0).max(Duration::from_millis(100)),
             visitor_messages_per_minute: self.visitor_rate,
             visitor_max_text: self.visitor_max_text.max(1),
             sessions_per_minute: self.session_rate,
@@ -139,13 +152,23 @@ impl ServeArgs {
         }
     }
 
-    /// The SQLite settings these flags ask for.
-    pub fn sqlite_options(&self) -> SqliteOptions {
-        SqliteOptions {
-            synchronous_full: self.sync == SyncMode::Full,
-            max_batch: self.group_commit_max,
-            message_cache: self.message_cache,
-            ..SqliteOptions::default()
+    /// The storage settings these flags ask for (both backends; the database decides).
+    pub fn store_options(&self) -> crate::StoreOptions {
+        crate::StoreOptions {
+            sqlite: SqliteOptions {
+                synchronous_full: self.sync == SyncMode::Full,
+                max_batch: self.group_commit_max,
+                message_cache: self.message_cache,
+                ..SqliteOptions::default()
+            },
+            postgres: PostgresOptions {
+                max_batch: self.group_commit_max,
+                read_connections: self.pg_connections.max(2),
+                statement_timeout: secs(self.pg_statement_timeout),
+                webhook_lease: secs(self.webhook_lease)
+                    .max(secs(self.webhook_timeout) + Duration::from_secs(5)),
+                ..PostgresOptions::default()
+            },
         }
     }
 }

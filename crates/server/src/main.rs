@@ -18,7 +18,8 @@ mod main_api;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Database: a file path or sqlite://PATH (created when missing).
+    /// Database: a file path or sqlite://PATH (embedded SQLite, created when missing), or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (several instances may share it).
     #[arg(
         long,
         global = true,
@@ -284,7 +285,7 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     let domain = switchboard_server::open(
         db,
-        args.sqlite_options(),
+        args.store_options(),
         args.domain_config(),
         Clock::System,
     )

@@ -571,12 +571,10 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 let done = in_savepoint(ctx, |ctx| job(ctx)).await;
                 owed.push(Owed::Job(done.answer));
             }
+            // A failed statement aborts a whole PostgreSQL transaction, so even a job that
+            // is one statement needs a savepoint to fail alone.
             Pending::Atomic(job) => {
-                let mark = ctx.mark();
-                let done = job(ctx).await;
-                if !done.ok {
-                    ctx.undo_to(mark);
-                }
+                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
                 owed.push(Owed::Job(done.answer));
             }
             Pending::Insert(job) if job.idem.is_some() => {
@@ -735,28 +733,39 @@ async fn insert_plain(
     let mut out = Vec::with_capacity(jobs.len());
     let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let mut row = job.row.clone();
-        match ctx
-            .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
-            .await
-        {
-            Ok(c) => {
-                row.conversation_id = c;
-                row.seq = ctx.take_seq();
-                match ctx.track_chat(&row).await {
-                    Ok(()) => ready.push((job, row)),
-                    Err(e) => out.push((job.reply, Err(e))),
-                }
-            }
-            Err(e) => out.push((job.reply, Err(e.into()))),
+        let row = job.row.clone();
+        let key = (row.account_id.clone(), row.visitor_id.clone());
+        // A failed statement aborts the whole transaction: what may touch the database
+        // (a new visitor, a new chat) gets a savepoint, so that it fails alone.
+        let touches_db = match ctx.conversations.get(&key) {
+            None => true,
+            Some(c) => !row.is_pushed && !ctx.open_chats.contains_key(c),
+        };
+        let prepared = if touches_db {
+            in_savepoint_result(ctx, move |ctx| Box::pin(prepare_insert(ctx, row))).await
+        } else {
+            prepare_insert(ctx, row).await
+        };
+        match prepared {
+            Ok(row) => ready.push((job, row)),
+            Err(e) => out.push((job.reply, Err(e))),
         }
     }
     let mut rest = ready.into_iter().peekable();
     while rest.peek().is_some() {
         let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
         let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
-        // One statement is atomic: a failure undoes all of it and nothing else.
+        // One statement in a savepoint: a failure undoes all of it and nothing else.
+        exec(&mut ctx.conn, "SAVEPOINT chunk").await.ok();
         let inserted = insert_rows(&mut ctx.conn, &rows).await;
+        let end = if inserted.is_ok() {
+            "RELEASE chunk"
+        } else {
+            "ROLLBACK TO chunk"
+        };
+        if let Err(e) = exec(&mut ctx.conn, end).await {
+            tracing::error!(error = %e, "ending a savepoint");
+        }
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
@@ -779,9 +788,19 @@ async fn insert_plain(
     out
 }
 
+/// Gives a new message its conversation (creating visitor and conversation on first contact)
+/// and seq, and notes it in its chat (starting one if it is the first of a chat).
+async fn prepare_insert(ctx: &mut WriterCtx, mut row: MessageRow) -> StoreResult<MessageRow> {
+    row.conversation_id = ctx
+        .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
+        .await?;
+    row.seq = ctx.take_seq();
+    ctx.track_chat(&row).await?;
+    Ok(row)
+}
+
 /// The INSERT of messages whose conversation and seq are set, as one statement with one
-/// array per column (so it is prepared once, whatever the number of rows); `$18` is a
-/// condition that must hold for anything to be inserted.
+/// array per column (so it is prepared once, whatever the number of rows).
 const INSERT_MESSAGES_SQL: &str = "\
     INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, \
       agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
@@ -2090,15 +2109,17 @@ impl Store for PostgresStore {
     }
 
     async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow> {
+        let account = account_id;
         let (account_id, agent) = (account_id.to_owned(), agent.clone());
-        self.write(move |ctx| {
-            Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
-        })
-        .await
-        .inspect(|_| {
-            self.agents.clear();
-            self.presence.clear();
-        })
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move { insert_agent(&mut ctx.conn, &account_id, &agent).await })
+            })
+            .await;
+        if result.is_ok() {
+            self.agents_changed(account).await;
+        }
+        result
     }
 
     async fn agent_by_email_or_create(
@@ -2106,28 +2127,30 @@ impl Store for PostgresStore {
         account_id: &str,
         agent: &NewAgent,
     ) -> StoreResult<AgentRow> {
+        let account = account_id;
         let (account_id, agent) = (account_id.to_owned(), agent.clone());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
-                let existing: Option<AgentRow> = sqlx::query_as(&format!(
+        let result = self
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
+                    let existing: Option<AgentRow> = sqlx::query_as(&format!(
                     "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
                 ))
-                .bind(&account_id)
-                .bind(&email_key)
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-                match existing {
-                    Some(a) => Ok(a),
-                    None => insert_agent(&mut ctx.conn, &account_id, &agent).await,
-                }
+                    .bind(&account_id)
+                    .bind(&email_key)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                    match existing {
+                        Some(a) => Ok(a),
+                        None => insert_agent(&mut ctx.conn, &account_id, &agent).await,
+                    }
+                })
             })
-        })
-        .await
-        .inspect(|_| {
-            self.agents.clear();
-            self.presence.clear();
-        })
+            .await;
+        if result.is_ok() {
+            self.agents_changed(account).await;
+        }
+        result
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
@@ -2190,12 +2213,11 @@ impl Store for PostgresStore {
     }
 
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("agents", account_id, id)
-            .await
-            .inspect(|_| {
-                self.agents.clear();
-                self.presence.clear();
-            })
+        let result = self.delete_owned("agents", account_id, id).await;
+        if result.is_ok() {
+            self.agents_changed(account_id).await;
+        }
+        result
     }
 
     async fn set_agent_online_until(
@@ -2234,6 +2256,7 @@ impl Store for PostgresStore {
             .await;
         if let Ok(Guarded::Applied(true)) = &result {
             self.presence.extend(&account, until);
+            self.agents_changed(&account).await;
         }
         result
     }
@@ -2974,6 +2997,24 @@ impl Store for PostgresStore {
             task.abort();
         }
         self.pool.close().await;
+    }
+}
+
+impl PostgresStore {
+    /// After a committed change to an account's agents or presence: forgets what this
+    /// instance cached and tells the other instances to do the same.
+    async fn agents_changed(&self, account_id: &str) {
+        self.agents.clear();
+        self.presence.clear();
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(AGENTS_CHANNEL)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await
+        {
+            // The other instances' caches expire on their own soon after.
+            tracing::warn!(error = %e, "announcing an agent change");
+        }
     }
 }
 
