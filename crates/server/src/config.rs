@@ -88,7 +88,7 @@ pub struct ServeArgs {
     /// Seconds a webhook delivery claimed by one instance stays its own (PostgreSQL): when
     /// an instance dies, the others deliver its claimed events after this long. Raised to
     /// the webhook timeout plus 5 s if lower.
-    #[arg(long, env = "SWITCHBOARD_WEBHOOK_LEASE", default_value_t = 60.0)]
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_LEASE", default_value_t = 15.0)]
     pub webhook_lease: f64,
     /// Connections to PostgreSQL for reads and webhook claims (the writer and the listener
     /// have one each besides).

@@ -8,6 +8,8 @@ CREATE TABLE webhook_queues (
     head_seq         BIGINT NOT NULL,
     next_attempt_at  BIGINT NOT NULL,
     claimed_until    BIGINT NOT NULL DEFAULT 0,
+    -- The instance that holds the claim (released at once when it stops cleanly).
+    claimed_by       TEXT,
     PRIMARY KEY (webhook_id, conversation_id)
 );
 CREATE INDEX webhook_queues_due ON webhook_queues (next_attempt_at);

@@ -746,6 +746,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         busy: &[(String, String)],
     ) -> StoreResult<Vec<DueDelivery>>;
+    /// Gives back deliveries returned by [`Store::due_deliveries`] that will not be made now
+    /// (the dispatcher is at a limit), so that they are not held for a lease (PostgreSQL).
+    async fn release_deliveries(&self, _keys: Vec<(String, String)>) -> StoreResult<()> {
+        Ok(())
+    }
     /// Stores the payloads of events (event id, JSON) unless one is stored already; returns
     /// the stored ones by event id (so every attempt sends the same bytes, whoever rendered
     /// first).

@@ -66,7 +66,7 @@ impl Default for PostgresOptions {
             read_connections: 16,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
-            webhook_lease: Duration::from_secs(60),
+            webhook_lease: Duration::from_secs(15),
             feed_poll: Duration::from_secs(1),
             agent_cache_ttl: Duration::from_secs(2),
         }
@@ -140,8 +140,18 @@ struct WriterCtx {
     /// Whether an account has endpoints for an event, asked once per batch.
     wanted: HashMap<(String, &'static str), bool>,
     signals: Signals,
-    /// Wakes the feed reader after a commit.
-    committed_signal: Arc<tokio::sync::Notify>,
+    /// The head locked by the current transaction (its changes follow it).
+    locked: i64,
+    /// Committed changes, handed to this instance's feed reader.
+    local: mpsc::UnboundedSender<LocalCommit>,
+}
+
+/// One commit of this instance's writer: its changes, which follow position `after` and
+/// end at `head`.
+struct LocalCommit {
+    after: i64,
+    head: i64,
+    events: Vec<Arc<FeedEvent>>,
 }
 
 /// An open chat as the writer tracks it.
@@ -203,6 +213,8 @@ pub struct PostgresStore {
     signals: Signals,
     presence: Arc<super::cache::PresenceCache>,
     options: PostgresOptions,
+    /// This instance's name (the writer's in `feed_head`, the dispatcher's on its claims).
+    instance: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -246,37 +258,70 @@ impl PostgresStore {
         let head_now: i64 = sqlx::query_scalar("SELECT seq FROM feed_head")
             .fetch_one(&mut conn)
             .await?;
+        let _ = conn.close().await;
         let head = Arc::new(AtomicI64::new(head_now));
         let signals = Signals::default();
-        let committed_signal = Arc::new(tokio::sync::Notify::new());
-        let ctx = WriterCtx {
-            conn,
-            connect: connect.clone(),
-            instance: format!("{}-{}", std::process::id(), crate::ids::new_id()),
-            // Nothing matches: the first transaction loads the open chats.
-            committed: -1,
-            conversations: HashMap::new(),
-            added: Vec::new(),
-            next_seq: 0,
-            open_chats: HashMap::new(),
-            chat_undo: Vec::new(),
-            events: Vec::new(),
-            outbox_touched: false,
-            wanted: HashMap::new(),
-            signals: signals.clone(),
-            committed_signal: committed_signal.clone(),
-        };
+        let instance = format!("{}-{}", std::process::id(), crate::ids::new_id());
+        let (local_tx, local_rx) = mpsc::unbounded_channel();
+
+        // The writer gets a thread and runtime of its own (its connection is made there): on
+        // the shared workers it waited behind every HTTP task at each step of a group commit.
         let max_batch = options.max_batch.max(1);
-        let mut tasks = vec![tokio::spawn(writer_loop(ctx, rx, max_batch))];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), sqlx::Error>>();
+        let (writer_connect, writer_instance, writer_signals) =
+            (connect.clone(), instance.clone(), signals.clone());
+        std::thread::Builder::new()
+            .name("switchboard-writer".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let conn = match writer_connect.connect().await {
+                        Ok(c) => {
+                            let _ = ready_tx.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let ctx = WriterCtx {
+                        conn,
+                        connect: writer_connect,
+                        instance: writer_instance,
+                        // Nothing matches: the first transaction loads the open chats.
+                        committed: -1,
+                        locked: 0,
+                        conversations: HashMap::new(),
+                        added: Vec::new(),
+                        next_seq: 0,
+                        open_chats: HashMap::new(),
+                        chat_undo: Vec::new(),
+                        events: Vec::new(),
+                        outbox_touched: false,
+                        wanted: HashMap::new(),
+                        signals: writer_signals,
+                        local: local_tx,
+                    };
+                    writer_loop(ctx, rx, max_batch).await;
+                })
+            })
+            .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
+        ready_rx.await.map_err(|_| StoreError::WriterGone)??;
+        let mut tasks = Vec::new();
 
         let agents = Arc::new(AgentCache::new(options.agent_cache_ttl));
-        let presence = Arc::new(super::cache::PresenceCache::new(options.agent_cache_ttl));
+        // Presence is not cached: an agentOnlinePing on another instance must count at once.
+        let presence = Arc::new(super::cache::PresenceCache::new(Duration::ZERO));
         let (feed_tx, feed_rx) = mpsc::unbounded_channel();
         let feed_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let remote = Arc::new(tokio::sync::Notify::new());
+        let (remote, remote_rx) = tokio::sync::watch::channel(head_now);
         tasks.push(tokio::spawn(listen(
             pool.clone(),
-            remote.clone(),
+            remote,
             agents.clone(),
             presence.clone(),
         )));
@@ -289,7 +334,7 @@ impl PostgresStore {
                 taken: feed_taken.clone(),
                 signals: signals.clone(),
             }
-            .run(committed_signal, remote, options.feed_poll),
+            .run(local_rx, remote_rx, options.feed_poll),
         ));
         Ok(Self {
             pool,
@@ -301,6 +346,7 @@ impl PostgresStore {
             signals,
             presence,
             options,
+            instance,
             tasks,
         })
     }
@@ -430,6 +476,7 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
         }
     }
     ctx.next_seq = head + 1;
+    ctx.locked = head;
     Ok(())
 }
 
@@ -533,6 +580,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                         chat.note(row);
                     }
                 }
+                let after = ctx.committed;
                 ctx.committed = first + rows.len() as i64 - 1;
                 tracing::debug!(
                     size,
@@ -542,7 +590,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 for row in &rows {
                     ctx.message_created(row);
                 }
-                ctx.publish();
+                let head = ctx.committed;
+                ctx.publish(after, head);
                 answer_fast_path(batch, rows, Ok(()));
                 return;
             }
@@ -605,7 +654,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             ctx.committed = head;
             ctx.added.clear();
             ctx.chat_undo.clear();
-            ctx.publish();
+            let after = ctx.locked;
+            ctx.publish(after, head);
             None
         }
         Err(e) => {
@@ -943,20 +993,25 @@ impl WriterCtx {
         }));
     }
 
-    /// After a commit: wakes the feed reader (which reads the changes back in order, with
-    /// the other instances') and the outbox dispatcher.
-    fn publish(&mut self) {
+    /// After a commit of the positions (after, head]: hands its changes to the feed reader
+    /// and wakes the outbox dispatcher.
+    fn publish(&mut self, after: i64, head: i64) {
         if std::mem::take(&mut self.outbox_touched) {
             self.signals.outbox.notify_one();
         }
-        let events = std::mem::take(&mut self.events);
-        if events.is_empty() {
+        let mut events = std::mem::take(&mut self.events);
+        if head <= after {
             return;
         }
         if events.iter().any(|e| e.kind == EventKind::MessageCreated) {
             self.signals.activity.notify_one();
         }
-        self.committed_signal.notify_one();
+        events.sort_by_key(|e| e.seq);
+        let _ = self.local.send(LocalCommit {
+            after,
+            head,
+            events,
+        });
     }
 
     /// Notes a new message's effect on its conversation's chat: a not-pushed message with
@@ -1287,7 +1342,7 @@ const ADVANCE_QUEUE_SQL: &str = "\
       SELECT w, c, event_seq, next_attempt_at FROM heads WHERE event_seq IS NOT NULL \
       ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
       head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at, \
-      claimed_until = 0";
+      claimed_until = 0, claimed_by = NULL";
 
 /// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
 /// messages that became missed by the visitor (for the cache).
@@ -1877,23 +1932,52 @@ impl FeedReader {
 
     async fn run(
         mut self,
-        local: Arc<tokio::sync::Notify>,
-        remote: Arc<tokio::sync::Notify>,
+        mut local: mpsc::UnboundedReceiver<LocalCommit>,
+        mut remote: tokio::sync::watch::Receiver<i64>,
         poll: Duration,
     ) {
         loop {
-            tokio::select! {
-                _ = local.notified() => {}
-                _ = remote.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+            let read = tokio::select! {
+                commit = local.recv() => match commit {
+                    // This instance's commit right after what was read: its changes are
+                    // forwarded as they are, without reading them back.
+                    Some(c) if c.after == self.after => {
+                        self.forward(c.head, c.events);
+                        false
+                    }
+                    Some(c) => c.head > self.after,
+                    None => return,
+                },
+                // A head announced by some instance (this one's own commits included, which
+                // are mostly forwarded already).
+                changed = remote.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let announced = *remote.borrow_and_update();
+                    announced > self.after
+                }
+                _ = tokio::time::sleep(poll) => true,
+            };
+            if read {
+                if let Err(e) = self.read_all().await {
+                    tracing::warn!(error = %e, "reading the feed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
-            if let Err(e) = self.read_all().await {
-                tracing::warn!(error = %e, "reading the feed; trying again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            if self.out.is_closed() {
-                return;
-            }
+        }
+    }
+
+    /// Hands changes up to `head` on to the fan-out.
+    fn forward(&mut self, head: i64, events: Vec<Arc<FeedEvent>>) {
+        if events.iter().any(|e| e.kind == EventKind::MessageCreated) {
+            // Another instance's messages move this instance's chat timers too.
+            self.signals.activity.notify_one();
+        }
+        self.after = head;
+        self.head.fetch_max(head, Ordering::SeqCst);
+        if !events.is_empty() && self.taken.load(Ordering::SeqCst) {
+            let _ = self.out.send(events);
         }
     }
 
@@ -1905,15 +1989,7 @@ impl FeedReader {
                 return Ok(());
             };
             let full = page.len() as i64 >= Self::PAGE;
-            if page.iter().any(|e| e.kind == EventKind::MessageCreated) {
-                // Another instance's messages move this instance's chat timers too.
-                self.signals.activity.notify_one();
-            }
-            self.after = last;
-            self.head.fetch_max(last, Ordering::SeqCst);
-            if self.taken.load(Ordering::SeqCst) {
-                let _ = self.out.send(page.into_iter().map(Arc::new).collect());
-            }
+            self.forward(last, page.into_iter().map(Arc::new).collect());
             if !full {
                 return Ok(());
             }
@@ -1921,11 +1997,11 @@ impl FeedReader {
     }
 }
 
-/// Listens for other instances' commits and agent changes; reconnects when the connection
-/// drops (the feed reader's poll covers the gap).
+/// Listens for commits (their new head goes to `remote`) and agent changes; reconnects when
+/// the connection drops (and then has the feed read at once, for what it missed).
 async fn listen(
     pool: PgPool,
-    remote: Arc<tokio::sync::Notify>,
+    remote: tokio::sync::watch::Sender<i64>,
     agents: Arc<AgentCache>,
     presence: Arc<super::cache::PresenceCache>,
 ) {
@@ -1944,17 +2020,19 @@ async fn listen(
             continue;
         }
         // Anything committed while not listening is read now.
-        remote.notify_one();
+        remote.send_replace(i64::MAX);
         loop {
             match listener.try_recv().await {
                 Ok(Some(n)) if n.channel() == AGENTS_CHANNEL => {
                     agents.clear();
                     presence.clear();
                 }
-                Ok(Some(_)) => remote.notify_one(),
+                Ok(Some(n)) => {
+                    remote.send_replace(n.payload().parse().unwrap_or(i64::MAX));
+                }
                 Ok(None) => {
                     tracing::warn!("LISTEN connection lost; reconnecting");
-                    remote.notify_one();
+                    remote.send_replace(i64::MAX);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN connection failed; reconnecting");
@@ -2788,7 +2866,7 @@ impl Store for PostgresStore {
                WHERE q.next_attempt_at <= $1 AND q.claimed_until <= $1 AND w.enabled \
                AND NOT (q.webhook_id || '|' || q.conversation_id = ANY($2)) \
                ORDER BY q.next_attempt_at LIMIT $3 FOR UPDATE OF q SKIP LOCKED), \
-             cl AS (UPDATE webhook_queues q SET claimed_until = $4 FROM c \
+             cl AS (UPDATE webhook_queues q SET claimed_until = $4, claimed_by = $5 FROM c \
                WHERE q.webhook_id = c.webhook_id AND q.conversation_id = c.conversation_id \
                RETURNING q.webhook_id, q.head_seq, q.next_attempt_at) \
              SELECT d.attempts, \
@@ -2810,9 +2888,28 @@ impl Store for PostgresStore {
         .bind(&busy)
         .bind(i64::from(limit))
         .bind(now.saturating_add(lease))
+        .bind(&self.instance)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(DueRow::into_due).collect())
+    }
+
+    async fn release_deliveries(&self, keys: Vec<(String, String)>) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (hooks, conversations): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        sqlx::query(
+            "UPDATE webhook_queues q SET claimed_until = 0, claimed_by = NULL \
+             FROM unnest($1::text[], $2::text[]) AS k(w, c) \
+             WHERE q.webhook_id = k.w AND q.conversation_id = k.c AND q.claimed_by = $3",
+        )
+        .bind(hooks)
+        .bind(conversations)
+        .bind(&self.instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn freeze_payloads(
@@ -2995,6 +3092,17 @@ impl Store for PostgresStore {
         }
         for task in &self.tasks {
             task.abort();
+        }
+        // Deliveries this instance claimed and did not finish (its dispatcher has stopped)
+        // go to the other instances, or to the next start, at once instead of after the lease.
+        if let Err(e) = sqlx::query(
+            "UPDATE webhook_queues SET claimed_until = 0, claimed_by = NULL WHERE claimed_by = $1",
+        )
+        .bind(&self.instance)
+        .execute(&self.pool)
+        .await
+        {
+            tracing::warn!(error = %e, "releasing webhook claims");
         }
         self.pool.close().await;
     }

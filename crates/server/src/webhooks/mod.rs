@@ -281,10 +281,12 @@ pub async fn run(
                 .await
             {
                 Ok(due) => {
+                    let mut skipped = Vec::new();
                     for d in due {
                         let count = per_endpoint.entry(d.webhook.id.clone()).or_default();
                         if *count >= config.per_endpoint {
                             capped = true;
+                            skipped.push((d.webhook.id, d.event.conversation_id));
                             continue;
                         }
                         *count += 1;
@@ -303,6 +305,9 @@ pub async fn run(
                             deliver(&domain, &client, &config, &cache, &batchers, d).await;
                             let _ = done.send(key);
                         });
+                    }
+                    if let Err(e) = domain.store().release_deliveries(skipped).await {
+                        tracing::warn!(error = %e, "webhook dispatcher: releasing deliveries");
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "webhook dispatcher: reading due deliveries"),
