@@ -37,6 +37,15 @@ struct Cli {
     /// Extra flags for `switchboard serve` (e.g. `--sync=normal`).
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
+    /// Measure on PostgreSQL: a fresh database is made on the server of this admin URL
+    /// (e.g. postgres://postgres@127.0.0.1:5432/test) and dropped afterwards. Without it,
+    /// switchboard runs on a temporary SQLite file.
+    #[arg(long, env = "SWITCHBOARD_BENCH_POSTGRES")]
+    postgres: Option<String>,
+    /// switchboard instances sharing the database (PostgreSQL only); the connections are
+    /// spread over them round-robin, as a load balancer would.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,7 +106,17 @@ struct Stats {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
-    let db = dir.path().join("bench.db");
+    let pg = match &cli.postgres {
+        Some(admin) => Some(switchboard_bench::pgdb::TempDatabase::create(admin).await?),
+        None => None,
+    };
+    let db: std::ffi::OsString = match &pg {
+        Some(pg) => pg.url().into(),
+        None => dir.path().join("bench.db").into(),
+    };
+    if cli.instances > 1 && pg.is_none() {
+        bail!("--instances needs --postgres (SQLite is one process's file)");
+    }
     let key = "xkeysib-bench";
 
     let mut bare_cmd = Command::new(&exe);
@@ -105,7 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let bare = Server::start(bare_cmd).await?;
     let bare_stats = load(
         &cli,
-        &bare.addr,
+        std::slice::from_ref(&bare.addr),
         Scenario {
             name: "bare axum, fixed JSON",
             method: http::Method::GET,
@@ -117,17 +136,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .await?;
     bare.stop().await;
 
-    let mut sb_cmd = Command::new(&cli.switchboard);
-    sb_cmd
-        .arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--db")
-        .arg(&db)
-        .args(&cli.serve_arg)
-        .env("SWITCHBOARD_API_KEY", key)
-        .env("RUST_LOG", "warn");
-    let sb = Server::start(sb_cmd).await?;
+    let mut instances = Vec::new();
+    for _ in 0..cli.instances.max(1) {
+        let mut sb_cmd = Command::new(&cli.switchboard);
+        sb_cmd
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--db")
+            .arg(&db)
+            .args(&cli.serve_arg)
+            .env("SWITCHBOARD_API_KEY", key)
+            // SWITCHBOARD_BENCH_LOG sets the server's RUST_LOG (to look inside a run).
+            .env(
+                "RUST_LOG",
+                std::env::var("SWITCHBOARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        instances.push(Server::start(sb_cmd).await?);
+    }
+    let addrs: Vec<String> = instances.iter().map(|s| s.addr.clone()).collect();
+    let sb = &instances[0];
     let rss_idle = sb.rss_kib().ok();
 
     let seed = request(&sb.addr, Scenario {
@@ -147,7 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let get_stats = load(
         &cli,
-        &sb.addr,
+        &addrs,
         Scenario {
             name: "switchboard GET message by id",
             method: http::Method::GET,
@@ -157,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let post_stats = load(&cli, &sb.addr, Scenario {
+    let post_stats = load(&cli, &addrs, Scenario {
         name: "switchboard POST message (durable)",
         method: http::Method::POST,
         path: "/v3/conversations/messages".into(),
@@ -168,12 +196,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     })
     .await?;
     let rss_after = sb.rss_kib().ok();
-    sb.stop().await;
+    for sb in instances {
+        sb.stop().await;
+    }
+    drop(pg);
     drop(dir);
 
     println!();
     println!(
-        "switchboard-bench: {} connections, {} s measured after {} s warm-up, {} cores",
+        "switchboard-bench: {} on {}, {} connections, {} s measured after {} s warm-up, {} cores",
+        match cli.instances {
+            0 | 1 => "one instance".to_owned(),
+            n => format!("{n} instances"),
+        },
+        if cli.postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         cli.connections,
         cli.duration,
         cli.warmup,
@@ -254,14 +294,14 @@ async fn request(addr: &str, s: Scenario) -> anyhow::Result<Bytes> {
 
 /// Drives one scenario: every connection sends requests back to back; latencies of the
 /// measured window are merged into percentiles.
-async fn load(cli: &Cli, addr: &str, s: Scenario) -> anyhow::Result<Stats> {
+async fn load(cli: &Cli, addrs: &[String], s: Scenario) -> anyhow::Result<Stats> {
     eprintln!("running: {} ...", s.name);
     let start = Instant::now();
     let warm_end = start + Duration::from_secs(cli.warmup);
     let end = warm_end + Duration::from_secs(cli.duration);
     let mut tasks = Vec::with_capacity(cli.connections);
-    for _ in 0..cli.connections {
-        let (addr, s) = (addr.to_owned(), s.clone());
+    for i in 0..cli.connections {
+        let (addr, s) = (addrs[i % addrs.len()].clone(), s.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
