@@ -3,9 +3,11 @@
 # @getbrevo/brevo 6.0.3) against a freshly started switchboard.
 #
 # usage: compat/run.sh PATH_TO_SWITCHBOARD_BINARY
+#        SWITCHBOARD_COMPAT_DB=postgres://.../fresh_db compat/run.sh PATH   (another database)
 #
 # - installs the SDKs on first use (compat/python/.venv, compat/node/node_modules)
-# - creates a fresh database in a temp dir and sets up fixtures with the CLI
+# - creates a fresh database in a temp dir (or uses SWITCHBOARD_COMPAT_DB, which must be
+#   empty: a PostgreSQL URL, a file path or sqlite://PATH) and sets up fixtures with the CLI
 #   (including the default account's widget id + identity key, `accounts widget --json`)
 # - starts `switchboard serve --listen 127.0.0.1:0`, reads the address it prints,
 #   polls GET /health a bounded number of times
@@ -76,9 +78,10 @@ trap 'exit 143' TERM
 
 # Only our own settings reach the server and the CLI (a stray SWITCHBOARD_PARTNER_KEY,
 # SWITCHBOARD_ACCOUNT or SWITCHBOARD_DB in the caller's environment would change the results).
+DB="${SWITCHBOARD_COMPAT_DB:-$TMP/switchboard.db}"
 while IFS= read -r var; do unset "$var"; done < <(compgen -e | grep '^SWITCHBOARD_' || true)
-
-DB="$TMP/switchboard.db"
+# The database as logs may show it (a URL's password hidden).
+DB_SHOWN="$(sed -E 's#^([a-z]+://[^/:@]*:)[^/@]*@#\1***@#' <<<"$DB")"
 API_KEY="xkeysib-compat-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 export SWITCHBOARD_API_KEY="$API_KEY"
 
@@ -93,7 +96,7 @@ AGENT_USERPIC="https://cdn.compat.example/alice.png"
 AGENT2_NAME="Compat Bob"
 AGENT2_EMAIL="bob@compat.example"
 
-log "fixtures: groups add, agents add (db $DB)"
+log "fixtures: groups add, agents add (db $DB_SHOWN)"
 GROUP_JSON="$("$BIN" --db "$DB" --json groups add "Compat Support")"
 GROUP_ID="$(json_field id <<<"$GROUP_JSON")"
 AGENT_JSON="$("$BIN" --db "$DB" --json agents add --name "$AGENT_NAME" --email "$AGENT_EMAIL" \

@@ -1,5 +1,7 @@
 //! The SDK against a real switchboard: every operation and every error the server produces,
-//! driven only through `switchboard_client`, on `127.0.0.1:0` with a temporary database.
+//! driven only through `switchboard_client`, on `127.0.0.1:0` with a temporary database:
+//! an SQLite file, or with `SWITCHBOARD_TEST_BACKEND=postgres` a fresh database on the
+//! PostgreSQL server of `SWITCHBOARD_TEST_POSTGRES`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +22,43 @@ use tokio::sync::oneshot;
 
 const KEY: &str = "xkeysib-sdk-test-key-0123456789";
 
-/// A switchboard serving on an ephemeral port, with its own database in a temporary dir.
+/// A test's own database: a file in a temporary directory, or a PostgreSQL database that is
+/// dropped with this value.
+enum Storage {
+    Sqlite { _dir: tempfile::TempDir },
+    Postgres(switchboard_bench::pgdb::TempDatabase),
+}
+
+impl Storage {
+    /// The backend `SWITCHBOARD_TEST_BACKEND` selects (SQLite when unset); the database as
+    /// `switchboard_server::open` takes it.
+    async fn new() -> (Self, PathBuf) {
+        match std::env::var("SWITCHBOARD_TEST_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("sqlite") => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let db = dir.path().join("switchboard.db");
+                (Self::Sqlite { _dir: dir }, db)
+            }
+            Ok("postgres") => {
+                let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_default();
+                assert!(
+                    !admin.is_empty(),
+                    "SWITCHBOARD_TEST_BACKEND=postgres needs SWITCHBOARD_TEST_POSTGRES, the URL \
+                     of a database whose user may create databases \
+                     (e.g. postgres://postgres@127.0.0.1:5432/test)"
+                );
+                let pg = switchboard_bench::pgdb::TempDatabase::create(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("a test database on {admin}: {e:#}"));
+                let db = PathBuf::from(pg.url());
+                (Self::Postgres(pg), db)
+            }
+            Ok(other) => panic!("SWITCHBOARD_TEST_BACKEND={other:?}: expected sqlite or postgres"),
+        }
+    }
+}
+
+/// A switchboard serving on an ephemeral port, with its own database.
 struct Server {
     /// `http://127.0.0.1:PORT/v3`
     base_url: String,
@@ -30,13 +68,12 @@ struct Server {
     db: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    storage: Storage,
 }
 
 impl Server {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("switchboard.db");
+        let (storage, db) = Storage::new().await;
         let domain = switchboard_server::open(
             &db,
             SqliteOptions::default(),
@@ -60,7 +97,7 @@ impl Server {
             db,
             shutdown: Some(tx),
             task: Some(task),
-            _dir: dir,
+            storage,
         }
     }
 
@@ -100,18 +137,35 @@ impl Server {
             .id
     }
 
-    /// Rows of `messages` (live and deleted) in the database file.
+    /// Rows of `messages` (live and deleted) in the database.
     async fn message_rows(&self) -> i64 {
         use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.db.display()))
-            .await
-            .expect("open db");
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        conn.close().await.expect("close db");
-        n
+        const SQL: &str = "SELECT count(*) FROM messages";
+        match &self.storage {
+            Storage::Sqlite { .. } => {
+                let url = format!("sqlite://{}", self.db.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url)
+                    .await
+                    .expect("open db");
+                let n: i64 = sqlx::query_scalar(SQL)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("count");
+                conn.close().await.expect("close db");
+                n
+            }
+            Storage::Postgres(pg) => {
+                let mut conn = sqlx::PgConnection::connect(pg.url())
+                    .await
+                    .expect("open db");
+                let n: i64 = sqlx::query_scalar(SQL)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("count");
+                conn.close().await.expect("close db");
+                n
+            }
+        }
     }
 
     /// Shuts down gracefully and checks that the server stopped without an error.

@@ -1,5 +1,10 @@
 //! The API verbs of the `switchboard` binary (`msg`, `push`, `ping`, `visitor-group`)
-//! against a real `switchboard serve` process on `127.0.0.1:0`.
+//! against a real `switchboard serve` process on `127.0.0.1:0`, on the backend the
+//! environment selects (see `support/db.rs`).
+
+#[path = "support/db.rs"]
+#[allow(dead_code)]
+mod db;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -18,13 +23,13 @@ struct Served {
     url: String,
     db: PathBuf,
     _child: Child,
-    _dir: tempfile::TempDir,
+    _db: db::TestDb,
 }
 
 /// Starts `switchboard serve` on port 0 with [`KEY`] and waits for its listening line.
 async fn serve() -> Served {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("s.db");
+    let storage = db::TestDb::new().await;
+    let db = storage.path.clone();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--db"])
         .arg(&db)
@@ -51,7 +56,7 @@ async fn serve() -> Served {
         url,
         db,
         _child: child,
-        _dir: dir,
+        _db: storage,
     }
 }
 
@@ -121,7 +126,7 @@ impl Served {
         .await
     }
 
-    /// An admin verb on the server's database file, with `--json`.
+    /// An admin verb on the server's database, with `--json`.
     async fn admin(&self, args: &[&str]) -> Value {
         let db = path_str(&self.db);
         let mut all = vec!["--db", db, "--json"];
@@ -131,7 +136,7 @@ impl Served {
 }
 
 fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
+    p.to_str().expect("UTF-8 database path")
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

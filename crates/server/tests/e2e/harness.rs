@@ -1,4 +1,5 @@
-//! A real switchboard on an ephemeral port with its own temporary database.
+//! A real switchboard on an ephemeral port with its own temporary database (SQLite, or
+//! PostgreSQL with `SWITCHBOARD_TEST_BACKEND=postgres`: see [`crate::db`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use switchboard_server::ServeOptions;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::db::{Conn, TestDb};
+
 pub const KEY: &str = "xkeysib-test-key-0123456789";
 
 pub struct TestServer {
@@ -18,11 +21,12 @@ pub struct TestServer {
     pub domain: Arc<Domain>,
     /// The default account, owner of [`KEY`].
     pub account: String,
+    /// The database, as `switchboard_server::open` takes it: a file path or a PostgreSQL URL.
     pub db: PathBuf,
     http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    dir: Option<tempfile::TempDir>,
+    storage: Option<TestDb>,
 }
 
 /// A response: status, headers and the parsed JSON body (`Null` when empty).
@@ -71,14 +75,13 @@ impl TestServer {
     }
 
     pub async fn start_full(config: DomainConfig, clock: Clock, options: ServeOptions) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("switchboard.db");
-        let mut s = Self::start_on_with(db, config, clock, options).await;
-        s.dir = Some(dir);
+        let storage = TestDb::new().await;
+        let mut s = Self::start_on_with(storage.path.clone(), config, clock, options).await;
+        s.storage = Some(storage);
         s
     }
 
-    /// Starts on an existing (or new) database file.
+    /// Starts on an existing (or new) database: [`TestServer::db`] of a stopped server.
     pub async fn start_on(db: PathBuf, config: DomainConfig, clock: Clock) -> Self {
         Self::start_on_with(db, config, clock, ServeOptions::default()).await
     }
@@ -115,19 +118,20 @@ impl TestServer {
                 .expect("http client"),
             shutdown: Some(tx),
             handle: Some(handle),
-            dir: None,
+            storage: None,
         }
     }
 
-    /// Stops gracefully and returns the temporary directory (to restart on it).
-    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+    /// Stops gracefully and returns its database, which lives as long as the value does (to
+    /// restart on it).
+    pub async fn stop(mut self) -> Option<TestDb> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
             h.await.expect("server task").expect("server result");
         }
-        self.dir.take()
+        self.storage.take()
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Res {
@@ -209,16 +213,11 @@ impl TestServer {
             .id
     }
 
-    /// Rows of a table matching a condition, read straight from the database file.
+    /// Rows of a table matching a condition, read straight from the database.
     pub async fn count(&self, sql_where: &str) -> i64 {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.db.display()))
-            .await
-            .expect("open db");
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {sql_where}"))
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
+        let mut conn = Conn::open(&self.db).await;
+        let n = conn.count(sql_where).await;
+        conn.close().await;
         n
     }
 }

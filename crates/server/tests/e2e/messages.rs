@@ -177,8 +177,10 @@ async fn first_message_creates_visitor_and_one_conversation() {
     assert_eq!(s.count("conversations").await, 2);
     assert_eq!(s.count("messages WHERE visitor_id = 'visitor-1'").await, 3);
     assert_eq!(
-        s.count("(SELECT DISTINCT conversation_id FROM messages WHERE visitor_id = 'visitor-1')")
-            .await,
+        s.count(
+            "(SELECT DISTINCT conversation_id FROM messages WHERE visitor_id = 'visitor-1') AS c"
+        )
+        .await,
         1
     );
 }

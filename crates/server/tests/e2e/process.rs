@@ -1,4 +1,5 @@
-//! The `switchboard` binary as a user runs it: CLI verbs, start-up, SIGTERM and SIGKILL.
+//! The `switchboard` binary as a user runs it: CLI verbs, start-up, SIGTERM and SIGKILL,
+//! on the backend the environment selects (see [`crate::db`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::db::{Conn, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -76,8 +79,8 @@ async fn serve_with(
 
 #[tokio::test]
 async fn first_start_prints_one_key_that_works() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
     let (mut child, url, lines) = serve(&db, None).await;
     let key = lines
         .iter()
@@ -107,8 +110,8 @@ async fn first_start_prints_one_key_that_works() {
 
 #[tokio::test]
 async fn cli_manages_accounts_keys_agents_and_groups() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
     let group = cli(&db, &["groups", "add", "Sales"]);
     let gid = group["id"].as_str().unwrap().to_owned();
     let agent = cli(
@@ -184,11 +187,20 @@ async fn cli_manages_accounts_keys_agents_and_groups() {
     child.kill().await.unwrap();
 }
 
+/// SIGTERM ends the server with success, on the selected backend; an SQLite file is left
+/// checkpointed, which is checked on SQLite whatever the backend.
 #[tokio::test]
 async fn sigterm_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let (mut child, url, _) = serve(&db, Some("k")).await;
+    let selected = TestDb::new().await;
+    let sqlite = selected.is_postgres().then(TestDb::sqlite);
+    for storage in std::iter::once(&selected).chain(sqlite.as_ref()) {
+        sigterm_stops_cleanly_on(storage).await;
+    }
+}
+
+async fn sigterm_stops_cleanly_on(storage: &TestDb) {
+    let db = &storage.path;
+    let (mut child, url, _) = serve(db, Some("k")).await;
     let r = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
         .build()
@@ -212,20 +224,17 @@ async fn sigterm_stops_cleanly() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     // A clean close checkpoints the WAL away.
-    assert!(
-        !dir.path().join("s.db-wal").exists()
-            || std::fs::metadata(dir.path().join("s.db-wal"))
-                .unwrap()
-                .len()
-                == 0
-    );
+    if let Some(dir) = storage.dir() {
+        let wal = dir.join("s.db-wal");
+        assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
+    }
 }
 
 /// Every message that got a 200 is there after SIGKILL and a restart.
 #[tokio::test]
 async fn acknowledged_writes_survive_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
     let (mut child, url, _) = serve(&db, Some("k")).await;
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
@@ -363,37 +372,23 @@ impl SlowReceiver {
     }
 }
 
-/// Events in the outbox, read straight from the database file: (id, seq, conversation).
+/// Events in the outbox, read straight from the database: (id, seq, conversation).
 async fn webhook_events(db: &Path) -> Vec<(String, i64, String)> {
-    use sqlx::Connection;
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true);
-    let mut conn = sqlx::SqliteConnection::connect_with(&options)
-        .await
-        .expect("open db");
-    let rows = sqlx::query_as("SELECT id, seq, conversation_id FROM webhook_events ORDER BY seq")
-        .fetch_all(&mut conn)
-        .await
-        .expect("webhook_events");
-    let _ = conn.close().await;
+    let mut conn = Conn::open(db).await;
+    let rows = conn
+        .rows("SELECT id, seq, conversation_id FROM webhook_events ORDER BY seq")
+        .await;
+    conn.close().await;
     rows
 }
 
-/// Deliveries by status, read straight from the database file.
+/// Deliveries by status, read straight from the database.
 async fn delivery_statuses(db: &Path) -> Vec<(String, String)> {
-    use sqlx::Connection;
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true);
-    let mut conn = sqlx::SqliteConnection::connect_with(&options)
-        .await
-        .expect("open db");
-    let rows = sqlx::query_as("SELECT event_id, status FROM webhook_deliveries")
-        .fetch_all(&mut conn)
-        .await
-        .expect("webhook_deliveries");
-    let _ = conn.close().await;
+    let mut conn = Conn::open(db).await;
+    let rows = conn
+        .rows("SELECT event_id, status FROM webhook_deliveries")
+        .await;
+    conn.close().await;
     rows
 }
 
@@ -420,8 +415,8 @@ async fn webhook_deliveries_survive_sigkill() {
         "0",
     ];
 
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
 
     let receiver = Arc::new(SlowReceiver::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -744,8 +739,8 @@ fn cli_text(db: &Path, args: &[&str]) -> String {
 /// log shows each attempt; replay and removal work from the CLI too.
 #[tokio::test]
 async fn the_cli_shows_a_failing_webhook_and_its_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
     // A port with nobody listening: every attempt is refused.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -833,8 +828,9 @@ async fn the_cli_shows_a_failing_webhook_and_its_log() {
     let _ = child.kill().await;
 }
 
-/// `--db` takes a path or `sqlite://PATH`; a PostgreSQL or other URL is refused with a clear
-/// message (with the password hidden), not turned into a file.
+/// `--db` takes a path or `sqlite://PATH` (an SQLite file, whatever backend the suite runs
+/// on); a PostgreSQL server that cannot be reached, or another URL scheme, makes `serve` and
+/// the CLI exit non-zero with a clear message (password hidden), and no file is made.
 #[tokio::test]
 async fn db_urls_are_understood_or_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
@@ -845,23 +841,44 @@ async fn db_urls_are_understood_or_refused_clearly() {
     let listed = cli(&file, &["accounts", "list"]);
     assert_eq!(listed[0]["id"], account["id"], "the same database by path");
 
+    // Port 1: nothing listens there, so connecting is refused at once.
     for (db, expect) in [
         (
-            "postgres://app:s3cret@127.0.0.1:5432/chat",
-            "no PostgreSQL backend",
+            "postgres://nobody:secret@127.0.0.1:1/x",
+            [
+                "cannot connect to PostgreSQL",
+                "postgres://nobody:***@127.0.0.1:1/x",
+            ],
         ),
-        ("mysql://localhost/chat", "unsupported database URL scheme"),
+        (
+            "mysql://app:secret@localhost/chat",
+            [
+                "unsupported database URL scheme",
+                "mysql://app:***@localhost/chat",
+            ],
+        ),
     ] {
-        let out = std::process::Command::new(BIN)
-            .current_dir(dir.path())
-            .args(["--db", db, "accounts", "list"])
-            .env_remove("SWITCHBOARD_API_KEY")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(expect), "{err}");
-        assert!(!err.contains("s3cret"), "password shown: {err}");
+        let serve = ["serve", "--listen", "127.0.0.1:0", "--db", db];
+        let list = ["--db", db, "accounts", "list"];
+        for args in [&serve[..], &list[..]] {
+            let out = Command::new(BIN)
+                .current_dir(dir.path())
+                .args(args)
+                .env_remove("SWITCHBOARD_API_KEY")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(120), out)
+                .await
+                .unwrap_or_else(|_| panic!("{args:?} still running after 120 s"))
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} succeeded: {err}");
+            for e in expect {
+                assert!(err.contains(e), "{args:?}: {e:?} not in: {err}");
+            }
+            assert!(!err.contains("secret"), "{args:?}: password shown: {err}");
+        }
     }
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

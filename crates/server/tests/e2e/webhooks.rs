@@ -689,16 +689,9 @@ async fn an_event_resent_after_a_restart_has_the_same_bytes() {
     rx.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
     // The visitor gives its name meanwhile (written while the server is down, so that it is
     // surely there before the delivery is retried).
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("UPDATE visitors SET name = 'Ada'")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
+    let mut conn = crate::db::Conn::open_writable(&db).await;
+    conn.execute("UPDATE visitors SET name = 'Ada'").await;
+    conn.close().await;
     let s = TestServer::start_on_with(db, DomainConfig::default(), Clock::System, options()).await;
     let now = s.session_on(&w, json!({"token": token})).await;
     assert_eq!(
