@@ -1,8 +1,11 @@
 //! End-to-end tests: the real server over real HTTP, each test with its own database.
 
+#[path = "../support/db.rs"]
+mod db;
 mod harness;
 
 mod auth;
+mod cluster;
 mod errors;
 mod idempotency;
 mod listing;
