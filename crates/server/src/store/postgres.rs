@@ -3392,4 +3392,91 @@ mod tests {
         store.close().await;
         db.drop_now().await;
     }
+
+    /// Two instances writing to one conversation in turn: the second catches up with the
+    /// first's chat (no second chat starts), and of the two instances' timers exactly one
+    /// ends the chat.
+    #[tokio::test]
+    async fn instances_share_chats_and_end_each_once() {
+        let Some(db) = TempDb::create().await else {
+            return;
+        };
+        let a = PostgresStore::open(&db.url, PostgresOptions::default())
+            .await
+            .unwrap();
+        let b = PostgresStore::open(&db.url, PostgresOptions::default())
+            .await
+            .unwrap();
+        let (account, _) = a.ensure_default_account("a", 1).await.unwrap();
+        let acc = account.id.clone();
+        let visitor = |id: &str, at: i64| MessageRow {
+            kind: "visitor".into(),
+            created_at: at,
+            updated_at: at,
+            ..message(&acc, id, "v1")
+        };
+        // Both instances know the conversation and its chat before the other writes again.
+        a.insert_message(visitor("m1", 1_000), None).await.unwrap();
+        b.insert_message(visitor("m2", 2_000), None).await.unwrap();
+        a.insert_message(visitor("m3", 3_000), None).await.unwrap();
+        b.insert_message(visitor("m4", 4_000), None).await.unwrap();
+
+        let count = |sql: &'static str| {
+            let pool = a.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(count("SELECT count(*) FROM chats").await, 1, "one chat");
+        assert_eq!(
+            count("SELECT count(*) FROM messages").await,
+            4,
+            "every message"
+        );
+        assert_eq!(
+            count("SELECT count(DISTINCT seq) FROM messages").await,
+            4,
+            "distinct positions"
+        );
+
+        // Idle before 3.5 s: A's own last message (3 s) is older, but B's (4 s) is not, and
+        // A must have caught up with it. Then both run at 100 s.
+        let early = a.run_timers(5_000, 5_000, 3_500).await.unwrap();
+        assert_eq!(early.ended, 0, "ended on stale activity");
+        let (ra, rb) = tokio::join!(
+            a.run_timers(100_000, 100_000, 90_000),
+            b.run_timers(100_000, 100_000, 90_000)
+        );
+        assert_eq!(
+            ra.unwrap().ended + rb.unwrap().ended,
+            1,
+            "ended exactly once"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM events WHERE kind = 'conversationEnded'").await,
+            1
+        );
+        // A new message after the end starts a new chat, on whichever instance.
+        b.insert_message(visitor("m5", 200_000), None)
+            .await
+            .unwrap();
+        a.insert_message(visitor("m6", 201_000), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM chats").await,
+            2,
+            "a second chat"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM chats WHERE ended_at IS NULL").await,
+            1
+        );
+        a.close().await;
+        b.close().await;
+        db.drop_now().await;
+    }
 }
