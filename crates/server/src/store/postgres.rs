@@ -1194,7 +1194,8 @@ struct OpenChatRow {
 }
 
 /// The open chats (of the `only` conversations if given), with their last activity
-/// recomputed from the messages.
+/// recomputed from the messages: each from the newest message by position (an index probe,
+/// however long the conversation), as the writer notes them.
 async fn load_open_chats(
     conn: &mut PgConnection,
     only: Option<&[String]>,
@@ -1202,15 +1203,15 @@ async fn load_open_chats(
     let rows: Vec<OpenChatRow> = sqlx::query_as(
         "SELECT c.id, c.account_id, c.conversation_id, c.visitor_id, c.start_seq, c.started_at, \
          c.no_agent_online, c.start_page_url, c.start_page_title, \
-         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
-                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq AND NOT m.is_pushed), \
-                  c.started_at) AS last_activity, \
-         coalesce((SELECT max(m.created_at) FROM messages m WHERE m.account_id = c.account_id \
-                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
-                  c.started_at) AS last_message_at, \
-         coalesce((SELECT max(m.seq) FROM messages m WHERE m.account_id = c.account_id \
-                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq), \
-                  c.start_seq) AS last_seq, \
+         coalesce((SELECT m.created_at FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq AND NOT m.is_pushed \
+                   ORDER BY m.seq DESC LIMIT 1), c.started_at) AS last_activity, \
+         coalesce((SELECT m.created_at FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq \
+                   ORDER BY m.seq DESC LIMIT 1), c.started_at) AS last_message_at, \
+         coalesce((SELECT m.seq FROM messages m WHERE m.account_id = c.account_id \
+                   AND m.visitor_id = c.visitor_id AND m.seq >= c.start_seq \
+                   ORDER BY m.seq DESC LIMIT 1), c.start_seq) AS last_seq, \
          c.fragment_seq \
          FROM chats c WHERE c.ended_at IS NULL \
          AND ($1::text[] IS NULL OR c.conversation_id = ANY($1))",
