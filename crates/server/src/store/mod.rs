@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 mod cache;
 pub mod postgres;
+mod shared;
 pub mod sqlite;
 
 /// Failures of the storage layer. HTTP status codes are decided elsewhere.

@@ -29,6 +29,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::AgentCache;
+use super::shared::*;
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -152,51 +153,6 @@ struct LocalCommit {
     after: i64,
     head: i64,
     events: Vec<Arc<FeedEvent>>,
-}
-
-/// An open chat as the writer tracks it.
-#[derive(Debug, Clone)]
-struct OpenChat {
-    info: ChatInfo,
-    account_id: String,
-    visitor_id: String,
-    /// Time of the newest not-pushed message.
-    last_activity: i64,
-    /// Time of the newest message, pushed ones included.
-    last_message_at: i64,
-    /// Seq of the newest message.
-    last_seq: i64,
-    /// Messages up to this seq were sent in a fragment.
-    fragment_seq: i64,
-}
-
-impl OpenChat {
-    /// Notes a new message of the chat's conversation.
-    fn note(&mut self, m: &MessageRow) {
-        if !m.is_pushed {
-            self.last_activity = self.last_activity.max(m.created_at);
-        }
-        self.last_message_at = self.last_message_at.max(m.created_at);
-        self.last_seq = self.last_seq.max(m.seq);
-    }
-
-    /// Messages of the chat not yet sent in a fragment: seq in (from, last_seq].
-    fn unfragmented_from(&self) -> Option<i64> {
-        let from = self.fragment_seq.max(self.info.start_seq - 1);
-        (self.last_seq > from).then_some(from)
-    }
-}
-
-enum ChatUndo {
-    Opened(String),
-    Closed(String, OpenChat),
-    Fragmented(String, i64),
-}
-
-/// How far the current transaction had got, to undo a failed job's part of it.
-struct Mark {
-    events: usize,
-    chat_undo: usize,
 }
 
 const CONVERSATION_CACHE_MAX: usize = 200_000;
@@ -1176,23 +1132,6 @@ async fn insert_event(
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
-struct OpenChatRow {
-    id: String,
-    account_id: String,
-    conversation_id: String,
-    visitor_id: String,
-    start_seq: i64,
-    started_at: i64,
-    no_agent_online: bool,
-    start_page_url: Option<String>,
-    start_page_title: Option<String>,
-    last_activity: i64,
-    last_message_at: i64,
-    last_seq: i64,
-    fragment_seq: i64,
-}
-
 /// The open chats (of the `only` conversations if given), with their last activity
 /// recomputed from the messages: each from the newest message by position (an index probe,
 /// however long the conversation), as the writer notes them.
@@ -1245,10 +1184,6 @@ async fn load_open_chats(
         })
         .collect())
 }
-
-const WEBHOOK_STARTED: &str = "conversationStarted";
-const WEBHOOK_FRAGMENT: &str = "conversationFragment";
-const WEBHOOK_TRANSCRIPT: &str = "conversationTranscript";
 
 /// Writes a webhook event and its deliveries, if some enabled endpoint of the account wants
 /// it; part of the caller's transaction.
@@ -1656,21 +1591,6 @@ fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
     }
 }
 
-const MESSAGE_COLUMNS: &str = "seq, id, account_id, conversation_id, visitor_id, type, text, \
-     agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
-     is_trigger, received_from, created_at, updated_at, deleted_at";
-
-/// [`MESSAGE_COLUMNS`] of the table aliased `m`, for joins (all NULL when nothing joined).
-const MESSAGE_COLUMNS_M: &str = "m.seq, m.id, m.account_id, m.conversation_id, m.visitor_id, \
-     m.type, m.text, m.agent_id, m.agent_name, m.agent_userpic, m.is_pushed, m.is_missed, \
-     m.is_missed_by_visitor, m.is_trigger, m.received_from, m.created_at, m.updated_at, \
-     m.deleted_at";
-
-/// Columns of [`VisitorRow`] from `visitors v JOIN conversations c`.
-const VISITOR_COLUMNS: &str = "v.id, v.account_id, v.group_id, v.name, v.email, \
-     v.browser_language, v.start_page_url, v.start_page_title, v.page_url, v.page_title, \
-     v.attributes, c.id AS conversation_id, v.created_at";
-
 /// One row of the feed union: the event and, when it concerns one, its message.
 struct FeedRow {
     fseq: i64,
@@ -1701,112 +1621,6 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for FeedRow {
         })
     }
 }
-
-#[derive(sqlx::FromRow)]
-struct ChatRow {
-    id: String,
-    start_seq: i64,
-    started_at: i64,
-    ended_at: Option<i64>,
-    no_agent_online: bool,
-    start_page_url: Option<String>,
-    start_page_title: Option<String>,
-}
-
-impl From<ChatRow> for ChatInfo {
-    fn from(c: ChatRow) -> Self {
-        ChatInfo {
-            id: c.id,
-            start_seq: c.start_seq,
-            started_at: c.started_at,
-            ended_at: c.ended_at,
-            no_agent_online: c.no_agent_online,
-            start_page_url: c.start_page_url,
-            start_page_title: c.start_page_title,
-        }
-    }
-}
-
-/// Columns of [`ChatRow`].
-const CHAT_COLUMNS: &str =
-    "id, start_seq, started_at, ended_at, no_agent_online, start_page_url, start_page_title";
-
-/// Columns of [`DeliveryRow`] from `webhook_deliveries d JOIN webhook_events e`.
-const DELIVERY_COLUMNS: &str = "d.webhook_id, d.event_id, e.kind, d.conversation_id, \
-     d.event_seq, d.status, d.attempts, d.next_attempt_at, d.created_at, d.last_attempt_at, \
-     d.last_status, d.last_error, d.last_latency_ms, d.delivered_at";
-
-const WEBHOOK_COLUMNS: &str = "id, account_id, url, events, description, enabled, secret, \
-     created_at, consecutive_failures, failing_since, last_error";
-
-/// A due delivery as read: the event's and the endpoint's columns, prefixed.
-#[derive(sqlx::FromRow)]
-struct DueRow {
-    attempts: i64,
-    e_id: String,
-    e_seq: i64,
-    e_account_id: String,
-    e_conversation_id: String,
-    e_visitor_id: String,
-    e_kind: String,
-    e_chat_id: String,
-    e_from_seq: i64,
-    e_to_seq: i64,
-    e_payload: Option<String>,
-    e_created_at: i64,
-    w_id: String,
-    w_account_id: String,
-    w_url: String,
-    w_events: String,
-    w_description: Option<String>,
-    w_enabled: bool,
-    w_secret: String,
-    w_created_at: i64,
-    w_consecutive_failures: i64,
-    w_failing_since: Option<i64>,
-    w_last_error: Option<String>,
-}
-
-impl DueRow {
-    fn into_due(self) -> DueDelivery {
-        DueDelivery {
-            attempts: self.attempts,
-            event: OutboxEvent {
-                id: self.e_id,
-                seq: self.e_seq,
-                account_id: self.e_account_id,
-                conversation_id: self.e_conversation_id,
-                visitor_id: self.e_visitor_id,
-                kind: self.e_kind,
-                chat_id: self.e_chat_id,
-                from_seq: self.e_from_seq,
-                to_seq: self.e_to_seq,
-                payload: self.e_payload,
-                created_at: self.e_created_at,
-            },
-            webhook: WebhookRow {
-                id: self.w_id,
-                account_id: self.w_account_id,
-                url: self.w_url,
-                events: self.w_events,
-                description: self.w_description,
-                enabled: self.w_enabled,
-                secret: self.w_secret,
-                created_at: self.w_created_at,
-                consecutive_failures: self.w_consecutive_failures,
-                failing_since: self.w_failing_since,
-                last_error: self.w_last_error,
-            },
-        }
-    }
-}
-
-const AGENT_COLUMNS: &str =
-    "id, account_id, name, email, userpic, is_dummy, online_until, created_at";
-
-/// [`AGENT_COLUMNS`] of the table aliased `a`, for joins.
-const AGENT_COLUMNS_A: &str =
-    "a.id, a.account_id, a.name, a.email, a.userpic, a.is_dummy, a.online_until, a.created_at";
 
 async fn insert_agent(
     conn: &mut PgConnection,

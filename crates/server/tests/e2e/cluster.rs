@@ -44,30 +44,16 @@ fn admin_url(test: &str) -> Option<String> {
 
 /// A PostgreSQL database of one test, dropped (sessions and all) with this value.
 struct Database {
-    admin: String,
-    name: String,
+    _db: crate::db::PgDatabase,
     url: String,
 }
 
 impl Database {
     async fn create(admin: &str) -> Self {
-        let name = format!("sb_t_{:032x}", rand::random::<u128>());
-        let mut url = url::Url::parse(admin)
-            .unwrap_or_else(|e| panic!("SWITCHBOARD_TEST_POSTGRES is not a URL ({e}): {admin}"));
-        url.set_path(&format!("/{name}"));
-        let mut conn = connect(admin).await;
-        tokio::time::timeout(
-            WAIT,
-            sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn),
-        )
-        .await
-        .expect("CREATE DATABASE within the wait")
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let _ = conn.close().await;
+        let db = crate::db::PgDatabase::create(admin).await;
         Self {
-            admin: admin.to_owned(),
-            name,
-            url: url.to_string(),
+            url: db.url.clone(),
+            _db: db,
         }
     }
 
@@ -99,38 +85,6 @@ impl Database {
             .rows(&format!("SELECT count(*)::text FROM {from_where}"))
             .await;
         r[0][0].parse().unwrap()
-    }
-}
-
-impl Drop for Database {
-    /// On a thread of its own with its own runtime, so that it works while the test's
-    /// runtime is unwinding too.
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let done = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(async move {
-                    let mut conn = connect(&admin).await;
-                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let r =
-                        tokio::time::timeout(WAIT, sqlx::raw_sql(&sql).execute(&mut conn)).await;
-                    let _ = conn.close().await;
-                    match r {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("timed out".to_owned()),
-                    }
-                })
-        })
-        .join();
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("warning: could not drop test database {}: {e}", self.name),
-            Err(_) => eprintln!("warning: dropping test database {} panicked", self.name),
-        }
     }
 }
 
