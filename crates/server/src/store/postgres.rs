@@ -3091,12 +3091,31 @@ mod tests {
             })
         }
 
+        /// Drops the database now (a failing test's is dropped by `Drop`).
         async fn drop_now(self) {
-            let mut conn = PgConnection::connect(&self.admin).await.unwrap();
-            sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            drop_database(&self.admin, &self.name).await;
+        }
+    }
+
+    async fn drop_database(admin: &str, name: &str) {
+        let mut conn = PgConnection::connect(admin).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    impl Drop for TempDb {
+        /// On a thread with a runtime of its own: this runs while a failed test unwinds.
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| rt.block_on(drop_database(&admin, &name)))
+            })
+            .join();
         }
     }
 
