@@ -167,7 +167,6 @@ pub struct PostgresStore {
     /// Whether someone took the feed (until then the reader drops what it reads).
     feed_taken: Arc<std::sync::atomic::AtomicBool>,
     signals: Signals,
-    presence: Arc<super::cache::PresenceCache>,
     options: PostgresOptions,
     /// This instance's name (the writer's in `feed_head`, the dispatcher's on its claims).
     instance: String,
@@ -270,17 +269,10 @@ impl PostgresStore {
         let mut tasks = Vec::new();
 
         let agents = Arc::new(AgentCache::new(options.agent_cache_ttl));
-        // Presence is not cached: an agentOnlinePing on another instance must count at once.
-        let presence = Arc::new(super::cache::PresenceCache::new(Duration::ZERO));
         let (feed_tx, feed_rx) = mpsc::unbounded_channel();
         let feed_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (remote, remote_rx) = tokio::sync::watch::channel(head_now);
-        tasks.push(tokio::spawn(listen(
-            pool.clone(),
-            remote,
-            agents.clone(),
-            presence.clone(),
-        )));
+        tasks.push(tokio::spawn(listen(pool.clone(), remote, agents.clone())));
         tasks.push(tokio::spawn(
             FeedReader {
                 pool: pool.clone(),
@@ -300,7 +292,6 @@ impl PostgresStore {
             feed: std::sync::Mutex::new(Some(feed_rx)),
             feed_taken,
             signals,
-            presence,
             options,
             instance,
             tasks,
@@ -724,7 +715,7 @@ async fn insert_guarded(
     Ok(Guarded::Applied(m))
 }
 
-/// Rows per multi-row INSERT (17 parameters each; SQLite allows 32,766 per statement).
+/// Rows per multi-row INSERT (one array per column, so the statement does not grow).
 const INSERT_CHUNK: usize = 256;
 
 /// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
@@ -1814,12 +1805,7 @@ impl FeedReader {
 
 /// Listens for commits (their new head goes to `remote`) and agent changes; reconnects when
 /// the connection drops (and then has the feed read at once, for what it missed).
-async fn listen(
-    pool: PgPool,
-    remote: tokio::sync::watch::Sender<i64>,
-    agents: Arc<AgentCache>,
-    presence: Arc<super::cache::PresenceCache>,
-) {
+async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: Arc<AgentCache>) {
     loop {
         let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -1838,10 +1824,7 @@ async fn listen(
         remote.send_replace(i64::MAX);
         loop {
             match listener.try_recv().await {
-                Ok(Some(n)) if n.channel() == AGENTS_CHANNEL => {
-                    agents.clear();
-                    presence.clear();
-                }
+                Ok(Some(n)) if n.channel() == AGENTS_CHANNEL => agents.clear(),
                 Ok(Some(n)) => {
                     remote.send_replace(n.payload().parse().unwrap_or(i64::MAX));
                 }
@@ -2148,7 +2131,6 @@ impl Store for PostgresStore {
             })
             .await;
         if let Ok(Guarded::Applied(true)) = &result {
-            self.presence.extend(&account, until);
             self.agents_changed(&account).await;
         }
         result
@@ -2523,19 +2505,13 @@ impl Store for PostgresStore {
     }
 
     async fn any_agent_online(&self, account_id: &str, now: i64) -> StoreResult<bool> {
-        // Every visitor message asks this; the newest online_until of the account answers
-        // it for any `now`, so it is kept briefly (pings through this server update it).
-        if let Some(until) = self.presence.get(account_id) {
-            return Ok(until > now);
-        }
+        // Not cached: an agentOnlinePing on another instance must count at once.
         let until: Option<i64> =
             sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = $1")
                 .bind(account_id)
                 .fetch_one(&self.pool)
                 .await?;
-        let until = until.unwrap_or(0);
-        self.presence.put(account_id, until);
-        Ok(until > now)
+        Ok(until.unwrap_or(0) > now)
     }
 
     async fn feed(
@@ -2924,11 +2900,11 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
-    /// After a committed change to an account's agents or presence: forgets what this
-    /// instance cached and tells the other instances to do the same.
+    /// After a committed change to an account's agents (presence included: cached agents
+    /// carry it): forgets what this instance cached and tells the other instances to do
+    /// the same.
     async fn agents_changed(&self, account_id: &str) {
         self.agents.clear();
-        self.presence.clear();
         if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(AGENTS_CHANNEL)
             .bind(account_id)
