@@ -2947,7 +2947,7 @@ impl PostgresStore {
     }
 
     /// Applies `change` to a live agent message of the account whose pushed flag is
-    /// `pushed`, then refreshes the message cache.
+    /// `pushed`.
     async fn change_message(
         &self,
         account_id: &str,

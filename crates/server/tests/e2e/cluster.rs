@@ -539,6 +539,20 @@ impl Hooks {
 }
 
 /// The webhook events in the database: id -> (seq, conversation, kind, chat).
+/// No chat has more than one transcript event in the outbox.
+async fn assert_one_transcript_per_chat(db: &Database) {
+    let doubled = db
+        .rows(
+            "SELECT chat_id, count(*)::text FROM webhook_events \
+             WHERE kind = 'conversationTranscript' GROUP BY chat_id HAVING count(*) <> 1",
+        )
+        .await;
+    assert!(
+        doubled.is_empty(),
+        "chats with several transcripts: {doubled:?}"
+    );
+}
+
 async fn outbox(db: &Database) -> HashMap<String, (i64, String, String, String)> {
     db.rows("SELECT id, seq::text, conversation_id, kind, chat_id FROM webhook_events")
         .await
@@ -834,12 +848,28 @@ async fn webhooks_are_delivered_once_in_order_across_instances() {
 
     cl.settle().await;
     let events = outbox(&cl.db).await;
-    // Deliveries are all marked made; any second request for one would follow at once.
     let deadline = Instant::now() + WAIT;
     while hooks.hits().len() < events.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // No second request can still come: every delivery is made, no queue is left to claim,
+    // and each event has exactly one recorded attempt.
+    assert_eq!(
+        cl.db.count("webhook_queues").await,
+        0,
+        "queues left to claim"
+    );
+    let resent = cl
+        .db
+        .rows(
+            "SELECT event_id, count(*)::text FROM webhook_attempts GROUP BY event_id \
+             HAVING count(*) <> 1",
+        )
+        .await;
+    assert!(
+        resent.is_empty(),
+        "events attempted more than once: {resent:?}"
+    );
     let hits = hooks.hits();
 
     let mut times: HashMap<&str, usize> = HashMap::new();
@@ -869,17 +899,7 @@ async fn webhooks_are_delivered_once_in_order_across_instances() {
         chats.len(),
         "chats ended against chats with webhook events"
     );
-    let doubled = cl
-        .db
-        .rows(
-            "SELECT chat_id, count(*)::text FROM webhook_events \
-             WHERE kind = 'conversationTranscript' GROUP BY chat_id HAVING count(*) <> 1",
-        )
-        .await;
-    assert!(
-        doubled.is_empty(),
-        "chats with several transcripts: {doubled:?}"
-    );
+    assert_one_transcript_per_chat(&cl.db).await;
     let ended_events = cl.db.count("events WHERE kind = 'conversationEnded'").await;
     assert_eq!(ended_events, ended, "one conversationEnded per chat");
     eprintln!(
@@ -1182,17 +1202,7 @@ async fn sigkill_of_one_instance_loses_nothing() {
             "message {id} of {conversation} (acknowledged by {node}) in transcripts"
         );
     }
-    let doubled = cl
-        .db
-        .rows(
-            "SELECT chat_id, count(*)::text FROM webhook_events \
-             WHERE kind = 'conversationTranscript' GROUP BY chat_id HAVING count(*) <> 1",
-        )
-        .await;
-    assert!(
-        doubled.is_empty(),
-        "chats with several transcripts: {doubled:?}"
-    );
+    assert_one_transcript_per_chat(&cl.db).await;
     let ended = cl.db.count("chats WHERE ended_at IS NOT NULL").await;
     assert_eq!(usize::try_from(ended).unwrap(), chats.len());
     let distinct: HashSet<&str> = hits.iter().map(|h| h.id.as_str()).collect();
