@@ -64,6 +64,11 @@ impl Server {
         let _ = self.child.kill().await;
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The server's resident memory (VmRSS), in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let pid = self.child.id().context("server has exited")?;

@@ -28,9 +28,13 @@ struct Cli {
     /// Concurrent connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Measured seconds per scenario.
-    #[arg(long, default_value_t = 10)]
+    /// Measured seconds per scenario and round.
+    #[arg(long, default_value_t = 5)]
     duration: u64,
+    /// Rounds: each measures the bare handler, GET and POST back to back, and the ratios
+    /// are taken within a round, so that the machine's drift between rounds cancels out.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Warm-up seconds per scenario (not measured).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
@@ -96,11 +100,34 @@ struct Scenario {
 
 #[derive(Debug, Clone)]
 struct Stats {
+    name: &'static str,
     requests: u64,
     errors: u64,
     rps: f64,
     p50_us: u64,
     p99_us: u64,
+    /// CPU time (user + system) the servers used in the measured window, per request.
+    server_cpu_us: f64,
+    /// CPU time this load generator used in the measured window, per request.
+    client_cpu_us: f64,
+}
+
+/// User + system CPU time of a process so far, in microseconds, from `/proc/<pid>/stat`.
+fn cpu_us(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s on Linux.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * 10_000)
+}
+
+/// CPU used so far by the given server pids and by this process.
+fn cpu_now(pids: &[u32]) -> (u64, u64) {
+    let servers = pids.iter().filter_map(|p| cpu_us(&p.to_string())).sum();
+    (servers, cpu_us("self").unwrap_or(0))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -119,22 +146,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let key = "xkeysib-bench";
 
+    // Both servers run for the whole benchmark (an idle one costs nothing), so that each
+    // round can measure them back to back: the machine is shared and its speed drifts.
     let mut bare_cmd = Command::new(&exe);
     bare_cmd.arg("bare-server");
     let bare = Server::start(bare_cmd).await?;
-    let bare_stats = load(
-        &cli,
-        std::slice::from_ref(&bare.addr),
-        Scenario {
-            name: "bare axum, fixed JSON",
-            method: http::Method::GET,
-            path: "/bare".into(),
-            body: None,
-            api_key: None,
-        },
-    )
-    .await?;
-    bare.stop().await;
+    let bare_pids: Vec<u32> = bare.pid().into_iter().collect();
 
     let mut instances = Vec::new();
     for _ in 0..cli.instances.max(1) {
@@ -155,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         instances.push(Server::start(sb_cmd).await?);
     }
     let addrs: Vec<String> = instances.iter().map(|s| s.addr.clone()).collect();
+    let pids: Vec<u32> = instances.iter().filter_map(|s| s.pid()).collect();
     let sb = &instances[0];
     let rss_idle = sb.rss_kib().ok();
 
@@ -173,19 +191,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("seed message id")?
         .to_owned();
 
-    let get_stats = load(
-        &cli,
-        &addrs,
-        Scenario {
-            name: "switchboard GET message by id",
-            method: http::Method::GET,
-            path: format!("/v3/conversations/messages/{id}"),
-            body: None,
-            api_key: Some(key.into()),
-        },
-    )
-    .await?;
-    let post_stats = load(&cli, &addrs, Scenario {
+    let bare_scenario = Scenario {
+        name: "bare axum, fixed JSON",
+        method: http::Method::GET,
+        path: "/bare".into(),
+        body: None,
+        api_key: None,
+    };
+    let get_scenario = Scenario {
+        name: "switchboard GET message by id",
+        method: http::Method::GET,
+        path: format!("/v3/conversations/messages/{id}"),
+        body: None,
+        api_key: Some(key.into()),
+    };
+    let post_scenario = Scenario {
         name: "switchboard POST message (durable)",
         method: http::Method::POST,
         path: "/v3/conversations/messages".into(),
@@ -193,9 +213,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz","receivedFrom":"bench"}"#,
         )),
         api_key: Some(key.into()),
-    })
-    .await?;
+    };
+    let mut rounds = Vec::new();
+    for round in 1..=cli.rounds.max(1) {
+        eprintln!("round {round} of {}", cli.rounds.max(1));
+        let bare_addr = std::slice::from_ref(&bare.addr);
+        let b = load(&cli, bare_addr, &bare_pids, bare_scenario.clone()).await?;
+        let g = load(&cli, &addrs, &pids, get_scenario.clone()).await?;
+        let p = load(&cli, &addrs, &pids, post_scenario.clone()).await?;
+        rounds.push([b, g, p]);
+    }
     let rss_after = sb.rss_kib().ok();
+    bare.stop().await;
     for sb in instances {
         sb.stop().await;
     }
@@ -204,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "switchboard-bench: {} on {}, {} connections, {} s measured after {} s warm-up, {} cores",
+        "switchboard-bench: {} on {}, {} connections, {} round(s) of {} s per scenario after {} s warm-up, {} cores",
         match cli.instances {
             0 | 1 => "one instance".to_owned(),
             n => format!("{n} instances"),
@@ -215,6 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "SQLite"
         },
         cli.connections,
+        rounds.len(),
         cli.duration,
         cli.warmup,
         std::thread::available_parallelism()
@@ -222,33 +252,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .unwrap_or(0)
     );
     println!(
-        "{:<38} {:>10} {:>9} {:>9} {:>9} {:>8}",
-        "scenario", "requests", "req/s", "p50 ms", "p99 ms", "errors"
+        "{:<5} {:<38} {:>10} {:>9} {:>9} {:>9} {:>8} {:>14} {:>14}",
+        "round",
+        "scenario",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "server CPU/req",
+        "client CPU/req"
     );
-    for (name, s) in [
-        ("bare axum, fixed JSON", &bare_stats),
-        ("switchboard GET message by id", &get_stats),
-        ("switchboard POST message (durable)", &post_stats),
-    ] {
-        println!(
-            "{:<38} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8}",
-            name,
-            s.requests,
-            s.rps,
-            s.p50_us as f64 / 1000.0,
-            s.p99_us as f64 / 1000.0,
-            s.errors
-        );
+    let mut get_ratios = Vec::new();
+    let mut post_ratios = Vec::new();
+    for (i, [b, g, p]) in rounds.iter().enumerate() {
+        for s in [b, g, p] {
+            println!(
+                "{:<5} {:<38} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.1} µs {:>11.1} µs",
+                i + 1,
+                s.name,
+                s.requests,
+                s.rps,
+                s.p50_us as f64 / 1000.0,
+                s.p99_us as f64 / 1000.0,
+                s.errors,
+                s.server_cpu_us,
+                s.client_cpu_us
+            );
+        }
+        get_ratios.push(100.0 * g.rps / b.rps);
+        post_ratios.push(100.0 * p.rps / b.rps);
     }
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}%"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!(
-        "ratio GET/bare: {:.0}%   ratio POST/bare: {:.0}%",
-        100.0 * get_stats.rps / bare_stats.rps,
-        100.0 * post_stats.rps / bare_stats.rps
+        "ratio GET/bare: median {:.0}% (rounds: {})   ratio POST/bare: median {:.0}% (rounds: {})",
+        median(&get_ratios),
+        list(&get_ratios),
+        median(&post_ratios),
+        list(&post_ratios)
     );
     if let (Some(a), Some(b)) = (rss_idle, rss_after) {
         println!("switchboard RSS: {a} KiB idle, {b} KiB after the run");
     }
     Ok(())
+}
+
+/// The median of a few numbers (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 async fn connect(
@@ -294,11 +356,19 @@ async fn request(addr: &str, s: Scenario) -> anyhow::Result<Bytes> {
 
 /// Drives one scenario: every connection sends requests back to back; latencies of the
 /// measured window are merged into percentiles.
-async fn load(cli: &Cli, addrs: &[String], s: Scenario) -> anyhow::Result<Stats> {
+async fn load(cli: &Cli, addrs: &[String], pids: &[u32], s: Scenario) -> anyhow::Result<Stats> {
     eprintln!("running: {} ...", s.name);
     let start = Instant::now();
     let warm_end = start + Duration::from_secs(cli.warmup);
     let end = warm_end + Duration::from_secs(cli.duration);
+    let cpu_pids = pids.to_vec();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(warm_end.into()).await;
+        let (s0, c0) = cpu_now(&cpu_pids);
+        tokio::time::sleep_until(end.into()).await;
+        let (s1, c1) = cpu_now(&cpu_pids);
+        (s1.saturating_sub(s0), c1.saturating_sub(c0))
+    });
     let mut tasks = Vec::with_capacity(cli.connections);
     for i in 0..cli.connections {
         let (addr, s) = (addrs[i % addrs.len()].clone(), s.clone());
@@ -349,11 +419,16 @@ async fn load(cli: &Cli, addrs: &[String], s: Scenario) -> anyhow::Result<Stats>
         u64::from(all[i])
     };
     let requests = all.len() as u64;
+    let (server_cpu, client_cpu) = cpu.await?;
+    let per_request = |us: u64| us as f64 / requests.max(1) as f64;
     Ok(Stats {
+        name: s.name,
         requests,
         errors,
         rps: requests as f64 / cli.duration as f64,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        server_cpu_us: per_request(server_cpu),
+        client_cpu_us: per_request(client_cpu),
     })
 }

@@ -12,6 +12,10 @@ use switchboard_server::store::sqlite::SqliteOptions;
 use switchboard_server::store::{AgentRow, ApiKey, GroupRow};
 use tokio::net::TcpListener;
 
+// mimalloc: measured faster than glibc malloc on the request path (see README, Performance).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod main_api;
 
 /// switchboard: a self-hosted live-chat server that speaks the Brevo Conversations API.

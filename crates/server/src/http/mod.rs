@@ -293,6 +293,11 @@ pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
             "request body must be a JSON object",
         ));
     }
+    // A valid body is parsed once, without tracking the path; only a failing one is parsed
+    // again, with serde_path_to_error, to name the field in the error.
+    if let Ok(value) = serde_json::from_slice(text) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

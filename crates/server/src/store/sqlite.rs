@@ -100,6 +100,12 @@ enum Pending {
 /// State owned by the writer task.
 struct WriterCtx {
     conn: SqliteConnection,
+    /// A second connection to the same file, driven synchronously on the writer's thread,
+    /// for the hot path (a batch of only new messages). sqlx hands every statement to a
+    /// worker thread and back; this saves that hand-off on each group commit. Both
+    /// connections are used by this one thread, one after the other, so they never
+    /// contend for SQLite's write lock.
+    fast: rusqlite::Connection,
     /// (account, visitor) -> conversation id, for visitors known to exist. Only the writer
     /// creates visitors, so this cannot go stale within one process.
     conversations: HashMap<(String, String), String>,
@@ -176,9 +182,11 @@ impl SqliteStore {
         .await?;
         let head = Arc::new(AtomicI64::new(next_seq));
         let open_chats = load_open_chats(&mut conn).await?;
+        let fast = open_fast(path, options.synchronous_full)?;
         let signals = Signals::default();
         let ctx = WriterCtx {
             conn,
+            fast,
             conversations: HashMap::new(),
             added: Vec::new(),
             next_seq: next_seq + 1,
@@ -341,7 +349,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     if let Some(rows) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations: one multi-row INSERT in autocommit
         // mode is atomic and durable on its own, so the batch costs one round trip.
-        let result = insert_rows(&mut ctx.conn, &rows).await;
+        let result = insert_rows_now(&ctx.fast, &rows)
+            .map_err(|e| StoreError::Commit(format!("inserting messages: {e}")));
         tracing::debug!(
             size,
             total_us = started.elapsed().as_micros() as u64,
@@ -574,6 +583,79 @@ async fn insert_plain(
         }
     }
     out
+}
+
+/// Opens the writer's synchronous connection (see [`WriterCtx::fast`]) with the same
+/// settings as the sqlx ones; the migrations have already run and set WAL mode.
+fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Connection> {
+    let open = || -> rusqlite::Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // Durability rests on this: FULL fsyncs the WAL at every commit.
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if synchronous_full { "FULL" } else { "NORMAL" },
+        )?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "journal_mode is {mode}, not wal"
+            )));
+        }
+        Ok(conn)
+    };
+    open().map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))
+}
+
+const INSERT_MESSAGE: &str = "INSERT INTO messages (seq, id, account_id, conversation_id, \
+    visitor_id, type, text, agent_id, agent_name, agent_userpic, is_pushed, is_missed, \
+    is_missed_by_visitor, is_trigger, received_from, created_at, updated_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+
+/// Inserts messages whose conversation and seq are set, in one transaction of their own on
+/// the writer's synchronous connection: all of them or, on any error, none.
+fn insert_rows_now(conn: &rusqlite::Connection, rows: &[MessageRow]) -> rusqlite::Result<()> {
+    let insert_all = || -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare_cached(INSERT_MESSAGE)?;
+        for m in rows {
+            stmt.execute(rusqlite::params![
+                m.seq,
+                m.id,
+                m.account_id,
+                m.conversation_id,
+                m.visitor_id,
+                m.kind,
+                m.text,
+                m.agent_id,
+                m.agent_name,
+                m.agent_userpic,
+                m.is_pushed,
+                m.is_missed,
+                m.is_missed_by_visitor,
+                m.is_trigger,
+                m.received_from,
+                m.created_at,
+                m.updated_at,
+            ])?;
+        }
+        Ok(())
+    };
+    if rows.len() == 1 {
+        // One statement in autocommit mode is its own transaction.
+        return insert_all();
+    }
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let result = insert_all().and_then(|()| conn.prepare_cached("COMMIT")?.execute([]).map(|_| ()));
+    if result.is_err() && !conn.is_autocommit() {
+        // Nothing of a failed batch may stay, nor the transaction stay open.
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "rolling back a failed insert");
+        }
+    }
+    result
 }
 
 /// Inserts messages whose conversation and seq are set.
@@ -2757,6 +2839,50 @@ mod tests {
             "half-written agent left behind"
         );
         assert_eq!(count("SELECT count(*) FROM agents").await, 1);
+        store.close().await;
+    }
+
+    /// The hot path's own transaction: a batch with one bad row writes nothing, leaves no
+    /// transaction open, and the connection goes on working.
+    #[tokio::test]
+    async fn a_failing_fast_insert_writes_none_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        let first = match store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap()
+        {
+            Guarded::Applied(m) => m,
+            _ => panic!("not applied"),
+        };
+        let fast = open_fast(&path, true).unwrap();
+        let row = |id: &str, seq: i64| MessageRow {
+            conversation_id: first.conversation_id.clone(),
+            seq,
+            ..message(&account.id, id, "v")
+        };
+        let count = || -> i64 {
+            fast.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+                .unwrap()
+        };
+
+        // The second row reuses m0's id (unique): the first must not stay either.
+        let err = insert_rows_now(&fast, &[row("m1", 1001), row("m0", 1002)]);
+        assert!(err.is_err());
+        assert!(fast.is_autocommit(), "transaction left open");
+        assert_eq!(count(), 1);
+        assert!(insert_rows_now(&fast, &[row("m0", 1003)]).is_err());
+        assert_eq!(count(), 1);
+
+        insert_rows_now(&fast, &[row("m1", 1001), row("m2", 1002)]).unwrap();
+        insert_rows_now(&fast, &[row("m3", 1003)]).unwrap();
+        assert_eq!(count(), 4);
+        drop(fast);
         store.close().await;
     }
 }
