@@ -69,8 +69,8 @@ type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
 
-/// A new message: the hot path, coalesced with the other inserts of its batch into one
-/// multi-row INSERT when it carries no idempotency key.
+/// A new message: the hot path. Without an idempotency key it is written together with
+/// the other inserts of its batch (see `run_batch_inner`).
 struct InsertJob {
     row: MessageRow,
     idem: Option<IdempotencyRecord>,
@@ -347,8 +347,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     ctx.wanted.clear();
     let size = batch.len();
     if let Some(rows) = ctx.fast_path_rows(batch) {
-        // Only new messages for known conversations: one multi-row INSERT in autocommit
-        // mode is atomic and durable on its own, so the batch costs one round trip.
+        // Only new messages for known conversations, none starting a chat: one
+        // transaction on the writer's own synchronous connection, and nothing else.
         let result = insert_rows_now(&ctx.fast, &rows)
             .map_err(|e| StoreError::Commit(format!("inserting messages: {e}")));
         tracing::debug!(
@@ -588,7 +588,7 @@ async fn insert_plain(
 /// Opens the writer's synchronous connection (see [`WriterCtx::fast`]) with the same
 /// settings as the sqlx ones; the migrations have already run and set WAL mode.
 fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Connection> {
-    let open = || -> rusqlite::Result<rusqlite::Connection> {
+    let open = || -> rusqlite::Result<(rusqlite::Connection, String)> {
         let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         // Durability rests on this: FULL fsyncs the WAL at every commit.
@@ -600,14 +600,17 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(rusqlite::Error::InvalidParameterName(format!(
-                "journal_mode is {mode}, not wal"
-            )));
-        }
-        Ok(conn)
+        Ok((conn, mode))
     };
-    open().map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))
+    let (conn, mode) =
+        open().map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))?;
+    // Reads run beside the writer only in WAL mode, which the migrations set.
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Commit(format!(
+            "the database is in journal mode {mode}, not wal"
+        )));
+    }
+    Ok(conn)
 }
 
 const INSERT_MESSAGE: &str = "INSERT INTO messages (seq, id, account_id, conversation_id, \
