@@ -613,10 +613,19 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
     Ok(conn)
 }
 
-const INSERT_MESSAGE: &str = "INSERT INTO messages (seq, id, account_id, conversation_id, \
-    visitor_id, type, text, agent_id, agent_name, agent_userpic, is_pushed, is_missed, \
-    is_missed_by_visitor, is_trigger, received_from, created_at, updated_at) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+/// The columns a new message is written with, in the order both inserts bind them.
+macro_rules! insert_message_into {
+    () => {
+        "INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, \
+         agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+         is_trigger, received_from, created_at, updated_at) "
+    };
+}
+
+const INSERT_MESSAGE: &str = concat!(
+    insert_message_into!(),
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+);
 
 /// Inserts messages whose conversation and seq are set, in one transaction of their own on
 /// the writer's synchronous connection: all of them or, on any error, none.
@@ -667,11 +676,7 @@ fn insert_rows<'a>(
     rows: &'a [MessageRow],
 ) -> BoxFuture<'a, StoreResult<()>> {
     Box::pin(async move {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, \
-             agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
-             is_trigger, received_from, created_at, updated_at) ",
-        );
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(insert_message_into!());
         qb.push_values(rows, |mut b, m| {
             b.push_bind(m.seq)
                 .push_bind(&m.id)
