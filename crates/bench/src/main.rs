@@ -50,6 +50,11 @@ struct Cli {
     /// spread over them round-robin, as a load balancer would.
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// A second switchboard binary to measure in the same rounds, on a database of its
+    /// own, for before/after comparisons on a noisy machine: each round runs bare, then
+    /// both builds (taking turns going first), and prints POST of B against A.
+    #[arg(long)]
+    against: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,66 +135,125 @@ fn cpu_now(pids: &[u32]) -> (u64, u64) {
     (servers, cpu_us("self").unwrap_or(0))
 }
 
+/// One switchboard build under test: its instances, their database and its scenarios.
+struct Target {
+    /// How the rows name it (the binary's path when there are two).
+    label: String,
+    instances: Vec<Server>,
+    addrs: Vec<String>,
+    pids: Vec<u32>,
+    get: Scenario,
+    post: Scenario,
+    /// Dropped (the database with it) after the instances stop.
+    _pg: Option<switchboard_bench::pgdb::TempDatabase>,
+}
+
+const KEY: &str = "xkeysib-bench";
+
+impl Target {
+    /// Starts `cli.instances` instances of `binary` on a database of their own (a file in
+    /// `dir`, or a fresh PostgreSQL database) and writes the message that GET reads.
+    async fn start(
+        cli: &Cli,
+        binary: &std::path::Path,
+        dir: &std::path::Path,
+        label: String,
+    ) -> anyhow::Result<Self> {
+        let pg = match &cli.postgres {
+            Some(admin) => Some(switchboard_bench::pgdb::TempDatabase::create(admin).await?),
+            None => None,
+        };
+        let db: std::ffi::OsString = match &pg {
+            Some(pg) => pg.url().into(),
+            None => tempfile::tempdir_in(dir)?.keep().join("bench.db").into(),
+        };
+        let mut instances = Vec::new();
+        for _ in 0..cli.instances.max(1) {
+            let mut sb_cmd = Command::new(binary);
+            sb_cmd
+                .arg("serve")
+                .arg("--listen")
+                .arg("127.0.0.1:0")
+                .arg("--db")
+                .arg(&db)
+                .args(&cli.serve_arg)
+                .env("SWITCHBOARD_API_KEY", KEY)
+                // SWITCHBOARD_BENCH_LOG sets the server's RUST_LOG (to look inside a run).
+                .env(
+                    "RUST_LOG",
+                    std::env::var("SWITCHBOARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                );
+            instances.push(Server::start(sb_cmd).await?);
+        }
+        let addrs: Vec<String> = instances.iter().map(|s| s.addr.clone()).collect();
+        let pids: Vec<u32> = instances.iter().filter_map(|s| s.pid()).collect();
+        let seed = request(&addrs[0], Scenario {
+            name: "seed",
+            method: http::Method::POST,
+            path: "/v3/conversations/messages".into(),
+            body: Some(Bytes::from_static(
+                br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz"}"#,
+            )),
+            api_key: Some(KEY.into()),
+        })
+        .await?;
+        let id = serde_json::from_slice::<serde_json::Value>(&seed)?["id"]
+            .as_str()
+            .context("seed message id")?
+            .to_owned();
+        Ok(Self {
+            label,
+            instances,
+            addrs,
+            pids,
+            get: Scenario {
+                name: "switchboard GET message by id",
+                method: http::Method::GET,
+                path: format!("/v3/conversations/messages/{id}"),
+                body: None,
+                api_key: Some(KEY.into()),
+            },
+            post: Scenario {
+                name: "switchboard POST message (durable)",
+                method: http::Method::POST,
+                path: "/v3/conversations/messages".into(),
+                body: Some(Bytes::from_static(
+                    br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz","receivedFrom":"bench"}"#,
+                )),
+                api_key: Some(KEY.into()),
+            },
+            _pg: pg,
+        })
+    }
+
+    async fn stop(self) {
+        for sb in self.instances {
+            sb.stop().await;
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
-    let pg = match &cli.postgres {
-        Some(admin) => Some(switchboard_bench::pgdb::TempDatabase::create(admin).await?),
-        None => None,
-    };
-    let db: std::ffi::OsString = match &pg {
-        Some(pg) => pg.url().into(),
-        None => dir.path().join("bench.db").into(),
-    };
-    if cli.instances > 1 && pg.is_none() {
+    if cli.instances > 1 && cli.postgres.is_none() {
         bail!("--instances needs --postgres (SQLite is one process's file)");
     }
-    let key = "xkeysib-bench";
 
-    // Both servers run for the whole benchmark (an idle one costs nothing), so that each
+    // Every server runs for the whole benchmark (an idle one costs nothing), so that each
     // round can measure them back to back: the machine is shared and its speed drifts.
     let mut bare_cmd = Command::new(&exe);
     bare_cmd.arg("bare-server");
     let bare = Server::start(bare_cmd).await?;
     let bare_pids: Vec<u32> = bare.pid().into_iter().collect();
 
-    let mut instances = Vec::new();
-    for _ in 0..cli.instances.max(1) {
-        let mut sb_cmd = Command::new(&cli.switchboard);
-        sb_cmd
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--db")
-            .arg(&db)
-            .args(&cli.serve_arg)
-            .env("SWITCHBOARD_API_KEY", key)
-            // SWITCHBOARD_BENCH_LOG sets the server's RUST_LOG (to look inside a run).
-            .env(
-                "RUST_LOG",
-                std::env::var("SWITCHBOARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            );
-        instances.push(Server::start(sb_cmd).await?);
+    let mut targets = Vec::new();
+    let label = |p: &std::path::Path| p.display().to_string();
+    targets.push(Target::start(&cli, &cli.switchboard, dir.path(), label(&cli.switchboard)).await?);
+    if let Some(other) = &cli.against {
+        targets.push(Target::start(&cli, other, dir.path(), label(other)).await?);
     }
-    let addrs: Vec<String> = instances.iter().map(|s| s.addr.clone()).collect();
-    let pids: Vec<u32> = instances.iter().filter_map(|s| s.pid()).collect();
-    let sb = &instances[0];
-    let rss_idle = sb.rss_kib().ok();
-
-    let seed = request(&sb.addr, Scenario {
-        name: "seed",
-        method: http::Method::POST,
-        path: "/v3/conversations/messages".into(),
-        body: Some(Bytes::from_static(
-            br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz"}"#,
-        )),
-        api_key: Some(key.into()),
-    })
-    .await?;
-    let id = serde_json::from_slice::<serde_json::Value>(&seed)?["id"]
-        .as_str()
-        .context("seed message id")?
-        .to_owned();
+    let rss_idle = targets[0].instances[0].rss_kib().ok();
 
     let bare_scenario = Scenario {
         name: "bare axum, fixed JSON",
@@ -198,37 +262,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         body: None,
         api_key: None,
     };
-    let get_scenario = Scenario {
-        name: "switchboard GET message by id",
-        method: http::Method::GET,
-        path: format!("/v3/conversations/messages/{id}"),
-        body: None,
-        api_key: Some(key.into()),
-    };
-    let post_scenario = Scenario {
-        name: "switchboard POST message (durable)",
-        method: http::Method::POST,
-        path: "/v3/conversations/messages".into(),
-        body: Some(Bytes::from_static(
-            br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz","receivedFrom":"bench"}"#,
-        )),
-        api_key: Some(key.into()),
-    };
-    let mut rounds = Vec::new();
+    // rounds[r][0] is bare; then GET and POST of each target, in the targets' order.
+    let mut rounds: Vec<Vec<Stats>> = Vec::new();
     for round in 1..=cli.rounds.max(1) {
         eprintln!("round {round} of {}", cli.rounds.max(1));
         let bare_addr = std::slice::from_ref(&bare.addr);
-        let b = load(&cli, bare_addr, &bare_pids, bare_scenario.clone()).await?;
-        let g = load(&cli, &addrs, &pids, get_scenario.clone()).await?;
-        let p = load(&cli, &addrs, &pids, post_scenario.clone()).await?;
-        rounds.push([b, g, p]);
+        let mut stats = vec![load(&cli, bare_addr, &bare_pids, bare_scenario.clone()).await?];
+        stats.resize(1 + 2 * targets.len(), stats[0].clone());
+        // Two builds take turns going first, so that neither always runs right after bare.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..targets.len()).rev().collect()
+        } else {
+            (0..targets.len()).collect()
+        };
+        for t in order {
+            let target = &targets[t];
+            stats[1 + 2 * t] = load(&cli, &target.addrs, &target.pids, target.get.clone()).await?;
+            stats[2 + 2 * t] = load(&cli, &target.addrs, &target.pids, target.post.clone()).await?;
+        }
+        rounds.push(stats);
     }
-    let rss_after = sb.rss_kib().ok();
+    let rss_after = targets[0].instances[0].rss_kib().ok();
     bare.stop().await;
-    for sb in instances {
-        sb.stop().await;
+    let labels: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
+    for t in targets {
+        t.stop().await;
     }
-    drop(pg);
     drop(dir);
 
     println!();
@@ -251,8 +310,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
+    if labels.len() > 1 {
+        for (i, l) in labels.iter().enumerate() {
+            println!("build {}: {l}", (b'A' + i as u8) as char);
+        }
+    }
     println!(
-        "{:<5} {:<38} {:>10} {:>9} {:>9} {:>9} {:>8} {:>14} {:>14}",
+        "{:<5} {:<40} {:>10} {:>9} {:>9} {:>9} {:>8} {:>14} {:>14}",
         "round",
         "scenario",
         "requests",
@@ -263,14 +327,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server CPU/req",
         "client CPU/req"
     );
-    let mut get_ratios = Vec::new();
-    let mut post_ratios = Vec::new();
-    for (i, [b, g, p]) in rounds.iter().enumerate() {
-        for s in [b, g, p] {
+    let mut get_ratios = vec![Vec::new(); labels.len()];
+    let mut post_ratios = vec![Vec::new(); labels.len()];
+    for (i, stats) in rounds.iter().enumerate() {
+        for (j, s) in stats.iter().enumerate() {
+            let name = if labels.len() > 1 && j > 0 {
+                format!("{} {}", (b'A' + ((j - 1) / 2) as u8) as char, s.name)
+            } else {
+                s.name.to_owned()
+            };
             println!(
-                "{:<5} {:<38} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.1} µs {:>11.1} µs",
+                "{:<5} {:<40} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.1} µs {:>11.1} µs",
                 i + 1,
-                s.name,
+                name,
                 s.requests,
                 s.rps,
                 s.p50_us as f64 / 1000.0,
@@ -280,8 +349,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.client_cpu_us
             );
         }
-        get_ratios.push(100.0 * g.rps / b.rps);
-        post_ratios.push(100.0 * p.rps / b.rps);
+        for t in 0..labels.len() {
+            get_ratios[t].push(100.0 * stats[1 + 2 * t].rps / stats[0].rps);
+            post_ratios[t].push(100.0 * stats[2 + 2 * t].rps / stats[0].rps);
+        }
     }
     let list = |v: &[f64]| {
         v.iter()
@@ -289,13 +360,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!(
-        "ratio GET/bare: median {:.0}% (rounds: {})   ratio POST/bare: median {:.0}% (rounds: {})",
-        median(&get_ratios),
-        list(&get_ratios),
-        median(&post_ratios),
-        list(&post_ratios)
-    );
+    for t in 0..labels.len() {
+        println!(
+            "{}ratio GET/bare: median {:.0}% (rounds: {})   ratio POST/bare: median {:.0}% (rounds: {})",
+            if labels.len() > 1 {
+                format!("{}: ", (b'A' + t as u8) as char)
+            } else {
+                String::new()
+            },
+            median(&get_ratios[t]),
+            list(&get_ratios[t]),
+            median(&post_ratios[t]),
+            list(&post_ratios[t])
+        );
+    }
+    if labels.len() > 1 {
+        // Build B against build A, round by round (the same bare run divides both).
+        let post: Vec<f64> = rounds.iter().map(|s| 100.0 * s[4].rps / s[2].rps).collect();
+        println!(
+            "POST B/A: median {:.0}% (rounds: {})",
+            median(&post),
+            list(&post)
+        );
+    }
     if let (Some(a), Some(b)) = (rss_idle, rss_after) {
         println!("switchboard RSS: {a} KiB idle, {b} KiB after the run");
     }

@@ -272,6 +272,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &cli.db,
                 SqliteOptions {
                     read_connections: 1,
+                    // A short-lived command: SQLite checkpoints as it closes.
+                    checkpoint_every: None,
                     ..SqliteOptions::default()
                 },
                 DomainConfig::default(),

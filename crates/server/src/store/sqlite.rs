@@ -43,7 +43,17 @@ pub struct SqliteOptions {
     /// How long an agent looked up by id or email is trusted (changes made by another
     /// process, such as the CLI, are seen after at most this long).
     pub agent_cache_ttl: Duration,
+    /// How often a thread of its own copies the WAL back into the database file
+    /// (a passive checkpoint), so that the writer never stops to do it. `None` leaves it
+    /// to SQLite's own checkpoint at commit, which the writer then runs only past
+    /// [`WRITER_AUTOCHECKPOINT`] pages.
+    pub checkpoint_every: Option<Duration>,
 }
+
+/// WAL pages past which a committing connection checkpoints by itself (SQLite's default
+/// is 1,000). The checkpointer thread normally acts long before; this bounds the WAL if it
+/// cannot (a reader holding an old snapshot, say).
+pub const WRITER_AUTOCHECKPOINT: u32 = 10_000;
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -53,6 +63,7 @@ impl Default for SqliteOptions {
             read_connections: 4,
             message_cache: 10_000,
             agent_cache_ttl: Duration::from_secs(2),
+            checkpoint_every: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -138,6 +149,8 @@ const CONVERSATION_CACHE_MAX: usize = 200_000;
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<WriterMsg>,
+    /// Dropped (or sent to) to stop the checkpointer thread.
+    checkpointer: Option<std::sync::mpsc::SyncSender<()>>,
     messages: MessageCache,
     agents: AgentCache,
     head: Arc<AtomicI64>,
@@ -162,6 +175,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .pragma("temp_store", "memory")
+            .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
             .log_statements(tracing::log::LevelFilter::Trace);
 
         let mut conn = connect.connect().await?;
@@ -211,9 +225,22 @@ impl SqliteStore {
             .name("switchboard-writer".into())
             .spawn(move || runtime.block_on(writer_loop(ctx, rx, max_batch)))
             .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
+        let checkpointer = match options.checkpoint_every {
+            Some(every) => {
+                let conn = open_fast(path, options.synchronous_full)?;
+                let (stop, stopped) = std::sync::mpsc::sync_channel(1);
+                std::thread::Builder::new()
+                    .name("switchboard-checkpoint".into())
+                    .spawn(move || checkpoint_loop(&conn, every, &stopped))
+                    .map_err(|e| StoreError::Commit(format!("starting the checkpointer: {e}")))?;
+                Some(stop)
+            }
+            None => None,
+        };
         Ok(Self {
             pool,
             writer: tx,
+            checkpointer,
             messages: MessageCache::new(options.message_cache),
             agents: AgentCache::new(options.agent_cache_ttl),
             head,
@@ -585,7 +612,7 @@ async fn insert_plain(
     out
 }
 
-/// Opens the writer's synchronous connection (see [`WriterCtx::fast`]) with the same
+/// Opens a synchronous connection (the writer's [`WriterCtx::fast`], the checkpointer's) with the same
 /// settings as the sqlx ones; the migrations have already run and set WAL mode.
 fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Connection> {
     let open = || -> rusqlite::Result<(rusqlite::Connection, String)> {
@@ -599,6 +626,7 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
         )?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
         let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
         Ok((conn, mode))
     };
@@ -611,6 +639,34 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
         )));
     }
     Ok(conn)
+}
+
+/// Copies committed WAL pages back into the database file every `every`, off the writer's
+/// thread: run by the writer at commit (SQLite's default), a checkpoint stalled every
+/// writer's caller for its copy and two fsyncs, about every 80 group commits under load.
+/// A passive checkpoint never blocks the writer; once it has copied everything, the
+/// writer's next transaction starts the WAL over from its beginning. Ends when `stop`
+/// receives or its sender is dropped.
+fn checkpoint_loop(
+    conn: &rusqlite::Connection,
+    every: Duration,
+    stop: &std::sync::mpsc::Receiver<()>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        match checkpoint(conn) {
+            Ok((log, copied)) => tracing::trace!(log, copied, "checkpoint"),
+            Err(e) => tracing::warn!(error = %e, "checkpointing the WAL"),
+        }
+    }
+}
+
+/// One passive checkpoint: (pages in the WAL, pages of it now in the database file).
+/// Nothing to do, and no fsync, when nothing was committed since the last one.
+fn checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })
 }
 
 /// The columns a new message is written with, in the order both inserts bind them.
@@ -2612,6 +2668,9 @@ impl Store for SqliteStore {
         if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
             let _ = rx.await;
         }
+        if let Some(stop) = &self.checkpointer {
+            let _ = stop.try_send(());
+        }
         self.pool.close().await;
     }
 }
@@ -2891,6 +2950,55 @@ mod tests {
         insert_rows_now(&fast, &[row("m3", 1003)]).unwrap();
         assert_eq!(count(), 4);
         drop(fast);
+        store.close().await;
+    }
+
+    /// The writer never stops to checkpoint: its commits leave the database file as it
+    /// is (SQLite's own default would have copied the WAL back after 1,000 pages), and a
+    /// checkpoint on another connection copies all of it.
+    #[tokio::test]
+    async fn the_writer_leaves_checkpoints_to_the_checkpointer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let options = SqliteOptions {
+            checkpoint_every: None,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&path, options).await.unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap();
+        let other = open_fast(&path, true).unwrap();
+        checkpoint(&other).unwrap();
+        let file_len = || std::fs::metadata(&path).unwrap().len();
+        let before = file_len();
+
+        // One commit each: well past 1,000 WAL pages.
+        for i in 1..=600 {
+            let m = message(&account.id, &format!("m{i}"), "v");
+            store.insert_message(m, None).await.unwrap();
+        }
+        assert_eq!(file_len(), before, "the writer checkpointed by itself");
+
+        let (log, copied) = checkpoint(&other).unwrap();
+        assert!(log > 1_000, "only {log} WAL pages for 600 commits");
+        assert_eq!(
+            copied, log,
+            "a passive checkpoint with no reader copies it all"
+        );
+        assert!(
+            file_len() > before,
+            "the checkpoint did not grow the database file"
+        );
+
+        // The loop ends when its store lets go of it.
+        let (stop, stopped) = std::sync::mpsc::sync_channel(1);
+        let looping =
+            std::thread::spawn(move || checkpoint_loop(&other, Duration::from_millis(1), &stopped));
+        drop(stop);
+        looping.join().unwrap();
         store.close().await;
     }
 }
