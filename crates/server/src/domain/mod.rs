@@ -181,7 +181,7 @@ pub struct Domain {
     config: DomainConfig,
     clock: Clock,
     /// key hash -> (account id, verified at)
-    key_cache: RwLock<HashMap<String, (String, Instant)>>,
+    key_cache: RwLock<HashMap<[u8; 32], (String, Instant)>>,
     widgets: widget::WidgetCache,
     visitor_limiter: widget::RateLimiter,
     session_limiter: widget::RateLimiter,
@@ -380,15 +380,16 @@ impl Domain {
                 ))
             }
         };
-        let hash = ids::hash_key(key);
+        let digest = ids::key_digest(key);
         {
             let cache = self.key_cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some((account, at)) = cache.get(&hash) {
+            if let Some((account, at)) = cache.get(&digest) {
                 if at.elapsed() < self.config.key_cache_ttl {
                     return Ok(account.clone());
                 }
             }
         }
+        let hash = hex::encode(digest);
         match self.store.account_for_key(&hash).await? {
             Some((account, stored_hash))
                 if constant_time_eq(stored_hash.as_bytes(), hash.as_bytes()) =>
@@ -397,7 +398,7 @@ impl Domain {
                 if cache.len() >= KEY_CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(hash, (account.clone(), Instant::now()));
+                cache.insert(digest, (account.clone(), Instant::now()));
                 Ok(account)
             }
             _ => Err(DomainError::Unauthorized(

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use switchboard_wire::{
     AgentOnlinePingRequest, ConversationsMessage, ErrorBody, ErrorCode, MessagePage, MessageType,
     PushMessageRequest, SendMessageRequest, UpdateMessageRequest, VisitorGroupRequest,
@@ -71,10 +71,91 @@ pub fn to_wire(m: &MessageRow) -> ConversationsMessage {
     }
 }
 
+/// [`ConversationsMessage`] borrowed from a stored message: the same JSON, field for
+/// field, without copying the row's strings for a response that is written once.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireRef<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: MessageType,
+    text: &'a str,
+    html: String,
+    visitor_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_userpic: Option<&'a str>,
+    created_at: i64,
+    is_pushed: bool,
+    is_missed: bool,
+    is_missed_by_visitor: bool,
+    is_trigger: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    received_from: Option<&'a str>,
+}
+
+impl<'a> From<&'a MessageRow> for WireRef<'a> {
+    fn from(m: &'a MessageRow) -> Self {
+        WireRef {
+            id: &m.id,
+            kind: if m.kind == "visitor" {
+                MessageType::Visitor
+            } else {
+                MessageType::Agent
+            },
+            text: &m.text,
+            html: html_of(&m.text),
+            visitor_id: &m.visitor_id,
+            agent_id: m.agent_id.as_deref(),
+            agent_name: m.agent_name.as_deref(),
+            agent_userpic: m.agent_userpic.as_deref(),
+            created_at: m.created_at,
+            is_pushed: m.is_pushed,
+            is_missed: m.is_missed,
+            is_missed_by_visitor: m.is_missed_by_visitor,
+            is_trigger: m.is_trigger,
+            received_from: m.received_from.as_deref(),
+        }
+    }
+}
+
+/// A message's JSON, serialised once into a buffer sized for it.
+fn message_bytes(m: &MessageRow) -> Vec<u8> {
+    // Field names and fixed values take about 250 bytes; the text appears twice.
+    let mut out = Vec::with_capacity(
+        320 + 2 * m.text.len()
+            + m.agent_name.as_ref().map_or(0, String::len)
+            + m.agent_userpic.as_ref().map_or(0, String::len)
+            + m.received_from.as_ref().map_or(0, String::len),
+    );
+    // Serialising strs, bools and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &WireRef::from(m));
+    out
+}
+
+/// A message as the response body: `200` with [`ConversationsMessage`]'s JSON.
+pub(super) struct MessageJson(MessageRow);
+
+impl IntoResponse for MessageJson {
+    fn into_response(self) -> Response {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            message_bytes(&self.0),
+        )
+            .into_response()
+    }
+}
+
 fn render(m: &MessageRow) -> StoredResponse {
     StoredResponse {
         status: 200,
-        body: serde_json::to_string(&to_wire(m)).unwrap_or_default(),
+        body: String::from_utf8(message_bytes(m)).unwrap_or_default(),
     }
 }
 
@@ -86,7 +167,7 @@ fn fingerprint(method: &str, path: &str, raw: &[u8]) -> String {
 
 fn message_response(outcome: Outcome<MessageRow>) -> Response {
     match outcome {
-        Outcome::Fresh(m) => Json(to_wire(&m)).into_response(),
+        Outcome::Fresh(m) => MessageJson(m).into_response(),
         Outcome::Replayed(r) => raw_json(r.status, r.body),
     }
 }
@@ -233,9 +314,9 @@ pub(super) async fn get_message(
     State(state): State<AppState>,
     Auth(account): Auth,
     IdPath(id): IdPath,
-) -> ApiResult<Json<ConversationsMessage>> {
+) -> ApiResult<MessageJson> {
     let m = state.domain.get_message(&account, &id, false).await?;
-    Ok(Json(to_wire(&m)))
+    Ok(MessageJson(m))
 }
 
 /// Edits an agent's message.
@@ -259,7 +340,7 @@ pub(super) async fn edit_message(
     Auth(account): Auth,
     IdPath(id): IdPath,
     body: JsonBody<UpdateMessageRequest>,
-) -> ApiResult<Json<ConversationsMessage>> {
+) -> ApiResult<MessageJson> {
     edit(state, account, id, false, body.value).await
 }
 
@@ -304,9 +385,9 @@ pub(super) async fn get_pushed(
     State(state): State<AppState>,
     Auth(account): Auth,
     IdPath(id): IdPath,
-) -> ApiResult<Json<ConversationsMessage>> {
+) -> ApiResult<MessageJson> {
     let m = state.domain.get_message(&account, &id, true).await?;
-    Ok(Json(to_wire(&m)))
+    Ok(MessageJson(m))
 }
 
 /// Edits a pushed message.
@@ -329,7 +410,7 @@ pub(super) async fn edit_pushed(
     Auth(account): Auth,
     IdPath(id): IdPath,
     body: JsonBody<UpdateMessageRequest>,
-) -> ApiResult<Json<ConversationsMessage>> {
+) -> ApiResult<MessageJson> {
     edit(state, account, id, true, body.value).await
 }
 
@@ -361,13 +442,13 @@ async fn edit(
     id: String,
     pushed: bool,
     body: UpdateMessageRequest,
-) -> ApiResult<Json<ConversationsMessage>> {
+) -> ApiResult<MessageJson> {
     let text = Text::parse(body.text)?;
     let m = state
         .domain
         .edit_message(&account, &id, pushed, text)
         .await?;
-    Ok(Json(to_wire(&m)))
+    Ok(MessageJson(m))
 }
 
 /// Query string of `PUT /visitorGroup`.
@@ -544,4 +625,54 @@ pub(super) async fn events(
     let resume = last_event_id.or(q.after);
     let sse = super::streams::account_events(state, account, resume).await?;
     Ok(sse.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> MessageRow {
+        MessageRow {
+            seq: 7,
+            id: "eYBEm3gq3zc5ayE2g".into(),
+            account_id: "acc".into(),
+            conversation_id: "conv".into(),
+            visitor_id: "kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg".into(),
+            kind: "agent".into(),
+            text: "Hi <b>\"there\"</b>\nnew line, é ✓".into(),
+            agent_id: Some("d9nKoegKSjmCtyK78".into()),
+            agent_name: Some("Liz".into()),
+            agent_userpic: Some("https://example.com/liz.png".into()),
+            is_pushed: true,
+            is_missed: false,
+            is_missed_by_visitor: true,
+            is_trigger: false,
+            received_from: Some("crm".into()),
+            created_at: 1_482_512_803_740,
+            updated_at: 1_482_512_803_741,
+            deleted_at: None,
+        }
+    }
+
+    /// The borrowed form writes the very bytes of the owned wire type, with and without
+    /// the optional fields.
+    #[test]
+    fn borrowed_message_json_is_the_wire_types_json() {
+        let full = row();
+        let bare = MessageRow {
+            kind: "visitor".into(),
+            agent_id: None,
+            agent_name: None,
+            agent_userpic: None,
+            received_from: None,
+            ..row()
+        };
+        for m in [full, bare] {
+            let owned = serde_json::to_vec(&to_wire(&m)).unwrap();
+            assert_eq!(
+                String::from_utf8(message_bytes(&m)).unwrap(),
+                String::from_utf8(owned).unwrap()
+            );
+        }
+    }
 }

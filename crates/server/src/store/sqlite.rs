@@ -119,9 +119,12 @@ struct WriterCtx {
     fast: rusqlite::Connection,
     /// (account, visitor) -> conversation id, for visitors known to exist. Only the writer
     /// creates visitors, so this cannot go stale within one process.
-    conversations: HashMap<(String, String), String>,
+    /// Keyed by [`visitor_key`], so that a lookup allocates nothing.
+    conversations: HashMap<String, String>,
     /// Entries added in the current transaction, forgotten again if it fails.
-    added: Vec<(String, String)>,
+    added: Vec<String>,
+    /// Reused to build [`visitor_key`]s.
+    key_buf: String,
     /// The next feed position. Messages and events take theirs from this one counter, so
     /// the union of both tables is one ordered log; only this writer hands them out.
     next_seq: i64,
@@ -203,6 +206,7 @@ impl SqliteStore {
             fast,
             conversations: HashMap::new(),
             added: Vec::new(),
+            key_buf: String::new(),
             next_seq: next_seq + 1,
             head: head.clone(),
             open_chats,
@@ -373,10 +377,10 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let started = std::time::Instant::now();
     ctx.wanted.clear();
     let size = batch.len();
-    if let Some(rows) = ctx.fast_path_rows(batch) {
+    if let Some(jobs) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations, none starting a chat: one
         // transaction on the writer's own synchronous connection, and nothing else.
-        let result = insert_rows_now(&ctx.fast, &rows)
+        let result = insert_rows_now(&ctx.fast, jobs.iter().map(|j| &j.row))
             .map_err(|e| StoreError::Commit(format!("inserting messages: {e}")));
         tracing::debug!(
             size,
@@ -384,14 +388,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             "group commit (single statement)"
         );
         if result.is_ok() {
-            for row in &rows {
-                ctx.message_created(row);
+            for job in &jobs {
+                ctx.message_created(&job.row);
             }
             ctx.publish();
         } else {
             ctx.events.clear();
         }
-        answer_fast_path(batch, rows, result);
+        answer_fast_path(jobs, result);
         return;
     }
     if let Err(e) = exec(&mut ctx.conn, "BEGIN IMMEDIATE").await {
@@ -472,20 +476,28 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
 }
 
 /// Answers the callers of a single-statement batch.
-fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<MessageRow>, result: StoreResult<()>) {
+fn answer_fast_path(jobs: Vec<InsertJob>, result: StoreResult<()>) {
     let result = result.map_err(|e| {
-        tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
+        tracing::error!(error = %e, rows = jobs.len(), "inserting messages failed");
         e.to_string()
     });
-    for (pending, row) in batch.drain(..).zip(rows) {
-        if let Pending::Insert(job) = pending {
-            let answer = match &result {
-                Ok(()) => Ok(Guarded::Applied(row)),
-                Err(e) => Err(StoreError::Commit(e.clone())),
-            };
-            let _ = job.reply.send(answer);
-        }
+    for job in jobs {
+        let answer = match &result {
+            Ok(()) => Ok(Guarded::Applied(job.row)),
+            Err(e) => Err(StoreError::Commit(e.clone())),
+        };
+        let _ = job.reply.send(answer);
     }
+}
+
+/// The key of [`WriterCtx::conversations`]: the account id's length, then both ids
+/// (unambiguous whatever the ids hold), written into a reused buffer.
+fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) {
+    use std::fmt::Write;
+    out.clear();
+    let _ = write!(out, "{}:", account_id.len());
+    out.push_str(account_id);
+    out.push_str(visitor_id);
 }
 
 /// Runs a job between SAVEPOINT and RELEASE, rolling back to the savepoint if it failed.
@@ -685,7 +697,13 @@ const INSERT_MESSAGE: &str = concat!(
 
 /// Inserts messages whose conversation and seq are set, in one transaction of their own on
 /// the writer's synchronous connection: all of them or, on any error, none.
-fn insert_rows_now(conn: &rusqlite::Connection, rows: &[MessageRow]) -> rusqlite::Result<()> {
+fn insert_rows_now<'a, I>(conn: &rusqlite::Connection, rows: I) -> rusqlite::Result<()>
+where
+    I: IntoIterator<Item = &'a MessageRow>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let rows = rows.into_iter();
+    let single = rows.len() == 1;
     let insert_all = || -> rusqlite::Result<()> {
         let mut stmt = conn.prepare_cached(INSERT_MESSAGE)?;
         for m in rows {
@@ -711,7 +729,7 @@ fn insert_rows_now(conn: &rusqlite::Connection, rows: &[MessageRow]) -> rusqlite
         }
         Ok(())
     };
-    if rows.len() == 1 {
+    if single {
         // One statement in autocommit mode is its own transaction.
         return insert_all();
     }
@@ -761,34 +779,49 @@ impl WriterCtx {
     /// The rows of a batch that can be written by one statement: only plain inserts
     /// (no idempotency key), all to visitors whose conversation is known, none starting a
     /// chat, at most one chunk. Their seqs are taken and their chats' activity noted.
-    fn fast_path_rows(&mut self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
+    /// The batch is taken (emptied) only when it qualifies; the rows come with their
+    /// callers, in order.
+    fn fast_path_rows(&mut self, batch: &mut Vec<Pending>) -> Option<Vec<InsertJob>> {
         if batch.len() > INSERT_CHUNK {
             return None;
         }
-        let mut rows = Vec::with_capacity(batch.len());
-        for pending in batch {
+        let mut key = std::mem::take(&mut self.key_buf);
+        let qualifies = batch.iter().all(|pending| {
             let Pending::Insert(job) = pending else {
-                return None;
+                return false;
             };
             if job.idem.is_some() {
-                return None;
+                return false;
             }
-            let key = (job.row.account_id.clone(), job.row.visitor_id.clone());
-            let conversation = self.conversations.get(&key)?;
-            if !job.row.is_pushed && !self.open_chats.contains_key(conversation) {
-                return None;
+            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
+            match self.conversations.get(key.as_str()) {
+                Some(conversation) => {
+                    job.row.is_pushed || self.open_chats.contains_key(conversation)
+                }
+                None => false,
             }
-            let mut row = job.row.clone();
-            row.conversation_id = conversation.clone();
-            rows.push(row);
+        });
+        if !qualifies {
+            self.key_buf = key;
+            return None;
         }
-        for row in &mut rows {
-            row.seq = self.take_seq();
-            if let Some(chat) = self.open_chats.get_mut(&row.conversation_id) {
-                chat.note(row);
+        let mut jobs = Vec::with_capacity(batch.len());
+        for pending in batch.drain(..) {
+            let Pending::Insert(mut job) = pending else {
+                unreachable!("checked above: only inserts")
+            };
+            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
+            if let Some(conversation) = self.conversations.get(key.as_str()) {
+                job.row.conversation_id.clone_from(conversation);
             }
+            job.row.seq = self.take_seq();
+            if let Some(chat) = self.open_chats.get_mut(&job.row.conversation_id) {
+                chat.note(&job.row);
+            }
+            jobs.push(job);
         }
-        Some(rows)
+        self.key_buf = key;
+        Some(jobs)
     }
 
     fn take_seq(&mut self) -> i64 {
@@ -954,7 +987,8 @@ impl WriterCtx {
         visitor_id: &str,
         now: i64,
     ) -> Result<String, sqlx::Error> {
-        let key = (account_id.to_owned(), visitor_id.to_owned());
+        let mut key = String::new();
+        visitor_key(&mut key, account_id, visitor_id);
         if let Some(id) = self.conversations.get(&key) {
             return Ok(id.clone());
         }
