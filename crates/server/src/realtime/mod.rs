@@ -137,6 +137,11 @@ impl Hub {
     /// Hands a committed batch to its subscribers; drops those that cannot keep up.
     pub fn dispatch(&self, batch: &[Arc<FeedEvent>]) {
         let mut topics = self.lock();
+        if topics.is_empty() {
+            // Nobody listens (the usual case for an API-only integration): skip building
+            // two topic keys per change.
+            return;
+        }
         for event in batch {
             for topic in [
                 Topic::Visitor(event.account_id.clone(), event.visitor_id.clone()),

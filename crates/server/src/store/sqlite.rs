@@ -200,6 +200,12 @@ impl SqliteStore {
         let head = Arc::new(AtomicI64::new(next_seq));
         let open_chats = load_open_chats(&mut conn).await?;
         let fast = open_fast(path, options.synchronous_full)?;
+        // The hot path writes only messages whose account (the caller's) and conversation
+        // (from `conversations`, read back from the database) exist, and neither accounts
+        // nor conversations are ever deleted: the two parent lookups per message that the
+        // foreign keys would cost cannot fail there. Every other write keeps them checked.
+        fast.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))?;
         let signals = Signals::default();
         let ctx = WriterCtx {
             conn,
