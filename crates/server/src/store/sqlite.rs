@@ -152,8 +152,8 @@ const CONVERSATION_CACHE_MAX: usize = 200_000;
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<WriterMsg>,
-    /// Dropped (or sent to) to stop the checkpointer thread.
-    checkpointer: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Stops the checkpointer thread (send, or drop), and the thread to wait for.
+    checkpointer: std::sync::Mutex<Option<Checkpointer>>,
     messages: MessageCache,
     agents: AgentCache,
     head: Arc<AtomicI64>,
@@ -239,18 +239,18 @@ impl SqliteStore {
             Some(every) => {
                 let conn = open_fast(path, options.synchronous_full)?;
                 let (stop, stopped) = std::sync::mpsc::sync_channel(1);
-                std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name("switchboard-checkpoint".into())
-                    .spawn(move || checkpoint_loop(&conn, every, &stopped))
+                    .spawn(move || checkpoint_loop(conn, every, &stopped))
                     .map_err(|e| StoreError::Commit(format!("starting the checkpointer: {e}")))?;
-                Some(stop)
+                Some(Checkpointer { stop, thread })
             }
             None => None,
         };
         Ok(Self {
             pool,
             writer: tx,
-            checkpointer,
+            checkpointer: std::sync::Mutex::new(checkpointer),
             messages: MessageCache::new(options.message_cache),
             agents: AgentCache::new(options.agent_cache_ttl),
             head,
@@ -350,6 +350,8 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
     if let Err(e) = close.await {
         tracing::warn!(error = %e, "closing the writer connection");
     }
+    // Closed before the stop is acknowledged: the store's `close` returns with none open.
+    drop(ctx.fast);
     if let Some(done) = stop {
         let _ = done.send(());
     }
@@ -666,17 +668,23 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
 /// writer's next transaction starts the WAL over from its beginning. Ends when `stop`
 /// receives or its sender is dropped.
 fn checkpoint_loop(
-    conn: &rusqlite::Connection,
+    conn: rusqlite::Connection,
     every: Duration,
     stop: &std::sync::mpsc::Receiver<()>,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
-        match checkpoint(conn) {
+        match checkpoint(&conn) {
             Ok((log, copied)) => tracing::trace!(log, copied, "checkpoint"),
             Err(e) => tracing::warn!(error = %e, "checkpointing the WAL"),
         }
     }
+}
+
+/// The checkpointer thread of a [`SqliteStore`], stopped and waited for by `close`.
+struct Checkpointer {
+    stop: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// One passive checkpoint: (pages in the WAL, pages of it now in the database file).
@@ -2708,8 +2716,16 @@ impl Store for SqliteStore {
         if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        if let Some(stop) = &self.checkpointer {
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(Checkpointer { stop, thread }) = checkpointer {
             let _ = stop.try_send(());
+            // Its connection closes as the thread ends: wait, so that `close` leaves no
+            // connection of this store open (at most one checkpoint's time).
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.pool.close().await;
     }
@@ -2993,6 +3009,26 @@ mod tests {
         store.close().await;
     }
 
+    /// `close` closes every connection of the store, the checkpointer's and the writer's
+    /// included: the last one out copies the WAL back and removes it.
+    #[tokio::test]
+    async fn close_leaves_no_connection_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal = dir.path().join("t.db-wal");
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap();
+        assert!(wal.exists(), "no WAL while the store is open");
+        store.close().await;
+        assert!(!wal.exists(), "a connection was still open after close");
+    }
+
     /// The writer never stops to checkpoint: its commits leave the database file as it
     /// is (SQLite's own default would have copied the WAL back after 1,000 pages), and a
     /// checkpoint on another connection copies all of it.
@@ -3036,7 +3072,7 @@ mod tests {
         // The loop ends when its store lets go of it.
         let (stop, stopped) = std::sync::mpsc::sync_channel(1);
         let looping =
-            std::thread::spawn(move || checkpoint_loop(&other, Duration::from_millis(1), &stopped));
+            std::thread::spawn(move || checkpoint_loop(other, Duration::from_millis(1), &stopped));
         drop(stop);
         looping.join().unwrap();
         store.close().await;
