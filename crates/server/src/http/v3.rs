@@ -47,15 +47,20 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v3/conversations/events", axum::routing::get(events))
 }
 
+/// A stored message's `type` (the table's CHECK allows only these two).
+fn message_type(m: &MessageRow) -> MessageType {
+    if m.kind == "visitor" {
+        MessageType::Visitor
+    } else {
+        MessageType::Agent
+    }
+}
+
 /// The wire form of a stored message.
 pub fn to_wire(m: &MessageRow) -> ConversationsMessage {
     ConversationsMessage {
         id: m.id.clone(),
-        kind: if m.kind == "visitor" {
-            MessageType::Visitor
-        } else {
-            MessageType::Agent
-        },
+        kind: message_type(m),
         html: html_of(&m.text),
         text: m.text.clone(),
         visitor_id: m.visitor_id.clone(),
@@ -101,11 +106,7 @@ impl<'a> From<&'a MessageRow> for WireRef<'a> {
     fn from(m: &'a MessageRow) -> Self {
         WireRef {
             id: &m.id,
-            kind: if m.kind == "visitor" {
-                MessageType::Visitor
-            } else {
-                MessageType::Agent
-            },
+            kind: message_type(m),
             text: &m.text,
             html: html_of(&m.text),
             visitor_id: &m.visitor_id,
