@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Most writes committed together in one transaction.
     #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_MAX", default_value_t = 512)]
     pub group_commit_max: usize,
+    /// Milliseconds between checkpoints that copy SQLite's WAL back into the database file,
+    /// on a thread of their own (0: the writer does it at commit, past 10,000 WAL pages).
+    #[arg(long, env = "SWITCHBOARD_CHECKPOINT_INTERVAL", default_value_t = 100)]
+    pub checkpoint_interval: u64,
     /// Recent messages kept in memory for reads (0 disables the cache).
     #[arg(long, env = "SWITCHBOARD_MESSAGE_CACHE", default_value_t = 10_000)]
     pub message_cache: usize,
@@ -159,6 +163,8 @@ impl ServeArgs {
                 synchronous_full: self.sync == SyncMode::Full,
                 max_batch: self.group_commit_max,
                 message_cache: self.message_cache,
+                checkpoint_every: (self.checkpoint_interval > 0)
+                    .then(|| Duration::from_millis(self.checkpoint_interval)),
                 ..SqliteOptions::default()
             },
             postgres: PostgresOptions {
@@ -176,4 +182,32 @@ impl ServeArgs {
 /// A duration from seconds given on the command line (negative or not a number: zero).
 fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn store_options(flags: &[&str]) -> crate::StoreOptions {
+        let argv = std::iter::once("serve").chain(flags.iter().copied());
+        Serve::try_parse_from(argv).unwrap().args.store_options()
+    }
+
+    #[test]
+    fn checkpoint_interval_reaches_the_sqlite_store() {
+        let every = |flags: &[&str]| store_options(flags).sqlite.checkpoint_every;
+        assert_eq!(every(&[]), Some(Duration::from_millis(100)));
+        assert_eq!(
+            every(&["--checkpoint-interval", "250"]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(every(&["--checkpoint-interval", "0"]), None);
+    }
 }
