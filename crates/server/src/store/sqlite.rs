@@ -152,7 +152,7 @@ const CONVERSATION_CACHE_MAX: usize = 200_000;
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<WriterMsg>,
-    /// Stops the checkpointer thread (send, or drop), and the thread to wait for.
+    /// The checkpointer thread, stopped and waited for by `close`.
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
     messages: MessageCache,
     agents: AgentCache,
@@ -683,6 +683,7 @@ fn checkpoint_loop(
 
 /// The checkpointer thread of a [`SqliteStore`], stopped and waited for by `close`.
 struct Checkpointer {
+    /// Dropped to stop the thread.
     stop: std::sync::mpsc::SyncSender<()>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -2722,9 +2723,10 @@ impl Store for SqliteStore {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(Checkpointer { stop, thread }) = checkpointer {
-            let _ = stop.try_send(());
-            // Its connection closes as the thread ends: wait, so that `close` leaves no
-            // connection of this store open (at most one checkpoint's time).
+            // Its loop ends once the sender is gone, and its connection closes with the
+            // thread: wait, so that `close` leaves no connection of this store open (at
+            // most one checkpoint's time).
+            drop(stop);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.pool.close().await;
