@@ -5,6 +5,8 @@
 //! generator), drives each scenario with N keep-alive HTTP/1.1 connections for a fixed time
 //! after a warm-up, and stops the children by pid. Numbers, not pass/fail.
 
+mod reference;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use switchboard_bench::child::Server;
@@ -55,18 +57,29 @@ struct Cli {
     /// both builds (taking turns going first), and prints POST of B against A.
     #[arg(long)]
     against: Option<PathBuf>,
+    /// Leave out the reference (a minimal axum + SQLite server with one writer doing group
+    /// commit, measured in every round on SQLite).
+    #[arg(long)]
+    no_reference: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve fixed JSON with a bare axum handler (the baseline; started by the benchmark).
     BareServer,
+    /// Serve the minimal durable POST (the reference; started by the benchmark).
+    ReferenceServer {
+        /// Where its SQLite file goes.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Cmd::BareServer) = cli.command {
-        return bare_server();
+    match &cli.command {
+        Some(Cmd::BareServer) => return bare_server(),
+        Some(Cmd::ReferenceServer { dir }) => return reference::serve(dir),
+        None => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -150,6 +163,9 @@ struct Target {
 
 const KEY: &str = "xkeysib-bench";
 
+/// The body of every measured POST, switchboard's and the reference's.
+const POST_BODY: &[u8] = br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz","receivedFrom":"bench"}"#;
+
 impl Target {
     /// Starts `cli.instances` instances of `binary` on a database of their own (a file in
     /// `dir`, or a fresh PostgreSQL database) and writes the message that GET reads.
@@ -217,9 +233,7 @@ impl Target {
                 name: "switchboard POST message (durable)",
                 method: http::Method::POST,
                 path: "/v3/conversations/messages".into(),
-                body: Some(Bytes::from_static(
-                    br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz","receivedFrom":"bench"}"#,
-                )),
+                body: Some(Bytes::from_static(POST_BODY)),
                 api_key: Some(KEY.into()),
             },
             _pg: pg,
@@ -247,6 +261,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let bare = Server::start(bare_cmd).await?;
     let bare_pids: Vec<u32> = bare.pid().into_iter().collect();
 
+    let reference = if cli.no_reference || cli.postgres.is_some() {
+        None
+    } else {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("reference-server").arg(dir.path());
+        Some(Server::start(cmd).await?)
+    };
+    let reference_pids: Vec<u32> = reference.iter().filter_map(|r| r.pid()).collect();
+    let reference_scenario = Scenario {
+        name: "reference: minimal axum + SQLite POST",
+        method: http::Method::POST,
+        path: "/reference".into(),
+        body: Some(Bytes::from_static(POST_BODY)),
+        api_key: None,
+    };
+
     let mut targets = Vec::new();
     let label = |p: &std::path::Path| p.display().to_string();
     targets.push(Target::start(&cli, &cli.switchboard, dir.path(), label(&cli.switchboard)).await?);
@@ -264,11 +294,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // rounds[r][0] is bare; then GET and POST of each target, in the targets' order.
     let mut rounds: Vec<Vec<Stats>> = Vec::new();
+    // The reference's POST, per round (when it runs).
+    let mut reference_rounds: Vec<Stats> = Vec::new();
     for round in 1..=cli.rounds.max(1) {
         eprintln!("round {round} of {}", cli.rounds.max(1));
         let bare_addr = std::slice::from_ref(&bare.addr);
         let mut stats = vec![load(&cli, bare_addr, &bare_pids, bare_scenario.clone()).await?];
         stats.resize(1 + 2 * targets.len(), stats[0].clone());
+        if let Some(r) = &reference {
+            let addr = std::slice::from_ref(&r.addr);
+            reference_rounds
+                .push(load(&cli, addr, &reference_pids, reference_scenario.clone()).await?);
+        }
         // Two builds take turns going first, so that neither always runs right after bare.
         let order: Vec<usize> = if round % 2 == 0 {
             (0..targets.len()).rev().collect()
@@ -284,6 +321,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let rss_after = targets[0].instances[0].rss_kib().ok();
     bare.stop().await;
+    if let Some(r) = reference {
+        r.stop().await;
+    }
     let labels: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
     for t in targets {
         t.stop().await;
@@ -330,12 +370,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut get_ratios = vec![Vec::new(); labels.len()];
     let mut post_ratios = vec![Vec::new(); labels.len()];
     for (i, stats) in rounds.iter().enumerate() {
-        for (j, s) in stats.iter().enumerate() {
-            let name = if labels.len() > 1 && j > 0 {
-                format!("{} {}", (b'A' + ((j - 1) / 2) as u8) as char, s.name)
-            } else {
-                s.name.to_owned()
-            };
+        let mut rows: Vec<(String, &Stats)> = stats
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                let name = if labels.len() > 1 && j > 0 {
+                    format!("{} {}", (b'A' + ((j - 1) / 2) as u8) as char, s.name)
+                } else {
+                    s.name.to_owned()
+                };
+                (name, s)
+            })
+            .collect();
+        // In the order measured: bare, the reference, the builds.
+        if let Some(r) = reference_rounds.get(i) {
+            rows.insert(1, (r.name.to_owned(), r));
+        }
+        for (name, s) in rows {
             println!(
                 "{:<5} {:<40} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.1} µs {:>11.1} µs",
                 i + 1,
@@ -372,6 +423,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             list(&get_ratios[t]),
             median(&post_ratios[t]),
             list(&post_ratios[t])
+        );
+    }
+    if !reference_rounds.is_empty() {
+        let of_bare: Vec<f64> = rounds
+            .iter()
+            .zip(&reference_rounds)
+            .map(|(s, r)| 100.0 * r.rps / s[0].rps)
+            .collect();
+        let ours: Vec<f64> = rounds
+            .iter()
+            .zip(&reference_rounds)
+            .map(|(s, r)| 100.0 * s[2].rps / r.rps)
+            .collect();
+        println!(
+            "ratio reference POST/bare: median {:.0}% (rounds: {})   ratio {}POST/reference POST: median {:.0}% (rounds: {})",
+            median(&of_bare),
+            list(&of_bare),
+            if labels.len() > 1 { "A " } else { "" },
+            median(&ours),
+            list(&ours)
         );
     }
     if labels.len() > 1 {
