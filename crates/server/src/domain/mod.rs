@@ -589,7 +589,7 @@ impl Domain {
         account_id: &str,
         input: AgentMessage,
         idem: Option<Idem<'_>>,
-    ) -> DomainResult<Outcome<MessageRow>> {
+    ) -> DomainResult<Outcome<Arc<MessageRow>>> {
         let agent = self.resolve_agent(account_id, &input.agent).await?;
         let agent_name = match &input.agent {
             // A name given with the email is how the integration shows this agent.
@@ -619,7 +619,7 @@ impl Domain {
         account_id: &str,
         input: PushedMessage,
         idem: Option<Idem<'_>>,
-    ) -> DomainResult<Outcome<MessageRow>> {
+    ) -> DomainResult<Outcome<Arc<MessageRow>>> {
         let now = self.now();
         let agent = match (&input.agent_id, &input.group_id) {
             (Some(id), _) => {
@@ -674,7 +674,7 @@ impl Domain {
         account_id: &str,
         visitor_id: &VisitorId,
         text: Text,
-    ) -> DomainResult<MessageRow> {
+    ) -> DomainResult<Arc<MessageRow>> {
         let online = self.store.any_agent_online(account_id, self.now()).await?;
         let row = self.new_message(
             account_id,
@@ -740,7 +740,7 @@ impl Domain {
         &self,
         row: MessageRow,
         idem: Option<Idem<'_>>,
-    ) -> DomainResult<Outcome<MessageRow>> {
+    ) -> DomainResult<Outcome<Arc<MessageRow>>> {
         let rec = idem.map(|i| {
             let response = (i.render)(&row);
             self.idem_record(i.key, response)

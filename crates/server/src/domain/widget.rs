@@ -260,7 +260,7 @@ impl Domain {
         text: Text,
         page_url: Option<String>,
         page_title: Option<String>,
-    ) -> DomainResult<MessageRow> {
+    ) -> DomainResult<std::sync::Arc<MessageRow>> {
         let chars = text.as_str().chars().count();
         if chars > self.config.visitor_max_text {
             return Err(DomainError::OutOfRange(format!(

@@ -138,16 +138,16 @@ fn message_bytes(m: &MessageRow) -> Vec<u8> {
 }
 
 /// A message as the response body: `200` with [`ConversationsMessage`]'s JSON.
-pub(super) struct MessageJson(MessageRow);
+pub(super) struct MessageJson<M = MessageRow>(M);
 
-impl IntoResponse for MessageJson {
+impl<M: std::borrow::Borrow<MessageRow>> IntoResponse for MessageJson<M> {
     fn into_response(self) -> Response {
         (
             [(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),
             )],
-            message_bytes(&self.0),
+            message_bytes(self.0.borrow()),
         )
             .into_response()
     }
@@ -166,7 +166,7 @@ fn fingerprint(method: &str, path: &str, raw: &[u8]) -> String {
     ids::sha256_hex(&material)
 }
 
-fn message_response(outcome: Outcome<MessageRow>) -> Response {
+fn message_response(outcome: Outcome<std::sync::Arc<MessageRow>>) -> Response {
     match outcome {
         Outcome::Fresh(m) => MessageJson(m).into_response(),
         Outcome::Replayed(r) => raw_json(r.status, r.body),

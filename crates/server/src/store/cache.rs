@@ -101,50 +101,107 @@ impl MessageCache {
 /// Agents by id and by email, trusted for a short time: other processes (the CLI) may
 /// change agents, and this process's own changes clear it at once.
 pub struct AgentCache {
-    inner: Mutex<HashMap<AgentKey, (Option<AgentRow>, Instant)>>,
+    inner: Mutex<AgentCacheInner>,
     ttl: Duration,
 }
 
+/// Keyed by account, then by id or email, so that a lookup (every message names its agent)
+/// hashes borrowed strings and allocates nothing.
+#[derive(Default)]
+struct AgentCacheInner {
+    accounts: HashMap<String, AccountAgents>,
+    /// Entries in all accounts, to bound the whole.
+    len: usize,
+}
+
+#[derive(Default)]
+struct AccountAgents {
+    by_id: HashMap<String, AgentEntry>,
+    by_email: HashMap<String, AgentEntry>,
+}
+
+/// What the database said and when: `None` means "known not to exist".
+type AgentEntry = (Option<AgentRow>, Instant);
+
 const AGENT_CACHE_MAX: usize = 50_000;
 
-/// (account id, "id:<agent id>" or "email:<lower-cased email>")
-type AgentKey = (String, String);
+/// How an agent is looked up.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentBy<'a> {
+    /// By agent id.
+    Id(&'a str),
+    /// By lower-cased email ([`email_key`]).
+    Email(&'a str),
+}
+
+/// The form of an email that agents are looked up and kept unique by: trimmed and
+/// lower-cased. Borrowed when it already is (the usual case), so a lookup allocates nothing.
+pub fn email_key(email: &str) -> std::borrow::Cow<'_, str> {
+    let trimmed = email.trim();
+    if trimmed.is_ascii() && !trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Borrowed(trimmed)
+    } else {
+        std::borrow::Cow::Owned(trimmed.to_lowercase())
+    }
+}
 
 impl AgentCache {
     /// A cache whose entries live `ttl`.
     pub fn new(ttl: Duration) -> Self {
         Self {
-            inner: Mutex::new(HashMap::new()),
+            inner: Mutex::new(AgentCacheInner::default()),
             ttl,
         }
     }
 
-    /// A fresh entry for `(account, key)`: `Some(None)` means "known not to exist".
-    pub fn get(&self, account_id: &str, key: &str) -> Option<Option<AgentRow>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // Allocation-free lookups would need a borrowed key type; the clone is cheap here.
-        let (row, at) = inner.get(&(account_id.to_owned(), key.to_owned()))?;
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentCacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh entry for the agent: `Some(None)` means "known not to exist".
+    pub fn get(&self, account_id: &str, by: AgentBy<'_>) -> Option<Option<AgentRow>> {
+        let inner = self.lock();
+        let agents = inner.accounts.get(account_id)?;
+        let (row, at) = match by {
+            AgentBy::Id(id) => agents.by_id.get(id)?,
+            AgentBy::Email(key) => agents.by_email.get(key)?,
+        };
         (at.elapsed() < self.ttl).then(|| row.clone())
     }
 
-    /// Remembers the answer for `(account, key)`.
-    pub fn put(&self, account_id: &str, key: &str, row: Option<AgentRow>) {
+    /// Remembers the answer for the agent.
+    pub fn put(&self, account_id: &str, by: AgentBy<'_>, row: Option<AgentRow>) {
         if self.ttl.is_zero() {
             return;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.len() >= AGENT_CACHE_MAX {
-            inner.clear();
+        let mut inner = self.lock();
+        if inner.len >= AGENT_CACHE_MAX {
+            inner.accounts.clear();
+            inner.len = 0;
         }
-        inner.insert(
-            (account_id.to_owned(), key.to_owned()),
-            (row, Instant::now()),
-        );
+        if !inner.accounts.contains_key(account_id) {
+            inner
+                .accounts
+                .insert(account_id.to_owned(), AccountAgents::default());
+        }
+        let AgentCacheInner { accounts, len } = &mut *inner;
+        let Some(agents) = accounts.get_mut(account_id) else {
+            return;
+        };
+        let (map, key) = match by {
+            AgentBy::Id(id) => (&mut agents.by_id, id),
+            AgentBy::Email(key) => (&mut agents.by_email, key),
+        };
+        if map.insert(key.to_owned(), (row, Instant::now())).is_none() {
+            *len += 1;
+        }
     }
 
     /// Forgets everything (after this process changed agents).
     pub fn clear(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut inner = self.lock();
+        inner.accounts.clear();
+        inner.len = 0;
     }
 }
 
@@ -259,5 +316,72 @@ mod tests {
         assert!(c.get("acc", "m9").unwrap().is_some());
         assert_eq!(c.lock().map.len(), 3);
         assert!(c.lock().order.len() <= 6);
+    }
+
+    fn agent(id: &str, account: &str) -> AgentRow {
+        AgentRow {
+            id: id.into(),
+            account_id: account.into(),
+            name: "Liz".into(),
+            email: Some("liz@example.com".into()),
+            userpic: None,
+            is_dummy: false,
+            online_until: 0,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn email_keys_are_trimmed_and_lower_cased_like_the_stored_ones() {
+        for email in [
+            "liz@example.com",
+            " Liz@Example.COM ",
+            "ÉLISE@exemple.fr",
+            "a\u{2003}",
+        ] {
+            let key = email_key(email);
+            assert_eq!(key, email.trim().to_lowercase(), "{email:?}");
+        }
+        assert!(matches!(
+            email_key("liz@example.com"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn agents_are_kept_by_account_and_by_kind_of_key() {
+        let c = AgentCache::new(Duration::from_secs(60));
+        c.put("acc", AgentBy::Id("a1"), Some(agent("a1", "acc")));
+        c.put("acc", AgentBy::Email("liz@example.com"), None);
+        assert_eq!(c.get("acc", AgentBy::Id("a1")).unwrap().unwrap().id, "a1");
+        // Known not to exist, which is not the same as not known.
+        assert_eq!(c.get("acc", AgentBy::Email("liz@example.com")), Some(None));
+        assert!(
+            c.get("acc", AgentBy::Email("a1")).is_none(),
+            "ids and emails apart"
+        );
+        assert!(
+            c.get("other", AgentBy::Id("a1")).is_none(),
+            "accounts apart"
+        );
+        c.clear();
+        assert!(c.get("acc", AgentBy::Id("a1")).is_none());
+        assert_eq!(c.lock().len, 0);
+    }
+
+    #[test]
+    fn agents_expire_and_the_cache_is_bounded() {
+        let c = AgentCache::new(Duration::from_millis(1));
+        c.put("acc", AgentBy::Id("a1"), Some(agent("a1", "acc")));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.get("acc", AgentBy::Id("a1")).is_none(), "expired");
+
+        let c = AgentCache::new(Duration::from_secs(60));
+        for i in 0..AGENT_CACHE_MAX + 10 {
+            c.put("acc", AgentBy::Id(&format!("a{i}")), None);
+        }
+        assert!(c.lock().len <= AGENT_CACHE_MAX);
+        let counted: usize = c.lock().accounts.values().map(|a| a.by_id.len()).sum();
+        assert_eq!(counted, c.lock().len);
     }
 }

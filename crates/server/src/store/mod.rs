@@ -627,7 +627,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         message: MessageRow,
         idem: Option<IdempotencyRecord>,
-    ) -> StoreResult<Guarded<MessageRow>>;
+    ) -> StoreResult<Guarded<std::sync::Arc<MessageRow>>>;
     /// A live (not deleted) message.
     async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>>;
     /// Replaces the text of a live message whose pushed flag is `pushed`.

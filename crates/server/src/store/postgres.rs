@@ -28,7 +28,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::cache::AgentCache;
+use super::cache::{email_key, AgentBy, AgentCache};
 use super::shared::*;
 use super::*;
 
@@ -91,7 +91,7 @@ type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> +
 struct InsertJob {
     row: MessageRow,
     idem: Option<IdempotencyRecord>,
-    reply: oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+    reply: oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
 }
 
 // Moved once through a channel or a Vec: boxing would add an allocation per message.
@@ -504,8 +504,8 @@ fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFutu
 enum Owed {
     Job(Answer),
     Insert(
-        oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
-        StoreResult<Guarded<MessageRow>>,
+        oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+        StoreResult<Guarded<Arc<MessageRow>>>,
     ),
 }
 
@@ -540,9 +540,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                     total_us = started.elapsed().as_micros() as u64,
                     "group commit (single statement)"
                 );
-                for row in &rows {
-                    ctx.message_created(row);
-                }
+                let rows: Vec<Arc<MessageRow>> =
+                    rows.into_iter().map(|r| ctx.message_created(r)).collect();
                 let head = ctx.committed;
                 ctx.publish(after, head);
                 answer_fast_path(batch, rows, Ok(()));
@@ -552,7 +551,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             Ok(false) => {}
             Err(e) => {
                 reconnect(ctx).await;
-                answer_fast_path(batch, rows, Err(e));
+                answer_fast_path(batch, rows.into_iter().map(Arc::new).collect(), Err(e));
                 return;
             }
         }
@@ -640,7 +639,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
 }
 
 /// Answers the callers of a single-statement batch.
-fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<MessageRow>, result: StoreResult<()>) {
+fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<Arc<MessageRow>>, result: StoreResult<()>) {
     let result = result.map_err(|e| {
         tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
         e.to_string()
@@ -700,7 +699,7 @@ async fn insert_guarded(
     ctx: &mut WriterCtx,
     mut m: MessageRow,
     idem: Option<IdempotencyRecord>,
-) -> StoreResult<Guarded<MessageRow>> {
+) -> StoreResult<Guarded<Arc<MessageRow>>> {
     if let Some(rec) = &idem {
         if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
             return Ok(g);
@@ -714,7 +713,7 @@ async fn insert_guarded(
     }
     ctx.track_chat(&m).await?;
     insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
-    ctx.message_created(&m);
+    let m = ctx.message_created(m);
     if let Some(rec) = &idem {
         idem_save(&mut ctx.conn, &m.account_id, rec).await?;
     }
@@ -730,8 +729,8 @@ async fn insert_plain(
     ctx: &mut WriterCtx,
     jobs: Vec<InsertJob>,
 ) -> Vec<(
-    oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
-    StoreResult<Guarded<MessageRow>>,
+    oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+    StoreResult<Guarded<Arc<MessageRow>>>,
 )> {
     let mut out = Vec::with_capacity(jobs.len());
     let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
@@ -772,7 +771,7 @@ async fn insert_plain(
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
-                    ctx.message_created(&row);
+                    let row = ctx.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
@@ -934,16 +933,20 @@ impl WriterCtx {
         }
     }
 
-    fn message_created(&mut self, m: &MessageRow) {
+    /// Records a new message's event; the row is shared by the event and the caller's
+    /// answer (copying it cost the writer ten allocations per message).
+    fn message_created(&mut self, m: MessageRow) -> Arc<MessageRow> {
+        let m = Arc::new(m);
         self.events.push(Arc::new(FeedEvent {
             seq: m.seq,
             kind: EventKind::MessageCreated,
             account_id: m.account_id.clone(),
             visitor_id: m.visitor_id.clone(),
             conversation_id: m.conversation_id.clone(),
-            message: Some(Arc::new(m.clone())),
+            message: Some(m.clone()),
             chat: None,
         }));
+        m
     }
 
     /// After a commit of the positions (after, head]: hands its changes to the feed reader
@@ -1624,7 +1627,7 @@ async fn insert_agent(
     account_id: &str,
     a: &NewAgent,
 ) -> StoreResult<AgentRow> {
-    let email_key = a.email.as_deref().map(|e| e.trim().to_lowercase());
+    let email_key = a.email.as_deref().map(|e| email_key(e).into_owned());
     sqlx::query(
         "INSERT INTO agents (id, account_id, name, email, email_key, userpic, is_dummy, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -2014,7 +2017,7 @@ impl Store for PostgresStore {
         let result = self
             .write(move |ctx| {
                 Box::pin(async move {
-                    let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
+                    let email_key = agent.email.as_deref().map(|e| email_key(e).into_owned());
                     let existing: Option<AgentRow> = sqlx::query_as(&format!(
                     "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
                 ))
@@ -2036,8 +2039,8 @@ impl Store for PostgresStore {
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
-        let key = format!("id:{id}");
-        if let Some(hit) = self.agents.get(account_id, &key) {
+        let key = AgentBy::Id(id);
+        if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
         }
         let row: Option<AgentRow> = sqlx::query_as(&format!(
@@ -2047,24 +2050,24 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        self.agents.put(account_id, &key, row.clone());
+        self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
     async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
-        let email_key = email.trim().to_lowercase();
-        let key = format!("email:{email_key}");
-        if let Some(hit) = self.agents.get(account_id, &key) {
+        let email_key = email_key(email);
+        let key = AgentBy::Email(&email_key);
+        if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
         }
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
         ))
         .bind(account_id)
-        .bind(&email_key)
+        .bind(email_key.as_ref())
         .fetch_optional(&self.pool)
         .await?;
-        self.agents.put(account_id, &key, row.clone());
+        self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
@@ -2223,7 +2226,7 @@ impl Store for PostgresStore {
         &self,
         m: MessageRow,
         idem: Option<IdempotencyRecord>,
-    ) -> StoreResult<Guarded<MessageRow>> {
+    ) -> StoreResult<Guarded<Arc<MessageRow>>> {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Insert(InsertJob {

@@ -22,7 +22,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::cache::{AgentCache, MessageCache};
+use super::cache::{email_key, AgentBy, AgentCache, MessageCache};
 use super::shared::*;
 use super::*;
 
@@ -85,7 +85,7 @@ type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> +
 struct InsertJob {
     row: MessageRow,
     idem: Option<IdempotencyRecord>,
-    reply: oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
+    reply: oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
 }
 
 // Moved once through a channel or a Vec: boxing would add an allocation per message.
@@ -376,8 +376,8 @@ fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFutu
 enum Owed {
     Job(Answer),
     Insert(
-        oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
-        StoreResult<Guarded<MessageRow>>,
+        oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+        StoreResult<Guarded<Arc<MessageRow>>>,
     ),
 }
 
@@ -395,15 +395,22 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             total_us = started.elapsed().as_micros() as u64,
             "group commit (single statement)"
         );
-        if result.is_ok() {
-            for job in &jobs {
-                ctx.message_created(&job.row);
+        match result {
+            Ok(()) => {
+                let answers: Vec<_> = jobs
+                    .into_iter()
+                    .map(|job| (job.reply, ctx.message_created(job.row)))
+                    .collect();
+                ctx.publish();
+                for (reply, row) in answers {
+                    let _ = reply.send(Ok(Guarded::Applied(row)));
+                }
             }
-            ctx.publish();
-        } else {
-            ctx.events.clear();
+            Err(e) => {
+                ctx.events.clear();
+                fail_fast_path(jobs, &e);
+            }
         }
-        answer_fast_path(jobs, result);
         return;
     }
     if let Err(e) = exec(&mut ctx.conn, "BEGIN IMMEDIATE").await {
@@ -483,18 +490,12 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Answers the callers of a single-statement batch.
-fn answer_fast_path(jobs: Vec<InsertJob>, result: StoreResult<()>) {
-    let result = result.map_err(|e| {
-        tracing::error!(error = %e, rows = jobs.len(), "inserting messages failed");
-        e.to_string()
-    });
+/// Answers the callers of a batch whose single transaction failed: nothing was written.
+fn fail_fast_path(jobs: Vec<InsertJob>, e: &StoreError) {
+    tracing::error!(error = %e, rows = jobs.len(), "inserting messages failed");
+    let e = e.to_string();
     for job in jobs {
-        let answer = match &result {
-            Ok(()) => Ok(Guarded::Applied(job.row)),
-            Err(e) => Err(StoreError::Commit(e.clone())),
-        };
-        let _ = job.reply.send(answer);
+        let _ = job.reply.send(Err(StoreError::Commit(e.clone())));
     }
 }
 
@@ -552,7 +553,7 @@ async fn insert_guarded(
     ctx: &mut WriterCtx,
     mut m: MessageRow,
     idem: Option<IdempotencyRecord>,
-) -> StoreResult<Guarded<MessageRow>> {
+) -> StoreResult<Guarded<Arc<MessageRow>>> {
     if let Some(rec) = &idem {
         if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
             return Ok(g);
@@ -566,7 +567,7 @@ async fn insert_guarded(
     }
     ctx.track_chat(&m).await?;
     insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
-    ctx.message_created(&m);
+    let m = ctx.message_created(m);
     if let Some(rec) = &idem {
         idem_save(&mut ctx.conn, &m.account_id, rec).await?;
     }
@@ -582,8 +583,8 @@ async fn insert_plain(
     ctx: &mut WriterCtx,
     jobs: Vec<InsertJob>,
 ) -> Vec<(
-    oneshot::Sender<StoreResult<Guarded<MessageRow>>>,
-    StoreResult<Guarded<MessageRow>>,
+    oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+    StoreResult<Guarded<Arc<MessageRow>>>,
 )> {
     let mut out = Vec::with_capacity(jobs.len());
     let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
@@ -613,7 +614,7 @@ async fn insert_plain(
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
-                    ctx.message_created(&row);
+                    let row = ctx.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
@@ -873,16 +874,20 @@ impl WriterCtx {
         }
     }
 
-    fn message_created(&mut self, m: &MessageRow) {
+    /// Records a new message's event; the row is shared by the event and the caller's
+    /// answer (copying it cost the writer ten allocations per message).
+    fn message_created(&mut self, m: MessageRow) -> Arc<MessageRow> {
+        let m = Arc::new(m);
         self.events.push(Arc::new(FeedEvent {
             seq: m.seq,
             kind: EventKind::MessageCreated,
             account_id: m.account_id.clone(),
             visitor_id: m.visitor_id.clone(),
             conversation_id: m.conversation_id.clone(),
-            message: Some(Arc::new(m.clone())),
+            message: Some(m.clone()),
             chat: None,
         }));
+        m
     }
 
     /// After a commit: moves the head and hands the transaction's changes to the feed.
@@ -1582,7 +1587,7 @@ async fn insert_agent(
     account_id: &str,
     a: &NewAgent,
 ) -> StoreResult<AgentRow> {
-    let email_key = a.email.as_deref().map(|e| e.trim().to_lowercase());
+    let email_key = a.email.as_deref().map(|e| email_key(e).into_owned());
     sqlx::query(
         "INSERT INTO agents (id, account_id, name, email, email_key, userpic, is_dummy, created_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1780,7 +1785,7 @@ impl Store for SqliteStore {
         let (account_id, agent) = (account_id.to_owned(), agent.clone());
         self.write(move |ctx| {
             Box::pin(async move {
-                let email_key = agent.email.as_deref().map(|e| e.trim().to_lowercase());
+                let email_key = agent.email.as_deref().map(|e| email_key(e).into_owned());
                 let existing: Option<AgentRow> = sqlx::query_as(&format!(
                     "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
                 ))
@@ -1802,8 +1807,8 @@ impl Store for SqliteStore {
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
-        let key = format!("id:{id}");
-        if let Some(hit) = self.agents.get(account_id, &key) {
+        let key = AgentBy::Id(id);
+        if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
         }
         let row: Option<AgentRow> = sqlx::query_as(&format!(
@@ -1813,24 +1818,24 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        self.agents.put(account_id, &key, row.clone());
+        self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
     async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
-        let email_key = email.trim().to_lowercase();
-        let key = format!("email:{email_key}");
-        if let Some(hit) = self.agents.get(account_id, &key) {
+        let email_key = email_key(email);
+        let key = AgentBy::Email(&email_key);
+        if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
         }
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
         ))
         .bind(account_id)
-        .bind(&email_key)
+        .bind(email_key.as_ref())
         .fetch_optional(&self.pool)
         .await?;
-        self.agents.put(account_id, &key, row.clone());
+        self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
@@ -1990,7 +1995,7 @@ impl Store for SqliteStore {
         &self,
         m: MessageRow,
         idem: Option<IdempotencyRecord>,
-    ) -> StoreResult<Guarded<MessageRow>> {
+    ) -> StoreResult<Guarded<Arc<MessageRow>>> {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Insert(InsertJob {

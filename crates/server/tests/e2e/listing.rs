@@ -30,17 +30,17 @@ async fn conversation(s: &TestServer, visitor: &str, n: usize) -> Vec<String> {
                 .as_str()
                 .unwrap()
                 .to_owned(),
-            _ => {
-                s.domain
-                    .send_visitor_message(
-                        &s.account,
-                        &VisitorId::parse(Some(visitor.into())).unwrap(),
-                        Text::parse(Some(format!("m{i}"))).unwrap(),
-                    )
-                    .await
-                    .unwrap()
-                    .id
-            }
+            _ => s
+                .domain
+                .send_visitor_message(
+                    &s.account,
+                    &VisitorId::parse(Some(visitor.into())).unwrap(),
+                    Text::parse(Some(format!("m{i}"))).unwrap(),
+                )
+                .await
+                .unwrap()
+                .id
+                .clone(),
         };
         ids.push(id);
     }
