@@ -191,13 +191,18 @@ impl SqliteStore {
             .await?;
 
         let (tx, rx) = mpsc::channel(8192);
-        let next_seq: i64 = sqlx::query_scalar(
+        // Webhook events take their positions from the same counter (so that deliveries
+        // keep the order of what they report) but are not in the feed: the head is the
+        // newest feed position, the counter goes on after the newest of all three.
+        let (feed_max, webhook_max): (i64, i64) = sqlx::query_as(
             "SELECT max(coalesce((SELECT max(seq) FROM messages), 0), \
-                        coalesce((SELECT max(seq) FROM events), 0))",
+                        coalesce((SELECT max(seq) FROM events), 0)), \
+                    coalesce((SELECT max(seq) FROM webhook_events), 0)",
         )
         .fetch_one(&mut conn)
         .await?;
-        let head = Arc::new(AtomicI64::new(next_seq));
+        let next_seq = feed_max.max(webhook_max);
+        let head = Arc::new(AtomicI64::new(feed_max));
         let open_chats = load_open_chats(&mut conn).await?;
         let fast = open_fast(path, options.synchronous_full)?;
         // The hot path writes only messages whose account (the caller's) and conversation
@@ -3082,6 +3087,53 @@ mod tests {
             std::thread::spawn(move || checkpoint_loop(other, Duration::from_millis(1), &stopped));
         drop(stop);
         looping.join().unwrap();
+        store.close().await;
+    }
+
+    /// A restart goes on after the newest position of all, a webhook event's included:
+    /// reusing one broke the webhook event's unique position, and put a newer event
+    /// before an older one in its endpoint's queue.
+    #[tokio::test]
+    async fn positions_are_not_reused_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap();
+        let head = store.feed_head().await.unwrap();
+        store.close().await;
+        // The last position went to a webhook event (as a chat's end reports it).
+        let conn = open_fast(&path, true).unwrap();
+        conn.execute(
+            "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, \
+             kind, chat_id, from_seq, to_seq, created_at) \
+             VALUES ('evt_1', ?1, ?2, 'c', 'v', 'conversationFragment', 'chat', 0, ?3, 2)",
+            rusqlite::params![head + 5, account.id, head],
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.feed_head().await.unwrap(),
+            head,
+            "the feed head moved"
+        );
+        let m = store
+            .insert_message(message(&account.id, "m1", "v"), None)
+            .await
+            .unwrap();
+        let Guarded::Applied(m) = m else {
+            panic!("not applied")
+        };
+        assert_eq!(m.seq, head + 6, "a position was reused");
         store.close().await;
     }
 }
