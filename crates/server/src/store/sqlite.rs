@@ -3021,6 +3021,17 @@ mod tests {
         store.close().await;
     }
 
+    /// A store on `path` with its default account and one message ("m0") in it.
+    async fn store_with_a_message(path: &Path, options: SqliteOptions) -> (SqliteStore, String) {
+        let store = SqliteStore::open(path, options).await.unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap();
+        (store, account.id)
+    }
+
     /// `close` closes every connection of the store, the checkpointer's and the writer's
     /// included: the last one out copies the WAL back and removes it.
     #[tokio::test]
@@ -3028,14 +3039,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let wal = dir.path().join("t.db-wal");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
-            .await
-            .unwrap();
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        store
-            .insert_message(message(&account.id, "m0", "v"), None)
-            .await
-            .unwrap();
+        let (store, _) = store_with_a_message(&path, SqliteOptions::default()).await;
         assert!(wal.exists(), "no WAL while the store is open");
         store.close().await;
         assert!(!wal.exists(), "a connection was still open after close");
@@ -3052,12 +3056,7 @@ mod tests {
             checkpoint_every: None,
             ..SqliteOptions::default()
         };
-        let store = SqliteStore::open(&path, options).await.unwrap();
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        store
-            .insert_message(message(&account.id, "m0", "v"), None)
-            .await
-            .unwrap();
+        let (store, account) = store_with_a_message(&path, options).await;
         let other = open_fast(&path, true).unwrap();
         checkpoint(&other).unwrap();
         let file_len = || std::fs::metadata(&path).unwrap().len();
@@ -3065,7 +3064,7 @@ mod tests {
 
         // One commit each: well past 1,000 WAL pages.
         for i in 1..=600 {
-            let m = message(&account.id, &format!("m{i}"), "v");
+            let m = message(&account, &format!("m{i}"), "v");
             store.insert_message(m, None).await.unwrap();
         }
         assert_eq!(file_len(), before, "the writer checkpointed by itself");
@@ -3097,14 +3096,7 @@ mod tests {
     async fn positions_are_not_reused_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
-            .await
-            .unwrap();
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        store
-            .insert_message(message(&account.id, "m0", "v"), None)
-            .await
-            .unwrap();
+        let (store, account) = store_with_a_message(&path, SqliteOptions::default()).await;
         let head = store.feed_head().await.unwrap();
         store.close().await;
         // The last position went to a webhook event (as a chat's end reports it).
@@ -3113,7 +3105,7 @@ mod tests {
             "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, \
              kind, chat_id, from_seq, to_seq, created_at) \
              VALUES ('evt_1', ?1, ?2, 'c', 'v', 'conversationFragment', 'chat', 0, ?3, 2)",
-            rusqlite::params![head + 5, account.id, head],
+            rusqlite::params![head + 5, account, head],
         )
         .unwrap();
         drop(conn);
@@ -3127,7 +3119,7 @@ mod tests {
             "the feed head moved"
         );
         let m = store
-            .insert_message(message(&account.id, "m1", "v"), None)
+            .insert_message(message(&account, "m1", "v"), None)
             .await
             .unwrap();
         let Guarded::Applied(m) = m else {
