@@ -179,15 +179,9 @@ impl AgentCache {
             inner.accounts.clear();
             inner.len = 0;
         }
-        if !inner.accounts.contains_key(account_id) {
-            inner
-                .accounts
-                .insert(account_id.to_owned(), AccountAgents::default());
-        }
         let AgentCacheInner { accounts, len } = &mut *inner;
-        let Some(agents) = accounts.get_mut(account_id) else {
-            return;
-        };
+        // Owned keys only here: a put follows a database read, never a cache hit.
+        let agents = accounts.entry(account_id.to_owned()).or_default();
         let (map, key) = match by {
             AgentBy::Id(id) => (&mut agents.by_id, id),
             AgentBy::Email(key) => (&mut agents.by_email, key),
