@@ -544,14 +544,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                     rows.into_iter().map(|r| ctx.message_created(r)).collect();
                 let head = ctx.committed;
                 ctx.publish(after, head);
-                answer_fast_path(batch, rows, Ok(()));
+                answer_fast_path(batch, rows);
                 return;
             }
             // Another instance wrote since: take the general path, which catches up.
             Ok(false) => {}
             Err(e) => {
                 reconnect(ctx).await;
-                answer_fast_path(batch, rows.into_iter().map(Arc::new).collect(), Err(e));
+                fail_fast_path(batch, &e);
                 return;
             }
         }
@@ -638,19 +638,22 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Answers the callers of a single-statement batch.
-fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<Arc<MessageRow>>, result: StoreResult<()>) {
-    let result = result.map_err(|e| {
-        tracing::error!(error = %e, rows = rows.len(), "inserting messages failed");
-        e.to_string()
-    });
+/// Answers the callers of a committed single-statement batch, each with its row.
+fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<Arc<MessageRow>>) {
     for (pending, row) in batch.drain(..).zip(rows) {
         if let Pending::Insert(job) = pending {
-            let answer = match &result {
-                Ok(()) => Ok(Guarded::Applied(row)),
-                Err(e) => Err(StoreError::Commit(e.clone())),
-            };
-            let _ = job.reply.send(answer);
+            let _ = job.reply.send(Ok(Guarded::Applied(row)));
+        }
+    }
+}
+
+/// Answers the callers of a single-statement batch that failed: nothing was written.
+fn fail_fast_path(batch: &mut Vec<Pending>, e: &StoreError) {
+    tracing::error!(error = %e, rows = batch.len(), "inserting messages failed");
+    let e = e.to_string();
+    for pending in batch.drain(..) {
+        if let Pending::Insert(job) = pending {
+            let _ = job.reply.send(Err(StoreError::Commit(e.clone())));
         }
     }
 }
