@@ -937,27 +937,42 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The HTML form of a message text: escaped, with line breaks as `<br>`.
-pub fn html_of(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 8);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            '\r' => {
-                if chars.peek() == Some(&'\n') {
-                    chars.next();
-                }
-                out.push_str("<br>");
-            }
-            '\n' => out.push_str("<br>"),
-            c => out.push(c),
+pub fn html_of(text: &str) -> std::borrow::Cow<'_, str> {
+    // Most messages have nothing to escape: they are answered without a copy.
+    let special = |b: &u8| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\'' | b'\r' | b'\n');
+    let Some(first) = text.bytes().position(|b| special(&b)) else {
+        return std::borrow::Cow::Borrowed(text);
+    };
+    let mut out = String::with_capacity(text.len() + text.len() / 8 + 8);
+    out.push_str(&text[..first]);
+    let bytes = text.as_bytes();
+    let mut i = first;
+    // Every special character is ASCII, so the runs between them are whole UTF-8.
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .position(special)
+            .map_or(bytes.len(), |p| i + p);
+        out.push_str(&text[i..run]);
+        if run == bytes.len() {
+            break;
         }
+        match bytes[run] {
+            b'&' => out.push_str("&amp;"),
+            b'<' => out.push_str("&lt;"),
+            b'>' => out.push_str("&gt;"),
+            b'"' => out.push_str("&quot;"),
+            b'\'' => out.push_str("&#39;"),
+            b'\r' if bytes.get(run + 1) == Some(&b'\n') => {
+                out.push_str("<br>");
+                i = run + 2;
+                continue;
+            }
+            _ => out.push_str("<br>"),
+        }
+        i = run + 1;
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -971,6 +986,54 @@ mod tests {
             "a&lt;b&gt; &amp; &quot;c&quot; &#39;d&#39;<br>x<br>y"
         );
         assert_eq!(html_of("plain"), "plain");
+        assert!(matches!(html_of("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(html_of("\r\r\n\n"), "<br><br><br>");
+        assert_eq!(html_of("é<ü>\u{1F600}&"), "é&lt;ü&gt;\u{1F600}&amp;");
+        assert_eq!(html_of("x\r"), "x<br>");
+        assert_eq!(html_of(""), "");
+    }
+
+    #[test]
+    fn html_matches_a_char_by_char_escape() {
+        fn by_chars(text: &str) -> String {
+            let mut out = String::new();
+            let mut chars = text.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '&' => out.push_str("&amp;"),
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&#39;"),
+                    '\r' => {
+                        if chars.peek() == Some(&'\n') {
+                            chars.next();
+                        }
+                        out.push_str("<br>");
+                    }
+                    '\n' => out.push_str("<br>"),
+                    c => out.push(c),
+                }
+            }
+            out
+        }
+        // Every string of up to four characters over an alphabet with each special
+        // character, a multi-byte one and a plain one.
+        let alphabet = ['&', '<', '>', '"', '\'', '\r', '\n', 'ß', 'a'];
+        let mut texts = vec![String::new()];
+        for _ in 0..4 {
+            let longer: Vec<String> = texts
+                .iter()
+                .flat_map(|t| alphabet.iter().map(move |c| format!("{t}{c}")))
+                .collect();
+            texts.extend(longer.into_iter().filter(|t| t.chars().count() > 0));
+            texts.sort();
+            texts.dedup();
+        }
+        assert!(texts.len() > 7_000);
+        for t in &texts {
+            assert_eq!(html_of(t), by_chars(t), "text {t:?}");
+        }
     }
 
     #[test]

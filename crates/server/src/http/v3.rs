@@ -61,7 +61,7 @@ pub fn to_wire(m: &MessageRow) -> ConversationsMessage {
     ConversationsMessage {
         id: m.id.clone(),
         kind: message_type(m),
-        html: html_of(&m.text),
+        html: html_of(&m.text).into_owned(),
         text: m.text.clone(),
         visitor_id: m.visitor_id.clone(),
         agent_id: m.agent_id.clone(),
@@ -85,7 +85,7 @@ struct WireRef<'a> {
     #[serde(rename = "type")]
     kind: MessageType,
     text: &'a str,
-    html: String,
+    html: std::borrow::Cow<'a, str>,
     visitor_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     agent_id: Option<&'a str>,
