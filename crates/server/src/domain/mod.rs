@@ -503,7 +503,11 @@ impl Domain {
 
     /// The agent a message or ping names: by id (must exist), or by email (created as a
     /// "dummy agent" when unknown and a name is given).
-    async fn resolve_agent(&self, account_id: &str, agent: &AgentRef) -> DomainResult<AgentRow> {
+    async fn resolve_agent(
+        &self,
+        account_id: &str,
+        agent: &AgentRef,
+    ) -> DomainResult<std::sync::Arc<AgentRow>> {
         match agent {
             AgentRef::Id(id) => self.store.agent(account_id, id).await?.ok_or_else(|| {
                 DomainError::Invalid(format!(
@@ -529,10 +533,11 @@ impl Domain {
                     is_dummy: true,
                     created_at: self.now(),
                 };
-                Ok(self
-                    .store
-                    .agent_by_email_or_create(account_id, &agent)
-                    .await?)
+                Ok(std::sync::Arc::new(
+                    self.store
+                        .agent_by_email_or_create(account_id, &agent)
+                        .await?,
+                ))
             }
         }
     }
@@ -635,6 +640,7 @@ impl Domain {
                 self.store
                     .pick_agent(account_id, Some(group), now)
                     .await?
+                    .map(Arc::new)
                     .ok_or_else(|| {
                         DomainError::Invalid(format!(
                             "group {group} has no agents to send this pushed message as; \
@@ -646,6 +652,7 @@ impl Domain {
                 .store
                 .pick_agent(account_id, None, now)
                 .await?
+                .map(Arc::new)
                 .ok_or_else(|| {
                     DomainError::Invalid(
                         "this account has no agents to send a pushed message as; create one \

@@ -121,7 +121,8 @@ struct AccountAgents {
 }
 
 /// What the database said and when: `None` means "known not to exist".
-type AgentEntry = (Option<AgentRow>, Instant);
+/// Shared: a hit hands out the row without copying its strings.
+type AgentEntry = (Option<Arc<AgentRow>>, Instant);
 
 const AGENT_CACHE_MAX: usize = 50_000;
 
@@ -159,7 +160,7 @@ impl AgentCache {
     }
 
     /// A fresh entry for the agent: `Some(None)` means "known not to exist".
-    pub fn get(&self, account_id: &str, by: AgentBy<'_>) -> Option<Option<AgentRow>> {
+    pub fn get(&self, account_id: &str, by: AgentBy<'_>) -> Option<Option<Arc<AgentRow>>> {
         let inner = self.lock();
         let agents = inner.accounts.get(account_id)?;
         let (row, at) = match by {
@@ -170,7 +171,7 @@ impl AgentCache {
     }
 
     /// Remembers the answer for the agent.
-    pub fn put(&self, account_id: &str, by: AgentBy<'_>, row: Option<AgentRow>) {
+    pub fn put(&self, account_id: &str, by: AgentBy<'_>, row: Option<Arc<AgentRow>>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -312,8 +313,8 @@ mod tests {
         assert!(c.lock().order.len() <= 6);
     }
 
-    fn agent(id: &str, account: &str) -> AgentRow {
-        AgentRow {
+    fn agent(id: &str, account: &str) -> Arc<AgentRow> {
+        Arc::new(AgentRow {
             id: id.into(),
             account_id: account.into(),
             name: "Liz".into(),
@@ -322,7 +323,7 @@ mod tests {
             is_dummy: false,
             online_until: 0,
             created_at: 1,
-        }
+        })
     }
 
     #[test]
@@ -345,9 +346,11 @@ mod tests {
     #[test]
     fn agents_are_kept_by_account_and_by_kind_of_key() {
         let c = AgentCache::new(Duration::from_secs(60));
-        c.put("acc", AgentBy::Id("a1"), Some(agent("a1", "acc")));
+        let a1 = agent("a1", "acc");
+        c.put("acc", AgentBy::Id("a1"), Some(a1.clone()));
         c.put("acc", AgentBy::Email("liz@example.com"), None);
-        assert_eq!(c.get("acc", AgentBy::Id("a1")).unwrap().unwrap().id, "a1");
+        let hit = c.get("acc", AgentBy::Id("a1")).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&hit, &a1), "a hit shares the row, no copy");
         // Known not to exist, which is not the same as not known.
         assert_eq!(c.get("acc", AgentBy::Email("liz@example.com")), Some(None));
         assert!(

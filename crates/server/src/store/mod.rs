@@ -587,9 +587,17 @@ pub trait Store: Send + Sync + 'static {
         agent: &NewAgent,
     ) -> StoreResult<AgentRow>;
     /// One agent.
-    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>>;
+    async fn agent(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<std::sync::Arc<AgentRow>>>;
     /// The agent with this email (case-insensitive).
-    async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>>;
+    async fn agent_by_email(
+        &self,
+        account_id: &str,
+        email: &str,
+    ) -> StoreResult<Option<std::sync::Arc<AgentRow>>>;
     /// All agents of an account with their group ids.
     async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>>;
     /// Removes an agent; false if there is none.

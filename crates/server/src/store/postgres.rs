@@ -2041,7 +2041,7 @@ impl Store for PostgresStore {
         result
     }
 
-    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
+    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<Arc<AgentRow>>> {
         let key = AgentBy::Id(id);
         if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
@@ -2053,11 +2053,16 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
+        let row = row.map(Arc::new);
         self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
-    async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
+    async fn agent_by_email(
+        &self,
+        account_id: &str,
+        email: &str,
+    ) -> StoreResult<Option<Arc<AgentRow>>> {
         let email_key = email_key(email);
         let key = AgentBy::Email(&email_key);
         if let Some(hit) = self.agents.get(account_id, key) {
@@ -2070,6 +2075,7 @@ impl Store for PostgresStore {
         .bind(email_key.as_ref())
         .fetch_optional(&self.pool)
         .await?;
+        let row = row.map(Arc::new);
         self.agents.put(account_id, key, row.clone());
         Ok(row)
     }

@@ -1811,7 +1811,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<AgentRow>> {
+    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<Arc<AgentRow>>> {
         let key = AgentBy::Id(id);
         if let Some(hit) = self.agents.get(account_id, key) {
             return Ok(hit);
@@ -1823,11 +1823,16 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
+        let row = row.map(Arc::new);
         self.agents.put(account_id, key, row.clone());
         Ok(row)
     }
 
-    async fn agent_by_email(&self, account_id: &str, email: &str) -> StoreResult<Option<AgentRow>> {
+    async fn agent_by_email(
+        &self,
+        account_id: &str,
+        email: &str,
+    ) -> StoreResult<Option<Arc<AgentRow>>> {
         let email_key = email_key(email);
         let key = AgentBy::Email(&email_key);
         if let Some(hit) = self.agents.get(account_id, key) {
@@ -1840,6 +1845,7 @@ impl Store for SqliteStore {
         .bind(email_key.as_ref())
         .fetch_optional(&self.pool)
         .await?;
+        let row = row.map(Arc::new);
         self.agents.put(account_id, key, row.clone());
         Ok(row)
     }

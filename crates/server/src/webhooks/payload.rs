@@ -243,10 +243,10 @@ async fn agent_of(
 ) -> DomainResult<WebhookAgent> {
     Ok(match domain.store().agent(account_id, id).await? {
         Some(a) => WebhookAgent {
-            id: a.id,
-            name: a.name,
-            email: a.email,
-            userpic: a.userpic,
+            id: a.id.clone(),
+            name: a.name.clone(),
+            email: a.email.clone(),
+            userpic: a.userpic.clone(),
         },
         None => WebhookAgent {
             id: id.to_owned(),
