@@ -507,7 +507,7 @@ impl Domain {
         &self,
         account_id: &str,
         agent: &AgentRef,
-    ) -> DomainResult<std::sync::Arc<AgentRow>> {
+    ) -> DomainResult<Arc<AgentRow>> {
         match agent {
             AgentRef::Id(id) => self.store.agent(account_id, id).await?.ok_or_else(|| {
                 DomainError::Invalid(format!(
@@ -533,7 +533,7 @@ impl Domain {
                     is_dummy: true,
                     created_at: self.now(),
                 };
-                Ok(std::sync::Arc::new(
+                Ok(Arc::new(
                     self.store
                         .agent_by_email_or_create(account_id, &agent)
                         .await?,
@@ -1033,7 +1033,7 @@ mod tests {
                 .iter()
                 .flat_map(|t| alphabet.iter().map(move |c| format!("{t}{c}")))
                 .collect();
-            texts.extend(longer.into_iter().filter(|t| t.chars().count() > 0));
+            texts.extend(longer);
             texts.sort();
             texts.dedup();
         }
