@@ -170,6 +170,26 @@ impl AgentCache {
         (at.elapsed() < self.ttl).then(|| row.clone())
     }
 
+    /// The agent from the cache or else from `fetch` (a database read, made only on a
+    /// miss), whose answer is then remembered.
+    pub async fn get_or_fetch<F, Fut, E>(
+        &self,
+        account_id: &str,
+        by: AgentBy<'_>,
+        fetch: F,
+    ) -> Result<Option<Arc<AgentRow>>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<AgentRow>, E>>,
+    {
+        if let Some(hit) = self.get(account_id, by) {
+            return Ok(hit);
+        }
+        let row = fetch().await?.map(Arc::new);
+        self.put(account_id, by, row.clone());
+        Ok(row)
+    }
+
     /// Remembers the answer for the agent.
     pub fn put(&self, account_id: &str, by: AgentBy<'_>, row: Option<Arc<AgentRow>>) {
         if self.ttl.is_zero() {
@@ -364,6 +384,29 @@ mod tests {
         c.clear();
         assert!(c.get("acc", AgentBy::Id("a1")).is_none());
         assert_eq!(c.lock().len, 0);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_runs_only_on_a_miss_and_only_its_answers_are_kept() {
+        let c = AgentCache::new(Duration::from_secs(60));
+        let calls = std::cell::Cell::new(0);
+        let fetch = |answer: Result<Option<AgentRow>, &'static str>| {
+            calls.set(calls.get() + 1);
+            async move { answer }
+        };
+        let by = AgentBy::Id("a1");
+        let failed = c.get_or_fetch("acc", by, || fetch(Err("down"))).await;
+        assert_eq!(failed, Err("down"));
+        assert!(c.get("acc", by).is_none(), "an error is not remembered");
+        let row = (*agent("a1", "acc")).clone();
+        let first = c.get_or_fetch("acc", by, || fetch(Ok(Some(row)))).await;
+        let first = first.unwrap().unwrap();
+        let again = c.get_or_fetch("acc", by, || fetch(Ok(None))).await;
+        assert!(
+            Arc::ptr_eq(&again.unwrap().unwrap(), &first),
+            "a hit, not a fetch"
+        );
+        assert_eq!(calls.get(), 2);
     }
 
     #[test]

@@ -1812,20 +1812,19 @@ impl Store for SqliteStore {
     }
 
     async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<Arc<AgentRow>>> {
-        let key = AgentBy::Id(id);
-        if let Some(hit) = self.agents.get(account_id, key) {
-            return Ok(hit);
-        }
-        let row: Option<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account_id)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let row = row.map(Arc::new);
-        self.agents.put(account_id, key, row.clone());
-        Ok(row)
+        let fetch = || async move {
+            sqlx::query_as(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND id = ?"
+            ))
+            .bind(account_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+        };
+        Ok(self
+            .agents
+            .get_or_fetch(account_id, AgentBy::Id(id), fetch)
+            .await?)
     }
 
     async fn agent_by_email(
@@ -1834,20 +1833,19 @@ impl Store for SqliteStore {
         email: &str,
     ) -> StoreResult<Option<Arc<AgentRow>>> {
         let email_key = email_key(email);
-        let key = AgentBy::Email(&email_key);
-        if let Some(hit) = self.agents.get(account_id, key) {
-            return Ok(hit);
-        }
-        let row: Option<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
-        ))
-        .bind(account_id)
-        .bind(email_key.as_ref())
-        .fetch_optional(&self.pool)
-        .await?;
-        let row = row.map(Arc::new);
-        self.agents.put(account_id, key, row.clone());
-        Ok(row)
+        let fetch = || async {
+            sqlx::query_as(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
+            ))
+            .bind(account_id)
+            .bind(email_key.as_ref())
+            .fetch_optional(&self.pool)
+            .await
+        };
+        Ok(self
+            .agents
+            .get_or_fetch(account_id, AgentBy::Email(&email_key), fetch)
+            .await?)
     }
 
     async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
