@@ -115,6 +115,14 @@ struct Pending {
     buf: Vec<u8>,
 }
 
+impl Pending {
+    /// The offset just past the pending bytes.
+    fn end(&self) -> i64 {
+        // At most MAX_PENDING bytes are pending: the length fits in an i64.
+        self.start + self.buf.len() as i64
+    }
+}
+
 /// Where the default VFS's file starts in the allocation (8-aligned, as SQLite aligns it).
 const REAL_OFFSET: usize = std::mem::size_of::<File>().next_multiple_of(8);
 
@@ -318,23 +326,22 @@ unsafe extern "C" fn write(
         return ffi::SQLITE_IOERR_WRITE;
     };
     if let Some(p) = &file.pending {
-        let follows = !p.buf.is_empty()
-            && i64::try_from(p.buf.len()).is_ok_and(|n| p.start.checked_add(n) == Some(offset));
-        if (!p.buf.is_empty() && !follows) || p.buf.len() + len > MAX_PENDING {
+        // A write joins the pending bytes if there are none or it starts where they end
+        // (SQLite appends frames); anything else writes them out first, keeping the order.
+        let joins = p.buf.is_empty() || p.end() == offset;
+        if !joins || p.buf.len() + len > MAX_PENDING {
             flush_or_return!(file);
         }
-        if len <= MAX_PENDING {
-            if let Some(p) = file.pending.as_mut() {
-                if p.buf.is_empty() {
-                    p.start = offset;
-                }
-                // SAFETY: SQLite passes `amount` readable bytes at `data`.
-                let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-                p.buf.extend_from_slice(bytes);
-                #[cfg(test)]
-                counts::add(&file.name, counts::Kind::Buffered);
-                return ffi::SQLITE_OK;
+        if let Some(p) = file.pending.as_mut().filter(|_| len <= MAX_PENDING) {
+            if p.buf.is_empty() {
+                p.start = offset;
             }
+            // SAFETY: SQLite passes `amount` readable bytes at `data`.
+            let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
+            p.buf.extend_from_slice(bytes);
+            #[cfg(test)]
+            counts::add(&file.name, counts::Kind::Buffered);
+            return ffi::SQLITE_OK;
         }
     }
     forward!(file, xWrite, ffi::SQLITE_IOERR_WRITE, data, amount, offset)
