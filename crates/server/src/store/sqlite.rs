@@ -180,8 +180,7 @@ impl SqliteStore {
             .pragma("temp_store", "memory")
             .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
             .log_statements(tracing::log::LevelFilter::Trace);
-        let vfs = wal_vfs(options.synchronous_full);
-        let connect = match vfs {
+        let connect = match wal_vfs(options.synchronous_full) {
             Some(name) => connect.vfs(name),
             None => connect,
         };
@@ -209,7 +208,7 @@ impl SqliteStore {
         let next_seq = feed_max.max(webhook_max);
         let head = Arc::new(AtomicI64::new(feed_max));
         let open_chats = load_open_chats(&mut conn).await?;
-        let fast = open_fast(path, options.synchronous_full, vfs)?;
+        let fast = open_fast(path, options.synchronous_full)?;
         // The hot path writes only messages whose account (the caller's) and conversation
         // (from `conversations`, read back from the database) exist, and neither accounts
         // nor conversations are ever deleted: the two parent lookups per message that the
@@ -247,7 +246,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Commit(format!("starting the writer: {e}")))?;
         let checkpointer = match options.checkpoint_every {
             Some(every) => {
-                let conn = open_fast(path, options.synchronous_full, vfs)?;
+                let conn = open_fast(path, options.synchronous_full)?;
                 let (stop, stopped) = std::sync::mpsc::sync_channel(1);
                 let thread = std::thread::Builder::new()
                     .name("switchboard-checkpoint".into())
@@ -647,6 +646,7 @@ async fn insert_plain(
 /// every commit before any other connection can see the commit, which is what
 /// [`switchboard_walvfs`] needs to hand a commit's WAL frames to the kernel in one write
 /// instead of two per page; otherwise (or if it cannot be registered) SQLite's default.
+/// Registration happens once per process; later calls only read its outcome.
 fn wal_vfs(synchronous_full: bool) -> Option<&'static str> {
     if !synchronous_full {
         return None;
@@ -662,13 +662,9 @@ fn wal_vfs(synchronous_full: bool) -> Option<&'static str> {
 
 /// Opens a synchronous connection (the writer's [`WriterCtx::fast`], the checkpointer's) with the same
 /// settings (and VFS) as the sqlx ones; the migrations have already run and set WAL mode.
-fn open_fast(
-    path: &Path,
-    synchronous_full: bool,
-    vfs: Option<&str>,
-) -> StoreResult<rusqlite::Connection> {
+fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Connection> {
     let open = || -> rusqlite::Result<(rusqlite::Connection, String)> {
-        let conn = match vfs {
+        let conn = match wal_vfs(synchronous_full) {
             Some(vfs) => rusqlite::Connection::open_with_flags_and_vfs(
                 path,
                 rusqlite::OpenFlags::default(),
@@ -3032,7 +3028,7 @@ mod tests {
             Guarded::Applied(m) => m,
             _ => panic!("not applied"),
         };
-        let fast = open_fast(&path, true, wal_vfs(true)).unwrap();
+        let fast = open_fast(&path, true).unwrap();
         let row = |id: &str, seq: i64| MessageRow {
             conversation_id: first.conversation_id.clone(),
             seq,
@@ -3094,7 +3090,7 @@ mod tests {
             ..SqliteOptions::default()
         };
         let (store, account) = store_with_a_message(&path, options).await;
-        let other = open_fast(&path, true, wal_vfs(true)).unwrap();
+        let other = open_fast(&path, true).unwrap();
         checkpoint(&other).unwrap();
         let file_len = || std::fs::metadata(&path).unwrap().len();
         let before = file_len();
@@ -3137,7 +3133,7 @@ mod tests {
         let head = store.feed_head().await.unwrap();
         store.close().await;
         // The last position went to a webhook event (as a chat's end reports it).
-        let conn = open_fast(&path, true, wal_vfs(true)).unwrap();
+        let conn = open_fast(&path, true).unwrap();
         conn.execute(
             "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, \
              kind, chat_id, from_seq, to_seq, created_at) \
