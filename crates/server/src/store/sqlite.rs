@@ -3065,6 +3065,36 @@ mod tests {
         (store, account.id)
     }
 
+    /// The WAL shim holds frames until SQLite syncs them, which only `synchronous=FULL`
+    /// does at every commit: `--sync=normal` opens on SQLite's default VFS, and what it
+    /// writes is there for a store on the shim that opens the file next.
+    #[tokio::test]
+    async fn normal_sync_writes_without_the_wal_shim() {
+        assert_eq!(wal_vfs(true), Some(switchboard_walvfs::NAME));
+        assert_eq!(wal_vfs(false), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let normal = SqliteOptions {
+            synchronous_full: false,
+            ..SqliteOptions::default()
+        };
+        let (store, account) = store_with_a_message(&path, normal).await;
+        for i in 1..=20 {
+            let m = message(&account, &format!("m{i}"), "v");
+            store.insert_message(m, None).await.unwrap();
+        }
+        store.close().await;
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        for i in 0..=20 {
+            let id = format!("m{i}");
+            let row = store.message(&account, &id).await.unwrap();
+            assert_eq!(row.map(|r| r.id), Some(id));
+        }
+        store.close().await;
+    }
+
     /// `close` closes every connection of the store, the checkpointer's and the writer's
     /// included: the last one out copies the WAL back and removes it.
     #[tokio::test]
