@@ -150,8 +150,6 @@ impl File {
         let Some(p) = self.pending.as_mut().filter(|p| !p.buf.is_empty()) else {
             return ffi::SQLITE_OK;
         };
-        #[cfg(test)]
-        counts::add(&self.name, counts::Kind::Flushed);
         let mut rc = ffi::SQLITE_OK;
         let mut offset = p.start;
         for chunk in p.buf.chunks(WRITE_CHUNK) {
@@ -165,6 +163,8 @@ impl File {
                     None => ffi::SQLITE_IOERR_WRITE,
                 }
             };
+            #[cfg(test)]
+            counts::add(&self.name, counts::Kind::Written);
             if rc != ffi::SQLITE_OK {
                 break;
             }
@@ -524,7 +524,7 @@ mod counts {
 
     pub(crate) enum Kind {
         Buffered,
-        Flushed,
+        Written,
     }
 
     static COUNTS: Mutex<BTreeMap<String, (u64, u64)>> = Mutex::new(BTreeMap::new());
@@ -534,7 +534,7 @@ mod counts {
         let entry = counts.entry(name.to_owned()).or_default();
         match kind {
             Kind::Buffered => entry.0 += 1,
-            Kind::Flushed => entry.1 += 1,
+            Kind::Written => entry.1 += 1,
         }
     }
 
@@ -551,7 +551,7 @@ mod tests {
     use rusqlite::{Connection, OpenFlags};
     use std::path::Path;
 
-    fn open(path: &Path) -> Connection {
+    fn open_on_shim(path: &Path) -> Connection {
         register().unwrap();
         let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), NAME).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
@@ -584,7 +584,7 @@ mod tests {
     #[test]
     fn a_commit_reaches_the_wal_in_one_write() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open(&dir.path().join("one.db"));
+        let conn = open_on_shim(&dir.path().join("one.db"));
         conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
             .unwrap();
         let wal = wal_name(&conn);
@@ -602,7 +602,7 @@ mod tests {
     fn other_connections_see_every_commit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("readers.db");
-        let writer = open(&path);
+        let writer = open_on_shim(&path);
         writer
             .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
             .unwrap();
@@ -624,7 +624,7 @@ mod tests {
     fn large_and_rolled_back_transactions_leave_a_sound_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("large.db");
-        let conn = open(&path);
+        let conn = open_on_shim(&path);
         // A tiny page cache makes SQLite write frames before the commit (a spill).
         conn.execute_batch(
             "PRAGMA cache_size = 2; CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
