@@ -7,6 +7,7 @@
 
 mod reference;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use switchboard_bench::child::Server;
@@ -128,6 +129,9 @@ struct Stats {
     server_cpu_us: f64,
     /// CPU time this load generator used in the measured window, per request.
     client_cpu_us: f64,
+    /// The servers' threads by name: CPU time and time spent runnable but waiting for a
+    /// CPU in the measured window, per request (empty where `/proc` has no schedstat).
+    threads: Vec<(String, f64, f64)>,
 }
 
 /// User + system CPU time of a process so far, in microseconds, from `/proc/<pid>/stat`.
@@ -146,6 +150,40 @@ fn cpu_us(pid: &str) -> Option<u64> {
 fn cpu_now(pids: &[u32]) -> (u64, u64) {
     let servers = pids.iter().filter_map(|p| cpu_us(&p.to_string())).sum();
     (servers, cpu_us("self").unwrap_or(0))
+}
+
+/// Nanoseconds a thread has run and has waited runnable for a CPU, from its
+/// `/proc/<pid>/task/<tid>/schedstat` (`<on cpu> <waiting> <timeslices>`).
+fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut fields = text.split_whitespace();
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// CPU and run-queue wait so far of every thread of the given pids, in nanoseconds, summed
+/// by thread name (the kernel keeps its first 15 bytes). A thread that ends in the window
+/// takes its time with it; the servers' threads live as long as they do.
+fn threads_now(pids: &[u32]) -> BTreeMap<String, (u64, u64)> {
+    let mut by_name = BTreeMap::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let (Ok(name), Ok(stat)) = (
+                std::fs::read_to_string(path.join("comm")),
+                std::fs::read_to_string(path.join("schedstat")),
+            ) else {
+                continue;
+            };
+            if let Some((run, wait)) = parse_schedstat(&stat) {
+                let e: &mut (u64, u64) = by_name.entry(name.trim().to_owned()).or_default();
+                e.0 += run;
+                e.1 += wait;
+            }
+        }
+    }
+    by_name
 }
 
 /// One switchboard build under test: its instances, their database and its scenarios.
@@ -367,25 +405,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server CPU/req",
         "client CPU/req"
     );
+    // Every round's rows, in the order measured: bare, the reference, the builds.
+    let table: Vec<Vec<(String, &Stats)>> = rounds
+        .iter()
+        .enumerate()
+        .map(|(i, stats)| {
+            let mut rows: Vec<(String, &Stats)> = stats
+                .iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    let name = if labels.len() > 1 && j > 0 {
+                        format!("{} {}", (b'A' + ((j - 1) / 2) as u8) as char, s.name)
+                    } else {
+                        s.name.to_owned()
+                    };
+                    (name, s)
+                })
+                .collect();
+            if let Some(r) = reference_rounds.get(i) {
+                rows.insert(1, (r.name.to_owned(), r));
+            }
+            rows
+        })
+        .collect();
     let mut get_ratios = vec![Vec::new(); labels.len()];
     let mut post_ratios = vec![Vec::new(); labels.len()];
-    for (i, stats) in rounds.iter().enumerate() {
-        let mut rows: Vec<(String, &Stats)> = stats
-            .iter()
-            .enumerate()
-            .map(|(j, s)| {
-                let name = if labels.len() > 1 && j > 0 {
-                    format!("{} {}", (b'A' + ((j - 1) / 2) as u8) as char, s.name)
-                } else {
-                    s.name.to_owned()
-                };
-                (name, s)
-            })
-            .collect();
-        // In the order measured: bare, the reference, the builds.
-        if let Some(r) = reference_rounds.get(i) {
-            rows.insert(1, (r.name.to_owned(), r));
-        }
+    for (i, (stats, rows)) in rounds.iter().zip(&table).enumerate() {
         for (name, s) in rows {
             println!(
                 "{:<5} {:<40} {:>10} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>11.1} µs {:>11.1} µs",
@@ -403,6 +448,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         for t in 0..labels.len() {
             get_ratios[t].push(100.0 * stats[1 + 2 * t].rps / stats[0].rps);
             post_ratios[t].push(100.0 * stats[2 + 2 * t].rps / stats[0].rps);
+        }
+    }
+    if table.iter().flatten().any(|(_, s)| !s.threads.is_empty()) {
+        println!("server threads per request: CPU time (time runnable, waiting for a CPU)");
+        for (i, rows) in table.iter().enumerate() {
+            for (name, s) in rows {
+                let threads: Vec<String> = s
+                    .threads
+                    .iter()
+                    .map(|(thread, run, wait)| format!("{thread} {run:.1} ({wait:.1}) µs"))
+                    .collect();
+                println!("{:<5} {:<40} {}", i + 1, name, threads.join(", "));
+            }
         }
     }
     let list = |v: &[f64]| {
@@ -523,9 +581,17 @@ async fn load(cli: &Cli, addrs: &[String], pids: &[u32], s: Scenario) -> anyhow:
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(warm_end.into()).await;
         let (s0, c0) = cpu_now(&cpu_pids);
+        let t0 = threads_now(&cpu_pids);
         tokio::time::sleep_until(end.into()).await;
         let (s1, c1) = cpu_now(&cpu_pids);
-        (s1.saturating_sub(s0), c1.saturating_sub(c0))
+        let threads: BTreeMap<String, (u64, u64)> = threads_now(&cpu_pids)
+            .into_iter()
+            .map(|(name, (run, wait))| {
+                let (run0, wait0) = t0.get(&name).copied().unwrap_or_default();
+                (name, (run.saturating_sub(run0), wait.saturating_sub(wait0)))
+            })
+            .collect();
+        (s1.saturating_sub(s0), c1.saturating_sub(c0), threads)
     });
     let mut tasks = Vec::with_capacity(cli.connections);
     for i in 0..cli.connections {
@@ -577,8 +643,14 @@ async fn load(cli: &Cli, addrs: &[String], pids: &[u32], s: Scenario) -> anyhow:
         u64::from(all[i])
     };
     let requests = all.len() as u64;
-    let (server_cpu, client_cpu) = cpu.await?;
+    let (server_cpu, client_cpu, threads) = cpu.await?;
     let per_request = |us: u64| us as f64 / requests.max(1) as f64;
+    let threads = threads
+        .into_iter()
+        .map(|(name, (run, wait))| (name, per_request(run) / 1e3, per_request(wait) / 1e3))
+        // Threads that did next to nothing (idle pools, the SQLx worker off the hot path).
+        .filter(|(_, run, _)| *run >= 0.05)
+        .collect();
     Ok(Stats {
         name: s.name,
         requests,
@@ -588,5 +660,43 @@ async fn load(cli: &Cli, addrs: &[String], pids: &[u32], s: Scenario) -> anyhow:
         p99_us: pct(0.99),
         server_cpu_us: per_request(server_cpu),
         client_cpu_us: per_request(client_cpu),
+        threads,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedstat_gives_time_on_cpu_and_waiting() {
+        assert_eq!(parse_schedstat("123456 789 10\n"), Some((123_456, 789)));
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+    }
+
+    #[test]
+    fn threads_are_listed_by_name_with_their_cpu_time() {
+        let (done, wait_done) = std::sync::mpsc::channel::<()>();
+        let (ready, wait_ready) = std::sync::mpsc::channel::<()>();
+        let probe = std::thread::Builder::new()
+            .name("bench-probe".into())
+            .spawn(move || {
+                let mut x = 0u64;
+                for i in 0..5_000_000u64 {
+                    x = std::hint::black_box(x.wrapping_add(i.wrapping_mul(i)));
+                }
+                ready.send(()).unwrap();
+                wait_done.recv().ok();
+            })
+            .unwrap();
+        wait_ready.recv().unwrap();
+        let threads = threads_now(&[std::process::id()]);
+        done.send(()).unwrap();
+        probe.join().unwrap();
+        let (run, _) = threads
+            .get("bench-probe")
+            .expect("the probe thread is listed");
+        assert!(*run > 0, "the probe ran for {run} ns");
+    }
 }
