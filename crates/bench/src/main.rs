@@ -648,7 +648,7 @@ async fn load(cli: &Cli, addrs: &[String], pids: &[u32], s: Scenario) -> anyhow:
     let threads = threads
         .into_iter()
         .map(|(name, (run, wait))| (name, per_request(run) / 1e3, per_request(wait) / 1e3))
-        // Threads that did next to nothing (idle pools, the SQLx worker off the hot path).
+        // Threads that did next to nothing in the window (idle ones) are left out.
         .filter(|(_, run, _)| *run >= 0.05)
         .collect();
     Ok(Stats {
