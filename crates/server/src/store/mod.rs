@@ -630,7 +630,9 @@ pub trait Store: Send + Sync + 'static {
     // --- messages and visitors ---------------------------------------------------------
 
     /// Inserts a message, creating its visitor and conversation on first contact, and
-    /// records the idempotency key in the same transaction.
+    /// records the idempotency key in the same transaction. The answer is the message as
+    /// stored: a store may give it an id of its own (the SQLite store does, unless an
+    /// idempotency record already holds the id), so callers use the answer's id.
     async fn insert_message(
         &self,
         message: MessageRow,

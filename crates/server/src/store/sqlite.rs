@@ -22,6 +22,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::ids::SeqIds;
+
 use super::cache::{email_key, AgentBy, AgentCache, MessageCache};
 use super::shared::*;
 use super::*;
@@ -144,6 +146,8 @@ struct WriterCtx {
     /// changed by other processes too, so this is not kept longer).
     wanted: HashMap<(String, &'static str), bool>,
     signals: Signals,
+    /// Numbers new message ids (see [`crate::ids::SeqIds`]).
+    ids: SeqIds,
 }
 
 const CONVERSATION_CACHE_MAX: usize = 200_000;
@@ -160,7 +164,14 @@ pub struct SqliteStore {
     feed_taken: std::sync::atomic::AtomicBool,
     signals: Signals,
     presence: super::cache::PresenceCache,
+    /// Message ids that carry their seq (see [`crate::ids::SeqIds`]).
+    ids: SeqIds,
 }
+
+/// Picks the message whose id is bound second and third, the first bound value being the
+/// seq that id carries (or NULL): by primary key, or through `message_ids` for the ids
+/// that carry none. The whole id is compared, so an id that merely decodes matches nothing.
+const BY_ID: &str = "seq IN (?, (SELECT seq FROM message_ids WHERE id = ?)) AND id = ?";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`, runs the migrations and
@@ -187,6 +198,10 @@ impl SqliteStore {
 
         let mut conn = connect.connect().await?;
         MIGRATOR.run(&mut conn).await?;
+        let key: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'message_id_key'")
+            .fetch_one(&mut conn)
+            .await?;
+        let ids = SeqIds::new(key);
 
         let pool = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
@@ -231,6 +246,7 @@ impl SqliteStore {
             outbox_touched: false,
             wanted: HashMap::new(),
             signals: signals.clone(),
+            ids,
         };
         // The writer gets a thread and runtime of its own: on the shared workers it waited
         // behind every HTTP task at each step of a group commit, which made the commit cycle
@@ -266,6 +282,7 @@ impl SqliteStore {
             feed_taken: std::sync::atomic::AtomicBool::new(false),
             signals,
             presence: super::cache::PresenceCache::new(options.agent_cache_ttl),
+            ids,
         })
     }
 
@@ -571,11 +588,24 @@ async fn insert_guarded(
     m.conversation_id = ctx
         .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
         .await?;
+    // A row numbered already (by `insert_plain`) has its id; an idempotent insert keeps the
+    // id its stored answer holds, listed in `message_ids` since it carries no seq.
+    let alias = m.seq == 0 && idem.is_some();
     if m.seq == 0 {
         m.seq = ctx.take_seq();
+        if !alias {
+            m.id = ctx.ids.encode(m.seq);
+        }
     }
     ctx.track_chat(&m).await?;
     insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
+    if alias {
+        sqlx::query("INSERT INTO message_ids (id, seq) VALUES (?, ?)")
+            .bind(&m.id)
+            .bind(m.seq)
+            .execute(&mut ctx.conn)
+            .await?;
+    }
     let m = ctx.message_created(m);
     if let Some(rec) = &idem {
         idem_save(&mut ctx.conn, &m.account_id, rec).await?;
@@ -606,6 +636,7 @@ async fn insert_plain(
             Ok(c) => {
                 row.conversation_id = c;
                 row.seq = ctx.take_seq();
+                row.id = ctx.ids.encode(row.seq);
                 match ctx.track_chat(&row).await {
                     Ok(()) => ready.push((job, row)),
                     Err(e) => out.push((job.reply, Err(e))),
@@ -865,6 +896,7 @@ impl WriterCtx {
                 job.row.conversation_id.clone_from(conversation);
             }
             job.row.seq = self.take_seq();
+            job.row.id = self.ids.encode(job.row.seq);
             if let Some(chat) = self.open_chats.get_mut(&job.row.conversation_id) {
                 chat.note(&job.row);
             }
@@ -1093,7 +1125,7 @@ async fn insert_event(
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, \
-         chat_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         message_seq, chat_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(seq)
     .bind(&m.account_id)
@@ -1101,6 +1133,7 @@ async fn insert_event(
     .bind(&m.visitor_id)
     .bind(kind.as_str())
     .bind(&m.id)
+    .bind((m.seq != 0).then_some(m.seq))
     .bind(chat_id)
     .bind(now)
     .execute(conn)
@@ -2055,8 +2088,10 @@ impl Store for SqliteStore {
         };
         let row: Option<MessageRow> = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE id = ? AND account_id = ? AND deleted_at IS NULL"
+             WHERE {BY_ID} AND account_id = ? AND deleted_at IS NULL"
         ))
+        .bind(self.ids.decode(id))
+        .bind(id)
         .bind(id)
         .bind(account_id)
         .fetch_optional(&self.pool)
@@ -2132,13 +2167,15 @@ impl Store for SqliteStore {
         account_id: &str,
         id: &str,
     ) -> StoreResult<Option<(i64, String)>> {
-        Ok(
-            sqlx::query_as("SELECT seq, visitor_id FROM messages WHERE id = ? AND account_id = ?")
-                .bind(id)
-                .bind(account_id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as(&format!(
+            "SELECT seq, visitor_id FROM messages WHERE {BY_ID} AND account_id = ?"
+        ))
+        .bind(self.ids.decode(id))
+        .bind(id)
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn list_messages(
@@ -2369,7 +2406,7 @@ impl Store for SqliteStore {
              UNION ALL \
              SELECT * FROM (SELECT e.seq AS fseq, e.kind AS fkind, e.conversation_id, e.visitor_id, \
                e.chat_id, {cols} \
-               FROM events e LEFT JOIN messages m ON m.id = e.message_id \
+               FROM events e LEFT JOIN messages m ON m.seq = e.message_seq \
                WHERE e.account_id = ? {visitor_filter_e} AND e.seq > ? ORDER BY e.seq LIMIT ?) \
              ORDER BY fseq LIMIT ?"
         );
@@ -2824,7 +2861,7 @@ impl SqliteStore {
                         Change::Delete => ("deleted_at = ?", None),
                     };
                     let sql = format!(
-                        "UPDATE messages SET {set}, updated_at = ? WHERE id = ? AND account_id = ? \
+                        "UPDATE messages SET {set}, updated_at = ? WHERE {BY_ID} AND account_id = ? \
                          AND is_pushed = ? AND deleted_at IS NULL AND type = 'agent' \
                          RETURNING {MESSAGE_COLUMNS}"
                     );
@@ -2838,8 +2875,11 @@ impl SqliteStore {
                         Some(text) => query.bind(text),
                         None => query.bind(now),
                     };
+                    let seq = ctx.ids.decode(&id);
                     let row = query
                         .bind(now)
+                        .bind(seq)
+                        .bind(&id)
                         .bind(&id)
                         .bind(&account_id)
                         .bind(pushed)
@@ -2858,7 +2898,7 @@ impl SqliteStore {
                             chat: None,
                         }));
                     }
-                    classify_change(&mut ctx.conn, row, &account_id, &id, pushed).await
+                    classify_change(&mut ctx.conn, row, &account_id, (seq, &id), pushed).await
                 })
             })
             .await?;
@@ -2874,16 +2914,18 @@ async fn classify_change(
     conn: &mut SqliteConnection,
     row: Option<MessageRow>,
     account_id: &str,
-    id: &str,
+    (seq, id): (Option<i64>, &str),
     pushed: bool,
 ) -> StoreResult<MessageChange> {
     if let Some(row) = row {
         return Ok(MessageChange::Done(Box::new(row)));
     }
-    let kind: Option<String> = sqlx::query_scalar(
-        "SELECT type FROM messages WHERE id = ? AND account_id = ? AND is_pushed = ? \
-         AND deleted_at IS NULL",
-    )
+    let kind: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT type FROM messages WHERE {BY_ID} AND account_id = ? AND is_pushed = ? \
+         AND deleted_at IS NULL"
+    ))
+    .bind(seq)
+    .bind(id)
     .bind(id)
     .bind(account_id)
     .bind(pushed)
@@ -3039,12 +3081,12 @@ mod tests {
                 .unwrap()
         };
 
-        // The second row reuses m0's id (unique): the first must not stay either.
-        let err = insert_rows_now(&fast, &[row("m1", 1001), row("m0", 1002)]);
+        // The second row reuses m0's seq (the primary key): the first must not stay either.
+        let err = insert_rows_now(&fast, &[row("m1", 1001), row("m2", first.seq)]);
         assert!(err.is_err());
         assert!(fast.is_autocommit(), "transaction left open");
         assert_eq!(count(), 1);
-        assert!(insert_rows_now(&fast, &[row("m0", 1003)]).is_err());
+        assert!(insert_rows_now(&fast, &[row("m3", first.seq)]).is_err());
         assert_eq!(count(), 1);
 
         insert_rows_now(&fast, &[row("m1", 1001), row("m2", 1002)]).unwrap();
@@ -3054,15 +3096,23 @@ mod tests {
         store.close().await;
     }
 
-    /// A store on `path` with its default account and one message ("m0") in it.
-    async fn store_with_a_message(path: &Path, options: SqliteOptions) -> (SqliteStore, String) {
+    /// A store on `path` with its default account and one message in it; the message's id.
+    async fn store_with_a_message(
+        path: &Path,
+        options: SqliteOptions,
+    ) -> (SqliteStore, String, String) {
         let store = SqliteStore::open(path, options).await.unwrap();
         let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        store
-            .insert_message(message(&account.id, "m0", "v"), None)
-            .await
-            .unwrap();
-        (store, account.id)
+        let id = insert(&store, message(&account.id, "m0", "v")).await;
+        (store, account.id, id)
+    }
+
+    /// Inserts without an idempotency key: the id the store gave the message.
+    async fn insert(store: &SqliteStore, m: MessageRow) -> String {
+        match store.insert_message(m, None).await.unwrap() {
+            Guarded::Applied(m) => m.id.clone(),
+            _ => panic!("not applied"),
+        }
     }
 
     /// The WAL shim holds frames until SQLite syncs them, which only `synchronous=FULL`
@@ -3078,17 +3128,16 @@ mod tests {
             synchronous_full: false,
             ..SqliteOptions::default()
         };
-        let (store, account) = store_with_a_message(&path, normal).await;
+        let (store, account, first) = store_with_a_message(&path, normal).await;
+        let mut ids = vec![first];
         for i in 1..=20 {
-            let m = message(&account, &format!("m{i}"), "v");
-            store.insert_message(m, None).await.unwrap();
+            ids.push(insert(&store, message(&account, &format!("m{i}"), "v")).await);
         }
         store.close().await;
         let store = SqliteStore::open(&path, SqliteOptions::default())
             .await
             .unwrap();
-        for i in 0..=20 {
-            let id = format!("m{i}");
+        for id in ids {
             let row = store.message(&account, &id).await.unwrap();
             assert_eq!(row.map(|r| r.id), Some(id));
         }
@@ -3102,7 +3151,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let wal = dir.path().join("t.db-wal");
-        let (store, _) = store_with_a_message(&path, SqliteOptions::default()).await;
+        let (store, _, _) = store_with_a_message(&path, SqliteOptions::default()).await;
         assert!(wal.exists(), "no WAL while the store is open");
         store.close().await;
         assert!(!wal.exists(), "a connection was still open after close");
@@ -3119,7 +3168,7 @@ mod tests {
             checkpoint_every: None,
             ..SqliteOptions::default()
         };
-        let (store, account) = store_with_a_message(&path, options).await;
+        let (store, account, _) = store_with_a_message(&path, options).await;
         let other = open_fast(&path, true).unwrap();
         checkpoint(&other).unwrap();
         let file_len = || std::fs::metadata(&path).unwrap().len();
@@ -3159,7 +3208,7 @@ mod tests {
     async fn positions_are_not_reused_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let (store, account) = store_with_a_message(&path, SqliteOptions::default()).await;
+        let (store, account, _) = store_with_a_message(&path, SqliteOptions::default()).await;
         let head = store.feed_head().await.unwrap();
         store.close().await;
         // The last position went to a webhook event (as a chat's end reports it).
@@ -3189,6 +3238,113 @@ mod tests {
             panic!("not applied")
         };
         assert_eq!(m.seq, head + 6, "a position was reused");
+        store.close().await;
+    }
+
+    /// A database written before ids carried their seq (schema v4) keeps every message
+    /// reachable by its old id after the upgrade: read, edited, in the feed with its events.
+    /// New messages get ids that carry their seq and no entry in `message_ids`.
+    #[tokio::test]
+    async fn messages_written_before_v5_keep_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let mut conn = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .connect()
+                .await
+                .unwrap();
+            let v4 = sqlx::migrate::Migrator {
+                migrations: std::borrow::Cow::Owned(MIGRATOR.migrations[..4].to_vec()),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            v4.run(&mut conn).await.unwrap();
+            sqlx::raw_sql(
+                "INSERT INTO accounts (id, name, is_default, created_at) VALUES ('acc', 'a', 1, 1);
+                 INSERT INTO visitors (account_id, id, created_at, updated_at) VALUES ('acc', 'v', 1, 1);
+                 INSERT INTO conversations (id, account_id, visitor_id, created_at) VALUES ('conv', 'acc', 'v', 1);
+                 INSERT INTO messages (seq, id, account_id, conversation_id, visitor_id, type, text, created_at, updated_at)
+                   VALUES (1, 'OLDoldOLDoldOLD01', 'acc', 'conv', 'v', 'agent', 'one', 1, 1),
+                          (2, 'OLDoldOLDoldOLD02', 'acc', 'conv', 'v', 'agent', 'two', 1, 1);
+                 INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, created_at)
+                   VALUES (3, 'acc', 'conv', 'v', 'messageUpdated', 'OLDoldOLDoldOLD01', 2);",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        let old = "OLDoldOLDoldOLD01";
+        assert_eq!(
+            store.message("acc", old).await.unwrap().unwrap().text,
+            "one"
+        );
+        assert!(
+            store.message("other", old).await.unwrap().is_none(),
+            "another account's"
+        );
+        assert_eq!(
+            store
+                .message_position("acc", "OLDoldOLDoldOLD02")
+                .await
+                .unwrap(),
+            Some((2, "v".to_owned()))
+        );
+        let edited = store
+            .update_message_text("acc", "OLDoldOLDoldOLD02", false, "two, edited", 5)
+            .await
+            .unwrap();
+        assert!(matches!(edited, MessageChange::Done(_)));
+
+        let feed = store.feed("acc", None, 0, 10).await.unwrap();
+        let named: Vec<(i64, Option<&str>)> = feed
+            .iter()
+            .map(|e| (e.seq, e.message.as_ref().map(|m| m.id.as_str())))
+            .collect();
+        // 1 and 2 created, 3 the old event, then the edit's event: each with its message.
+        assert_eq!(
+            named[..3],
+            [
+                (1, Some(old)),
+                (2, Some("OLDoldOLDoldOLD02")),
+                (3, Some(old))
+            ]
+        );
+        assert_eq!(named[3].1, Some("OLDoldOLDoldOLD02"));
+        assert_eq!(feed[3].message.as_ref().unwrap().text, "two, edited");
+
+        let new = insert(&store, message("acc", "ignored", "v")).await;
+        assert_ne!(new, "ignored", "the store numbers ids itself");
+        let seq = store
+            .message_position("acc", &new)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(store.ids.decode(&new), Some(seq));
+        let pool = &store.pool;
+        let aliases: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(aliases, 2, "only the old messages' ids are listed");
+        let unique: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_index_list('messages') WHERE \"unique\"",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(unique, 0, "an index on message ids is left");
+        let broken: Vec<(String,)> =
+            sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert!(broken.is_empty(), "{broken:?}");
         store.close().await;
     }
 }

@@ -30,6 +30,15 @@ async fn same_key_and_body_returns_the_first_response_once() {
     assert_eq!(s.count("messages").await, 1);
     // The replay is the first answer even after an edit.
     let id = first.body["id"].as_str().unwrap();
+    // Its id was fixed before the message was numbered, and is found all the same.
+    let got = s
+        .call(
+            Method::GET,
+            &format!("/v3/conversations/messages/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(got.ok()["id"], id);
     s.call(
         Method::PUT,
         &format!("/v3/conversations/messages/{id}"),

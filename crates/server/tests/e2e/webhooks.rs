@@ -257,7 +257,8 @@ async fn collect_all(s: &TestServer, rx: &mut Receiver) -> (Vec<Hit>, usize) {
     }
 }
 
-/// Asserts each conversation's events came in order and its messages arrived once each.
+/// Asserts each conversation's events came in order and its messages arrived once each, in
+/// the order they were sent (each visitor sent "m0", "m1", ... in turn).
 fn assert_in_order(hits: &[Hit], messages_per_visitor: usize) {
     let mut by_conversation: HashMap<String, Vec<&Value>> = HashMap::new();
     for h in hits {
@@ -271,17 +272,22 @@ fn assert_in_order(hits: &[Hit], messages_per_visitor: usize) {
             events[0]["eventName"], "conversationStarted",
             "{conversation}"
         );
+        let mut texts: Vec<String> = Vec::new();
         let mut message_ids: Vec<String> = Vec::new();
         for e in &events[1..] {
             assert_eq!(e["eventName"], "conversationFragment");
             for m in e["messages"].as_array().unwrap() {
+                texts.push(m["text"].as_str().unwrap().to_owned());
                 message_ids.push(m["id"].as_str().unwrap().to_owned());
             }
         }
-        let mut sorted = message_ids.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(message_ids, sorted, "fragments in order, each message once");
+        let sent: Vec<String> = (0..messages_per_visitor).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            texts, sent,
+            "fragments in order, each message once: {conversation}"
+        );
+        message_ids.sort();
+        message_ids.dedup();
         assert_eq!(message_ids.len(), messages_per_visitor, "{conversation}");
     }
 }
