@@ -19,7 +19,8 @@ pub fn random_id(len: usize) -> String {
 /// The first 7 characters encode the time in milliseconds (base 54, good until the year
 /// 2380) and the other 10 are random (54^10 ≈ 2·10^17 per millisecond), so new ids sort after
 /// old ones: inserts land at the end of the id index instead of on random pages, which keeps
-/// each group commit's WAL writes small.
+/// each group commit's WAL writes small. (Messages on SQLite get [`SeqIds`] ids instead,
+/// which need no index at all.)
 pub fn new_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
