@@ -1133,7 +1133,7 @@ async fn insert_event(
     .bind(&m.visitor_id)
     .bind(kind.as_str())
     .bind(&m.id)
-    .bind((m.seq != 0).then_some(m.seq))
+    .bind(m.seq)
     .bind(chat_id)
     .bind(now)
     .execute(conn)
