@@ -8,10 +8,28 @@ pub const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstu
 
 /// A random id of `len` characters from [`ALPHABET`].
 pub fn random_id(len: usize) -> String {
+    let mut id = String::with_capacity(len);
+    push_random(&mut id, len);
+    id
+}
+
+/// Appends `len` random characters of [`ALPHABET`].
+fn push_random(out: &mut String, len: usize) {
     let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    out.extend((0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char));
+}
+
+/// Appends the last `width` base-54 digits of `value` in [`ALPHABET`], most significant
+/// first (so that, at a fixed width, ids sort as their values do).
+fn push_base54(out: &mut String, mut value: u64, width: usize) {
+    let base = ALPHABET.len() as u64;
+    let mut digits = [0u8; 16];
+    let digits = &mut digits[..width];
+    for slot in digits.iter_mut().rev() {
+        *slot = ALPHABET[(value % base) as usize];
+        value /= base;
+    }
+    out.extend(digits.iter().map(|&b| b as char));
 }
 
 /// A 17-character id, like Brevo's message, agent, group and conversation ids.
@@ -31,16 +49,9 @@ pub fn new_id() -> String {
 
 /// A [`new_id`] for the given time (milliseconds since the epoch).
 pub fn id_at(ms: u64) -> String {
-    let base = ALPHABET.len() as u64;
-    let mut prefix = [0u8; 7];
-    let mut rest = ms;
-    for slot in prefix.iter_mut().rev() {
-        *slot = ALPHABET[(rest % base) as usize];
-        rest /= base;
-    }
     let mut id = String::with_capacity(17);
-    id.extend(prefix.iter().map(|&b| b as char));
-    id.push_str(&random_id(10));
+    push_base54(&mut id, ms, 7);
+    push_random(&mut id, 10);
     id
 }
 
@@ -99,19 +110,9 @@ impl SeqIds {
 
     /// The id of the message at `seq` (positive), with a random tail.
     pub fn encode(&self, seq: i64) -> String {
-        let base = ALPHABET.len() as u64;
-        let mut rest = self.permute(seq as u64);
-        let mut head = [0u8; SEQ_CHARS];
-        for slot in head.iter_mut().rev() {
-            *slot = ALPHABET[(rest % base) as usize];
-            rest /= base;
-        }
         let mut id = String::with_capacity(17);
-        id.extend(head.iter().map(|&b| b as char));
-        let mut rng = rand::rng();
-        id.extend(
-            (0..17 - SEQ_CHARS).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char),
-        );
+        push_base54(&mut id, self.permute(seq as u64), SEQ_CHARS);
+        push_random(&mut id, 17 - SEQ_CHARS);
         id
     }
 
