@@ -705,7 +705,9 @@ impl Domain {
         let now = self.now();
         let mut row = MessageRow {
             seq: 0,
-            id: ids::new_id(),
+            // Named by the store (see `Store::insert_message`), or by `insert` when an
+            // idempotency record must hold the answer before the store sees the row.
+            id: String::new(),
             account_id: account_id.to_owned(),
             conversation_id: String::new(),
             visitor_id: visitor_id.as_str().to_owned(),
@@ -748,6 +750,10 @@ impl Domain {
         row: MessageRow,
         idem: Option<Idem<'_>>,
     ) -> DomainResult<Outcome<Arc<MessageRow>>> {
+        let mut row = row;
+        if idem.is_some() && row.id.is_empty() {
+            row.id = ids::new_id();
+        }
         let rec = idem.map(|i| {
             let response = (i.render)(&row);
             self.idem_record(i.key, response)

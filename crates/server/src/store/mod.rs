@@ -632,7 +632,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a message, creating its visitor and conversation on first contact, and
     /// records the idempotency key in the same transaction. The answer is the message as
     /// stored: a store may give it an id of its own (the SQLite store does, unless an
-    /// idempotency record already holds the id), so callers use the answer's id.
+    /// idempotency record already holds the id), so callers use the answer's id. A message
+    /// with an empty id is always named by the store.
     async fn insert_message(
         &self,
         message: MessageRow,

@@ -2231,9 +2231,12 @@ impl Store for PostgresStore {
 
     async fn insert_message(
         &self,
-        m: MessageRow,
+        mut m: MessageRow,
         idem: Option<IdempotencyRecord>,
     ) -> StoreResult<Guarded<Arc<MessageRow>>> {
+        if m.id.is_empty() {
+            m.id = crate::ids::new_id();
+        }
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Insert(InsertJob {

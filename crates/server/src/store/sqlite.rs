@@ -110,6 +110,10 @@ enum Pending {
     Insert(InsertJob),
 }
 
+/// The writer's maps keyed by ids, with a faster hash than the standard SipHash (they are
+/// looked up for every message of every group commit), still seeded per map.
+type WriterMap<V> = HashMap<String, V, foldhash::quality::RandomState>;
+
 /// State owned by the writer task.
 struct WriterCtx {
     conn: SqliteConnection,
@@ -122,7 +126,7 @@ struct WriterCtx {
     /// (account, visitor) -> conversation id, for visitors known to exist. Only the writer
     /// creates visitors, so this cannot go stale within one process.
     /// Keyed by [`visitor_key`], so that a lookup allocates nothing.
-    conversations: HashMap<String, String>,
+    conversations: WriterMap<String>,
     /// Entries added in the current transaction, forgotten again if it fails.
     added: Vec<String>,
     /// Reused to build [`visitor_key`]s.
@@ -133,7 +137,7 @@ struct WriterCtx {
     /// The newest committed feed position, readable by everyone.
     head: Arc<AtomicI64>,
     /// Open chats by conversation id: the authority on chat state in this process.
-    open_chats: HashMap<String, OpenChat>,
+    open_chats: WriterMap<OpenChat>,
     /// Changes to `open_chats` in the current transaction, undone if it fails.
     chat_undo: Vec<ChatUndo>,
     /// Changes of the current transaction, published once it commits.
@@ -234,7 +238,7 @@ impl SqliteStore {
         let ctx = WriterCtx {
             conn,
             fast,
-            conversations: HashMap::new(),
+            conversations: WriterMap::default(),
             added: Vec::new(),
             key_buf: String::new(),
             next_seq: next_seq + 1,
@@ -528,9 +532,9 @@ fn fail_fast_path(jobs: Vec<InsertJob>, e: &StoreError) {
 /// The key of [`WriterCtx::conversations`]: the account id's length, then both ids
 /// (unambiguous whatever the ids hold), written into a reused buffer.
 fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) {
-    use std::fmt::Write;
     out.clear();
-    let _ = write!(out, "{}:", account_id.len());
+    out.push_str(itoa::Buffer::new().format(account_id.len()));
+    out.push(':');
     out.push_str(account_id);
     out.push_str(visitor_id);
 }
@@ -590,7 +594,7 @@ async fn insert_guarded(
         .await?;
     // A row numbered already (by `insert_plain`) has its id; an idempotent insert keeps the
     // id its stored answer holds, listed in `message_ids` since it carries no seq.
-    let alias = m.seq == 0 && idem.is_some();
+    let alias = m.seq == 0 && idem.is_some() && !m.id.is_empty();
     if m.seq == 0 {
         m.seq = ctx.take_seq();
         if !alias {
@@ -867,7 +871,9 @@ impl WriterCtx {
             return None;
         }
         let mut key = std::mem::take(&mut self.key_buf);
-        let qualifies = batch.iter().all(|pending| {
+        // The conversation is written into the row as it is found: a batch that does not
+        // qualify takes the slow path, which sets every row's conversation again.
+        let qualifies = batch.iter_mut().all(|pending| {
             let Pending::Insert(job) = pending else {
                 return false;
             };
@@ -877,6 +883,7 @@ impl WriterCtx {
             visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
             match self.conversations.get(key.as_str()) {
                 Some(conversation) => {
+                    job.row.conversation_id.clone_from(conversation);
                     job.row.is_pushed || self.open_chats.contains_key(conversation)
                 }
                 None => false,
@@ -891,10 +898,6 @@ impl WriterCtx {
             let Pending::Insert(mut job) = pending else {
                 unreachable!("checked above: only inserts")
             };
-            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
-            if let Some(conversation) = self.conversations.get(key.as_str()) {
-                job.row.conversation_id.clone_from(conversation);
-            }
             job.row.seq = self.take_seq();
             job.row.id = self.ids.encode(job.row.seq);
             if let Some(chat) = self.open_chats.get_mut(&job.row.conversation_id) {
@@ -1142,7 +1145,7 @@ async fn insert_event(
 }
 
 /// The open chats at start-up, with their last activity recomputed from the messages.
-async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<HashMap<String, OpenChat>> {
+async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<WriterMap<OpenChat>> {
     let rows: Vec<OpenChatRow> = sqlx::query_as(
         "SELECT c.id, c.account_id, c.conversation_id, c.visitor_id, c.start_seq, c.started_at, \
          c.no_agent_online, c.start_page_url, c.start_page_title, \
