@@ -747,10 +747,9 @@ impl Domain {
 
     async fn insert(
         &self,
-        row: MessageRow,
+        mut row: MessageRow,
         idem: Option<Idem<'_>>,
     ) -> DomainResult<Outcome<Arc<MessageRow>>> {
-        let mut row = row;
         if idem.is_some() && row.id.is_empty() {
             row.id = ids::new_id();
         }
