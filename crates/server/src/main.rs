@@ -12,7 +12,7 @@ use switchboard_server::store::sqlite::SqliteOptions;
 use switchboard_server::store::{AgentRow, ApiKey, GroupRow};
 use tokio::net::TcpListener;
 
-// mimalloc: measured faster than glibc malloc on the request path (see README, Performance).
+// mimalloc: measured faster than glibc malloc on the request path (see docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
