@@ -192,6 +192,14 @@ pub async fn serve_with(
         .webhooks
         .clone()
         .map(|config| tokio::spawn(webhooks::run(domain.clone(), config, stop_rx_for_hooks)));
+    // Writes go out at once. With Nagle's algorithm the second of two frames pushed to an
+    // idle visitor's socket waits for the ACK of the first, which clients may delay by tens
+    // of milliseconds. (On loopback, POST throughput and push latency measured the same.)
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(
         listener,
         axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
