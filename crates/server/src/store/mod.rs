@@ -1,5 +1,8 @@
 //! Persistence: the [`Store`] trait and its backends.
 //!
+//! [`Reads`], the part of it that is the same SQL on both backends, is implemented once
+//! (`reads.rs`) for any backend that hands out its sqlx pool.
+//!
 //! The trait is coarse and shaped by use cases, not one method per table. Every method that
 //! touches account data takes the account id, so a query cannot forget the tenant. Writes
 //! that answer an API call are durable when the method returns.
@@ -8,6 +11,7 @@ use async_trait::async_trait;
 
 mod cache;
 pub mod postgres;
+mod reads;
 mod shared;
 pub mod sqlite;
 
@@ -553,39 +557,17 @@ pub struct Signals {
     pub outbox: std::sync::Arc<tokio::sync::Notify>,
 }
 
-/// Storage for everything switchboard keeps.
+/// The reads that are the same SQL on both backends (implemented once, in `reads.rs`).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    // --- accounts and keys -------------------------------------------------------------
-
-    /// The default account, created (with `name`) if there is none yet. The flag says
-    /// whether it was created by this call.
-    async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)>;
-    /// A new, non-default account.
-    async fn create_account(&self, id: &str, name: &str, now: i64) -> StoreResult<Account>;
+pub trait Reads: Send + Sync + 'static {
     /// All accounts.
     async fn list_accounts(&self) -> StoreResult<Vec<Account>>;
     /// One account.
     async fn account(&self, id: &str) -> StoreResult<Option<Account>>;
-    /// Registers a key (by hash). Registering a hash that exists is a conflict.
-    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()>;
     /// The account of an active key, found by the key's hash.
     async fn account_for_key(&self, key_hash: &str) -> StoreResult<Option<(String, String)>>;
     /// Keys of an account, revoked ones included.
     async fn list_api_keys(&self, account_id: &str) -> StoreResult<Vec<ApiKey>>;
-    /// Revokes a key; false if the account has no such active key.
-    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
-
-    // --- agents, groups, presence ------------------------------------------------------
-
-    /// Creates an agent and its group memberships.
-    async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow>;
-    /// Finds the agent with this email, or creates it from `agent` (atomic).
-    async fn agent_by_email_or_create(
-        &self,
-        account_id: &str,
-        agent: &NewAgent,
-    ) -> StoreResult<AgentRow>;
     /// One agent.
     async fn agent(
         &self,
@@ -600,6 +582,87 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<std::sync::Arc<AgentRow>>>;
     /// All agents of an account with their group ids.
     async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>>;
+    /// An agent to send a pushed message as: of `group_id` if given, an online one (online
+    /// at `now`) first, at random among equals.
+    async fn pick_agent(
+        &self,
+        account_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<AgentRow>>;
+    /// One group.
+    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>>;
+    /// All groups of an account.
+    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>>;
+    /// Up to `limit` live messages of a visitor in `window`, oldest first, and whether more
+    /// lie beyond them in the window's direction.
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)>;
+    /// The account owning a widget id.
+    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>>;
+    /// One visitor.
+    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>>;
+    /// The endpoints of an account.
+    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>>;
+    /// One endpoint.
+    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>>;
+    /// One delivery.
+    async fn delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Option<DeliveryRow>>;
+    /// The attempts of one delivery.
+    async fn list_attempts(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Vec<AttemptRow>>;
+    /// Messages of a visitor with seq in (from_seq, to_seq], oldest first (deleted ones
+    /// left out).
+    async fn messages_between(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<MessageRow>>;
+    /// A chat.
+    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>>;
+}
+
+/// Storage for everything switchboard keeps.
+#[async_trait]
+pub trait Store: Reads + Send + Sync + 'static {
+    // --- accounts and keys -------------------------------------------------------------
+
+    /// The default account, created (with `name`) if there is none yet. The flag says
+    /// whether it was created by this call.
+    async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)>;
+    /// A new, non-default account.
+    async fn create_account(&self, id: &str, name: &str, now: i64) -> StoreResult<Account>;
+    /// Registers a key (by hash). Registering a hash that exists is a conflict.
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()>;
+    /// Revokes a key; false if the account has no such active key.
+    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
+
+    // --- agents, groups, presence ------------------------------------------------------
+
+    /// Creates an agent and its group memberships.
+    async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow>;
+    /// Finds the agent with this email, or creates it from `agent` (atomic).
+    async fn agent_by_email_or_create(
+        &self,
+        account_id: &str,
+        agent: &NewAgent,
+    ) -> StoreResult<AgentRow>;
     /// Removes an agent; false if there is none.
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool>;
     /// Marks an agent online until `until`; false if there is no such agent.
@@ -610,20 +673,8 @@ pub trait Store: Send + Sync + 'static {
         until: i64,
         idem: Option<IdempotencyRecord>,
     ) -> StoreResult<Guarded<bool>>;
-    /// An agent to send a pushed message as: of `group_id` if given, an online one (online
-    /// at `now`) first, at random among equals.
-    async fn pick_agent(
-        &self,
-        account_id: &str,
-        group_id: Option<&str>,
-        now: i64,
-    ) -> StoreResult<Option<AgentRow>>;
     /// Creates a group.
     async fn create_group(&self, group: &GroupRow) -> StoreResult<()>;
-    /// One group.
-    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>>;
-    /// All groups of an account.
-    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>>;
     /// Removes a group (its memberships go with it); false if there is none.
     async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool>;
 
@@ -675,19 +726,8 @@ pub trait Store: Send + Sync + 'static {
         account_id: &str,
         id: &str,
     ) -> StoreResult<Option<(i64, String)>>;
-    /// Up to `limit` live messages of a visitor in `window`, oldest first, and whether more
-    /// lie beyond them in the window's direction.
-    async fn list_messages(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        window: Window,
-        limit: u32,
-    ) -> StoreResult<(Vec<MessageRow>, bool)>;
     // --- visitor side, feed and chat lifecycle -------------------------------------------
 
-    /// The account owning a widget id.
-    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>>;
     /// The widget identity of an account.
     async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>>;
     /// Replaces an account's identity key (revoking every visitor token).
@@ -700,8 +740,6 @@ pub trait Store: Send + Sync + 'static {
         profile: VisitorProfile,
         now: i64,
     ) -> StoreResult<VisitorRow>;
-    /// One visitor.
-    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>>;
     /// Records that the visitor read the agent messages up to `seq`.
     async fn mark_read(&self, account_id: &str, visitor_id: &str, seq: i64) -> StoreResult<()>;
     /// Whether some agent of the account is online at `now`.
@@ -737,10 +775,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds an endpoint.
     async fn create_webhook(&self, webhook: &WebhookRow) -> StoreResult<()>;
-    /// The endpoints of an account.
-    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>>;
-    /// One endpoint.
-    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>>;
     /// Changes an endpoint; `None` if there is none.
     async fn update_webhook(
         &self,
@@ -786,20 +820,6 @@ pub trait Store: Send + Sync + 'static {
         before_seq: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryRow>>;
-    /// One delivery.
-    async fn delivery(
-        &self,
-        account_id: &str,
-        webhook_id: &str,
-        event_id: &str,
-    ) -> StoreResult<Option<DeliveryRow>>;
-    /// The attempts of one delivery.
-    async fn list_attempts(
-        &self,
-        account_id: &str,
-        webhook_id: &str,
-        event_id: &str,
-    ) -> StoreResult<Vec<AttemptRow>>;
     /// Makes a delivery pending again, due at `now`; false if there is no such delivery.
     async fn replay_delivery(
         &self,
@@ -808,17 +828,6 @@ pub trait Store: Send + Sync + 'static {
         event_id: &str,
         now: i64,
     ) -> StoreResult<bool>;
-    /// Messages of a visitor with seq in (from_seq, to_seq], oldest first (deleted ones
-    /// left out).
-    async fn messages_between(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        from_seq: i64,
-        to_seq: i64,
-    ) -> StoreResult<Vec<MessageRow>>;
-    /// A chat.
-    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>>;
 
     /// Forgets idempotency records created before `before` (ms); returns how many.
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64>;

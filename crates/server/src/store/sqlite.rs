@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::SeqIds;
 
-use super::cache::{email_key, AgentBy, AgentCache, MessageCache};
+use super::cache::{email_key, AgentCache, MessageCache};
 use super::shared::*;
 use super::*;
 
@@ -1693,6 +1693,17 @@ async fn insert_agent(
     })
 }
 
+impl super::reads::OnPool for SqliteStore {
+    type Db = sqlx::Sqlite;
+    fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
+        &self.pool
+    }
+
+    fn agents(&self) -> &AgentCache {
+        &self.agents
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)> {
@@ -1756,23 +1767,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_accounts(&self) -> StoreResult<Vec<Account>> {
-        Ok(sqlx::query_as(
-            "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
-        Ok(
-            sqlx::query_as("SELECT id, name, is_default, created_at FROM accounts WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
-    }
-
     async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
         let key = key.clone();
         let key_hash = key_hash.to_owned();
@@ -1795,25 +1789,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn account_for_key(&self, key_hash: &str) -> StoreResult<Option<(String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT account_id, key_hash FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
-        )
-        .bind(key_hash)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn list_api_keys(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
-        Ok(sqlx::query_as(
-            "SELECT id, account_id, name, prefix, created_at, revoked_at FROM api_keys \
-             WHERE account_id = ? ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
@@ -1876,69 +1851,6 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<Arc<AgentRow>>> {
-        let fetch = || async move {
-            sqlx::query_as(&format!(
-                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND id = ?"
-            ))
-            .bind(account_id)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-        };
-        Ok(self
-            .agents
-            .get_or_fetch(account_id, AgentBy::Id(id), fetch)
-            .await?)
-    }
-
-    async fn agent_by_email(
-        &self,
-        account_id: &str,
-        email: &str,
-    ) -> StoreResult<Option<Arc<AgentRow>>> {
-        let email_key = email_key(email);
-        let fetch = || async {
-            sqlx::query_as(&format!(
-                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? AND email_key = ?"
-            ))
-            .bind(account_id)
-            .bind(email_key.as_ref())
-            .fetch_optional(&self.pool)
-            .await
-        };
-        Ok(self
-            .agents
-            .get_or_fetch(account_id, AgentBy::Email(&email_key), fetch)
-            .await?)
-    }
-
-    async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
-        let agents: Vec<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = ? ORDER BY created_at, id"
-        ))
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let members: Vec<(String, String)> = sqlx::query_as(
-            "SELECT agent_id, group_id FROM group_members WHERE account_id = ? ORDER BY group_id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
-        for (agent, group) in members {
-            groups.entry(agent).or_default().push(group);
-        }
-        Ok(agents
-            .into_iter()
-            .map(|a| {
-                let g = groups.remove(&a.id).unwrap_or_default();
-                (a, g)
-            })
-            .collect())
-    }
-
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
         self.delete_owned("agents", account_id, id)
             .await
@@ -1988,39 +1900,6 @@ impl Store for SqliteStore {
         result
     }
 
-    async fn pick_agent(
-        &self,
-        account_id: &str,
-        group_id: Option<&str>,
-        now: i64,
-    ) -> StoreResult<Option<AgentRow>> {
-        let row = match group_id {
-            Some(g) => {
-                sqlx::query_as(&format!(
-                    "SELECT {AGENT_COLUMNS_A} FROM agents a \
-                     JOIN group_members m ON m.agent_id = a.id AND m.group_id = ? \
-                     WHERE a.account_id = ? ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
-                ))
-                .bind(g)
-                .bind(account_id)
-                .bind(now)
-                .fetch_optional(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!(
-                    "SELECT {AGENT_COLUMNS_A} FROM agents a WHERE a.account_id = ? \
-                     ORDER BY (a.online_until > ?) DESC, random() LIMIT 1"
-                ))
-                .bind(account_id)
-                .bind(now)
-                .fetch_optional(&self.pool)
-                .await?
-            }
-        };
-        Ok(row)
-    }
-
     async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
         let group = group.clone();
         self.write(move |ctx| {
@@ -2039,26 +1918,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = ? AND id = ?",
-        )
-        .bind(account_id)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = ? \
-             ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
@@ -2181,45 +2040,6 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn list_messages(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        window: Window,
-        limit: u32,
-    ) -> StoreResult<(Vec<MessageRow>, bool)> {
-        // One row more than asked tells whether there is more.
-        let fetch = i64::from(limit) + 1;
-        let base = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = ? AND visitor_id = ? \
-             AND deleted_at IS NULL"
-        );
-        let (sql, bound) = match window {
-            Window::Latest => (format!("{base} ORDER BY seq DESC LIMIT ?"), None),
-            Window::Before(seq) => (
-                format!("{base} AND seq < ? ORDER BY seq DESC LIMIT ?"),
-                Some(seq),
-            ),
-            Window::After(seq) => (
-                format!("{base} AND seq > ? ORDER BY seq ASC LIMIT ?"),
-                Some(seq),
-            ),
-        };
-        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
-            .bind(account_id)
-            .bind(visitor_id);
-        if let Some(seq) = bound {
-            query = query.bind(seq);
-        }
-        let mut rows = query.bind(fetch).fetch_all(&self.pool).await?;
-        let has_more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        if !matches!(window, Window::After(_)) {
-            rows.reverse();
-        }
-        Ok((rows, has_more))
-    }
-
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
         self.write(move |ctx| {
             Box::pin(async move {
@@ -2231,15 +2051,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>> {
-        Ok(sqlx::query_as(
-            "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = ?",
-        )
-        .bind(widget_id)
-        .fetch_optional(&self.pool)
-        .await?)
     }
 
     async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
@@ -2333,18 +2144,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
-             ON c.account_id = v.account_id AND c.visitor_id = v.id \
-             WHERE v.account_id = ? AND v.id = ?"
-        ))
-        .bind(account_id)
-        .bind(visitor_id)
-        .fetch_optional(&self.pool)
-        .await?)
     }
 
     async fn mark_read(&self, account_id: &str, visitor_id: &str, seq: i64) -> StoreResult<()> {
@@ -2517,25 +2316,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = ? ORDER BY created_at, id"
-        ))
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account_id)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
     async fn update_webhook(
         &self,
         account_id: &str,
@@ -2692,42 +2472,6 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn delivery(
-        &self,
-        account_id: &str,
-        webhook_id: &str,
-        event_id: &str,
-    ) -> StoreResult<Option<DeliveryRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {DELIVERY_COLUMNS} \
-             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
-             WHERE d.account_id = ? AND d.webhook_id = ? AND d.event_id = ?"
-        ))
-        .bind(account_id)
-        .bind(webhook_id)
-        .bind(event_id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn list_attempts(
-        &self,
-        account_id: &str,
-        webhook_id: &str,
-        event_id: &str,
-    ) -> StoreResult<Vec<AttemptRow>> {
-        Ok(sqlx::query_as(
-            "SELECT a.event_id, a.attempt, a.at, a.status_code, a.latency_ms, a.error \
-             FROM webhook_attempts a JOIN webhooks w ON w.id = a.webhook_id \
-             WHERE w.account_id = ? AND a.webhook_id = ? AND a.event_id = ? ORDER BY a.attempt",
-        )
-        .bind(account_id)
-        .bind(webhook_id)
-        .bind(event_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     async fn replay_delivery(
         &self,
         account_id: &str,
@@ -2763,36 +2507,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn messages_between(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        from_seq: i64,
-        to_seq: i64,
-    ) -> StoreResult<Vec<MessageRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = ? AND visitor_id = ? \
-             AND seq > ? AND seq <= ? AND deleted_at IS NULL ORDER BY seq"
-        ))
-        .bind(account_id)
-        .bind(visitor_id)
-        .bind(from_seq)
-        .bind(to_seq)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>> {
-        let row: Option<ChatRow> = sqlx::query_as(&format!(
-            "SELECT {CHAT_COLUMNS} FROM chats WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account_id)
-        .bind(chat_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(ChatInfo::from))
     }
 
     async fn close(&self) {

@@ -1,0 +1,346 @@
+//! The reads both backends make with the same SQL, written once over either pool.
+//!
+//! Their SQL numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
+//! as PostgreSQL does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+
+use super::cache::{email_key, AgentBy, AgentCache};
+use super::shared::*;
+use super::*;
+
+/// A backend whose reads run on a sqlx pool: it gets [`Reads`] from here.
+pub(super) trait OnPool: Send + Sync + 'static {
+    /// The database behind the pool.
+    type Db: Database;
+    /// The pool that serves reads.
+    fn pool(&self) -> &Pool<Self::Db>;
+    /// The backend's cache of agents.
+    fn agents(&self) -> &AgentCache;
+}
+
+// The bounds are what sqlx needs to bind these parameters and decode these rows on the
+// backend's database; sqlx's SQLite and PostgreSQL drivers meet them all.
+#[async_trait]
+impl<S> Reads for S
+where
+    S: OnPool,
+    for<'c> &'c mut <S::Db as Database>::Connection: Executor<'c, Database = S::Db>,
+    for<'q> <S::Db as Database>::Arguments<'q>: IntoArguments<'q, S::Db>,
+    for<'q> &'q str: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> i64: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> Option<&'q str>: Encode<'q, S::Db> + Type<S::Db>,
+    for<'r> (String, String): FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> Account: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> ApiKey: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> AgentRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> GroupRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> MessageRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> WidgetAccount: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> VisitorRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> WebhookRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> DeliveryRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> AttemptRow: FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> ChatRow: FromRow<'r, <S::Db as Database>::Row>,
+{
+    async fn list_accounts(&self) -> StoreResult<Vec<Account>> {
+        Ok(sqlx::query_as(
+            "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
+        Ok(
+            sqlx::query_as("SELECT id, name, is_default, created_at FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    async fn account_for_key(&self, key_hash: &str) -> StoreResult<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT account_id, key_hash FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn list_api_keys(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, prefix, created_at, revoked_at FROM api_keys \
+             WHERE account_id = $1 ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn agent(&self, account_id: &str, id: &str) -> StoreResult<Option<Arc<AgentRow>>> {
+        let fetch = || async move {
+            sqlx::query_as(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND id = $2"
+            ))
+            .bind(account_id)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+        };
+        Ok(self
+            .agents()
+            .get_or_fetch(account_id, AgentBy::Id(id), fetch)
+            .await?)
+    }
+
+    async fn agent_by_email(
+        &self,
+        account_id: &str,
+        email: &str,
+    ) -> StoreResult<Option<Arc<AgentRow>>> {
+        let email_key = email_key(email);
+        let fetch = || async {
+            sqlx::query_as(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 AND email_key = $2"
+            ))
+            .bind(account_id)
+            .bind(email_key.as_ref())
+            .fetch_optional(self.pool())
+            .await
+        };
+        Ok(self
+            .agents()
+            .get_or_fetch(account_id, AgentBy::Email(&email_key), fetch)
+            .await?)
+    }
+
+    async fn list_agents(&self, account_id: &str) -> StoreResult<Vec<(AgentRow, Vec<String>)>> {
+        let agents: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?;
+        let members: Vec<(String, String)> = sqlx::query_as(
+            "SELECT agent_id, group_id FROM group_members WHERE account_id = $1 ORDER BY group_id",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?;
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for (agent, group) in members {
+            groups.entry(agent).or_default().push(group);
+        }
+        Ok(agents
+            .into_iter()
+            .map(|a| {
+                let g = groups.remove(&a.id).unwrap_or_default();
+                (a, g)
+            })
+            .collect())
+    }
+
+    async fn pick_agent(
+        &self,
+        account_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<AgentRow>> {
+        let row = match group_id {
+            Some(g) => {
+                sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a \
+                     JOIN group_members m ON m.agent_id = a.id AND m.group_id = $1 \
+                     WHERE a.account_id = $2 ORDER BY (a.online_until > $3) DESC, random() LIMIT 1"
+                ))
+                .bind(g)
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query_as(&format!(
+                    "SELECT {AGENT_COLUMNS_A} FROM agents a WHERE a.account_id = $1 \
+                     ORDER BY (a.online_until > $2) DESC, random() LIMIT 1"
+                ))
+                .bind(account_id)
+                .bind(now)
+                .fetch_optional(self.pool())
+                .await?
+            }
+        };
+        Ok(row)
+    }
+
+    async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = $1 AND id = $2",
+        )
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, account_id, name, created_at FROM groups WHERE account_id = $1 \
+             ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)> {
+        // One row more than asked tells whether there is more.
+        let fetch = i64::from(limit) + 1;
+        let base = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
+             AND deleted_at IS NULL"
+        );
+        let (sql, bound) = match window {
+            Window::Latest => (format!("{base} ORDER BY seq DESC LIMIT $3"), None),
+            Window::Before(seq) => (
+                format!("{base} AND seq < $3 ORDER BY seq DESC LIMIT $4"),
+                Some(seq),
+            ),
+            Window::After(seq) => (
+                format!("{base} AND seq > $3 ORDER BY seq ASC LIMIT $4"),
+                Some(seq),
+            ),
+        };
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(account_id)
+            .bind(visitor_id);
+        if let Some(seq) = bound {
+            query = query.bind(seq);
+        }
+        let mut rows = query.bind(fetch).fetch_all(self.pool()).await?;
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        if !matches!(window, Window::After(_)) {
+            rows.reverse();
+        }
+        Ok((rows, has_more))
+    }
+
+    async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        Ok(sqlx::query_as(
+            "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = $1",
+        )
+        .bind(widget_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn visitor(&self, account_id: &str, visitor_id: &str) -> StoreResult<Option<VisitorRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {VISITOR_COLUMNS} FROM visitors v JOIN conversations c \
+             ON c.account_id = v.account_id AND c.visitor_id = v.id \
+             WHERE v.account_id = $1 AND v.id = $2"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn list_webhooks(&self, account_id: &str) -> StoreResult<Vec<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn webhook(&self, account_id: &str, id: &str) -> StoreResult<Option<WebhookRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn delivery(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Option<DeliveryRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.account_id = $1 AND d.webhook_id = $2 AND d.event_id = $3"
+        ))
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    async fn list_attempts(
+        &self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+    ) -> StoreResult<Vec<AttemptRow>> {
+        Ok(sqlx::query_as(
+            "SELECT a.event_id, a.attempt, a.at, a.status_code, a.latency_ms, a.error \
+             FROM webhook_attempts a JOIN webhooks w ON w.id = a.webhook_id \
+             WHERE w.account_id = $1 AND a.webhook_id = $2 AND a.event_id = $3 ORDER BY a.attempt",
+        )
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn messages_between(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> StoreResult<Vec<MessageRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
+             AND seq > $3 AND seq <= $4 AND deleted_at IS NULL ORDER BY seq"
+        ))
+        .bind(account_id)
+        .bind(visitor_id)
+        .bind(from_seq)
+        .bind(to_seq)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>> {
+        let row: Option<ChatRow> = sqlx::query_as(&format!(
+            "SELECT {CHAT_COLUMNS} FROM chats WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account_id)
+        .bind(chat_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(ChatInfo::from))
+    }
+}
