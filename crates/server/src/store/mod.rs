@@ -1,7 +1,7 @@
 //! Persistence: the [`Store`] trait and its backends.
 //!
-//! [`Reads`], the part of it that is the same SQL on both backends, is implemented once
-//! (`reads.rs`) for any backend that hands out its sqlx pool.
+//! [`Portable`], the part of it that is the same SQL on both backends, is implemented once
+//! (`portable.rs`) for any backend built on sqlx.
 //!
 //! The trait is coarse and shaped by use cases, not one method per table. Every method that
 //! touches account data takes the account id, so a query cannot forget the tenant. Writes
@@ -10,8 +10,8 @@
 use async_trait::async_trait;
 
 mod cache;
+mod portable;
 pub mod postgres;
-mod reads;
 mod shared;
 pub mod sqlite;
 
@@ -557,9 +557,12 @@ pub struct Signals {
     pub outbox: std::sync::Arc<tokio::sync::Notify>,
 }
 
-/// The reads that are the same SQL on both backends (implemented once, in `reads.rs`).
+/// What is the same SQL on both backends: the reads, and the writes that need nothing of
+/// the writer but its connection (implemented once, in `portable.rs`).
 #[async_trait]
-pub trait Reads: Send + Sync + 'static {
+pub trait Portable: Send + Sync + 'static {
+    // --- reads, on the pool ------------------------------------------------------------
+
     /// All accounts.
     async fn list_accounts(&self) -> StoreResult<Vec<Account>>;
     /// One account.
@@ -636,11 +639,45 @@ pub trait Reads: Send + Sync + 'static {
     ) -> StoreResult<Vec<MessageRow>>;
     /// A chat.
     async fn chat(&self, account_id: &str, chat_id: &str) -> StoreResult<Option<ChatInfo>>;
+
+    // --- writes, in the writer's transaction -------------------------------------------
+
+    /// Registers a key (by hash). Registering a hash that exists is a conflict.
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()>;
+    /// Revokes a key; false if the account has no such active key.
+    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
+    /// Creates a group.
+    async fn create_group(&self, group: &GroupRow) -> StoreResult<()>;
+    /// Sets or clears a visitor's group; `None` if the visitor does not exist.
+    async fn set_visitor_group(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<()>>;
+    /// The widget identity of an account.
+    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>>;
+    /// Replaces an account's identity key (revoking every visitor token).
+    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool>;
+    /// Adds an endpoint.
+    async fn create_webhook(&self, webhook: &WebhookRow) -> StoreResult<()>;
+    /// Changes an endpoint; `None` if there is none.
+    async fn update_webhook(
+        &self,
+        account_id: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> StoreResult<Option<WebhookRow>>;
+    /// Removes a group (its memberships go with it); false if there is none.
+    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool>;
+    /// Removes an endpoint and its deliveries; false if there is none.
+    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool>;
 }
 
 /// Storage for everything switchboard keeps.
 #[async_trait]
-pub trait Store: Reads + Send + Sync + 'static {
+pub trait Store: Portable + Send + Sync + 'static {
     // --- accounts and keys -------------------------------------------------------------
 
     /// The default account, created (with `name`) if there is none yet. The flag says
@@ -648,10 +685,6 @@ pub trait Store: Reads + Send + Sync + 'static {
     async fn ensure_default_account(&self, name: &str, now: i64) -> StoreResult<(Account, bool)>;
     /// A new, non-default account.
     async fn create_account(&self, id: &str, name: &str, now: i64) -> StoreResult<Account>;
-    /// Registers a key (by hash). Registering a hash that exists is a conflict.
-    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()>;
-    /// Revokes a key; false if the account has no such active key.
-    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
 
     // --- agents, groups, presence ------------------------------------------------------
 
@@ -673,10 +706,6 @@ pub trait Store: Reads + Send + Sync + 'static {
         until: i64,
         idem: Option<IdempotencyRecord>,
     ) -> StoreResult<Guarded<bool>>;
-    /// Creates a group.
-    async fn create_group(&self, group: &GroupRow) -> StoreResult<()>;
-    /// Removes a group (its memberships go with it); false if there is none.
-    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool>;
 
     // --- messages and visitors ---------------------------------------------------------
 
@@ -709,14 +738,6 @@ pub trait Store: Reads + Send + Sync + 'static {
         pushed: bool,
         now: i64,
     ) -> StoreResult<MessageChange>;
-    /// Sets or clears a visitor's group; `None` if the visitor does not exist.
-    async fn set_visitor_group(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        group_id: Option<&str>,
-        now: i64,
-    ) -> StoreResult<Option<()>>;
     /// Whether a visitor exists.
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool>;
     /// The sequence number and visitor of a message, deleted ones included (they still
@@ -728,10 +749,6 @@ pub trait Store: Reads + Send + Sync + 'static {
     ) -> StoreResult<Option<(i64, String)>>;
     // --- visitor side, feed and chat lifecycle -------------------------------------------
 
-    /// The widget identity of an account.
-    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>>;
-    /// Replaces an account's identity key (revoking every visitor token).
-    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool>;
     /// Creates the visitor and its conversation if needed and stores what the widget told
     /// about it; returns the visitor.
     async fn upsert_visitor(
@@ -773,17 +790,6 @@ pub trait Store: Reads + Send + Sync + 'static {
 
     // --- webhooks ------------------------------------------------------------------------
 
-    /// Adds an endpoint.
-    async fn create_webhook(&self, webhook: &WebhookRow) -> StoreResult<()>;
-    /// Changes an endpoint; `None` if there is none.
-    async fn update_webhook(
-        &self,
-        account_id: &str,
-        id: &str,
-        patch: WebhookPatch,
-    ) -> StoreResult<Option<WebhookRow>>;
-    /// Removes an endpoint and its deliveries; false if there is none.
-    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool>;
     /// Pending deliveries due at `now`: the oldest pending delivery of each (endpoint,
     /// conversation) that is due, skipping the `busy` ones (in flight).
     async fn due_deliveries(

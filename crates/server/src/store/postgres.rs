@@ -1585,15 +1585,6 @@ async fn idem_save(
     Ok(())
 }
 
-fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(what.to_owned())
-        }
-        _ => StoreError::Database(e),
-    }
-}
-
 /// One row of the feed union: the event and, when it concerns one, its message.
 struct FeedRow {
     fseq: i64,
@@ -1733,7 +1724,7 @@ async fn read_feed(
         .collect())
 }
 
-/// Reads committed changes of every account in order and hands them to the real-time
+/// Portable committed changes of every account in order and hands them to the real-time
 /// fan-out: after each local commit, on a notification from another instance, and every
 /// `poll` regardless.
 struct FeedReader {
@@ -1799,7 +1790,7 @@ impl FeedReader {
         }
     }
 
-    /// Reads and forwards everything after `self.after`.
+    /// Portable and forwards everything after `self.after`.
     async fn read_all(&mut self) -> StoreResult<()> {
         loop {
             let page = read_feed(&self.pool, None, None, self.after, Self::PAGE).await?;
@@ -1854,7 +1845,7 @@ async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: A
     }
 }
 
-impl super::reads::OnPool for PostgresStore {
+impl super::portable::SqlBackend for PostgresStore {
     type Db = sqlx::Postgres;
     fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
         &self.pool
@@ -1862,6 +1853,16 @@ impl super::reads::OnPool for PostgresStore {
 
     fn agents(&self) -> &AgentCache {
         &self.agents
+    }
+    fn write_sql<T, F>(&self, f: F) -> impl std::future::Future<Output = StoreResult<T>> + Send
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        self.write(move |ctx: &mut WriterCtx| f(&mut ctx.conn))
+    }
+    fn rows_affected(r: &sqlx::postgres::PgQueryResult) -> u64 {
+        r.rows_affected()
     }
 }
 
@@ -1928,49 +1929,6 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
-        let key = key.clone();
-        let key_hash = key_hash.to_owned();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&key.id)
-                .bind(&key.account_id)
-                .bind(&key.name)
-                .bind(&key_hash)
-                .bind(&key.prefix)
-                .bind(key.created_at)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(|e| conflict_on_unique(e, "this API key"))?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
-        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query(
-                    "UPDATE api_keys SET revoked_at = $1 \
-                     WHERE account_id = $2 AND id = $3 AND revoked_at IS NULL",
-                )
-                .bind(now)
-                .bind(&account_id)
-                .bind(&key_id)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
     async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow> {
         let account = account_id;
         let (account_id, agent) = (account_id.to_owned(), agent.clone());
@@ -2017,7 +1975,7 @@ impl Store for PostgresStore {
     }
 
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        let result = self.delete_owned("agents", account_id, id).await;
+        let result = super::portable::delete_owned(self, "agents", account_id, id).await;
         if result.is_ok() {
             self.agents_changed(account_id).await;
         }
@@ -2062,30 +2020,6 @@ impl Store for PostgresStore {
             self.agents_changed(&account).await;
         }
         result
-    }
-
-    async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
-        let group = group.clone();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO groups (id, account_id, name, created_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(&group.id)
-                .bind(&group.account_id)
-                .bind(&group.name)
-                .bind(group.created_at)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(|e| conflict_on_unique(e, "a group with this name"))?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("groups", account_id, id).await
     }
 
     async fn insert_message(
@@ -2144,33 +2078,6 @@ impl Store for PostgresStore {
             .await
     }
 
-    async fn set_visitor_group(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        group_id: Option<&str>,
-        now: i64,
-    ) -> StoreResult<Option<()>> {
-        let (account_id, visitor_id) = (account_id.to_owned(), visitor_id.to_owned());
-        let group_id = group_id.map(str::to_owned);
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query(
-                    "UPDATE visitors SET group_id = $1, updated_at = $2 \
-                     WHERE account_id = $3 AND id = $4",
-                )
-                .bind(&group_id)
-                .bind(now)
-                .bind(&account_id)
-                .bind(&visitor_id)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok((r.rows_affected() > 0).then_some(()))
-            })
-        })
-        .await
-    }
-
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT 1::bigint FROM visitors WHERE account_id = $1 AND id = $2")
@@ -2205,50 +2112,6 @@ impl Store for PostgresStore {
                     .execute(&mut ctx.conn)
                     .await?;
                 Ok(r.rows_affected())
-            })
-        })
-        .await
-    }
-
-    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
-        let (a, new_widget, new_key) = (
-            account_id.to_owned(),
-            crate::ids::new_widget_id(),
-            crate::ids::new_identity_key(),
-        );
-        // Accounts made before a widget id existed get theirs on first use.
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "UPDATE accounts SET widget_id = coalesce(widget_id, $1), \
-                     identity_key = coalesce(identity_key, $2) WHERE id = $3",
-                )
-                .bind(&new_widget)
-                .bind(&new_key)
-                .bind(&a)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(sqlx::query_as(
-                    "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE id = $1",
-                )
-                .bind(&a)
-                .fetch_optional(&mut ctx.conn)
-                .await?)
-            })
-        })
-        .await
-    }
-
-    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool> {
-        let (a, k) = (account_id.to_owned(), key.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query("UPDATE accounts SET identity_key = $1 WHERE id = $2")
-                    .bind(&k)
-                    .bind(&a)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
             })
         })
         .await
@@ -2375,67 +2238,6 @@ impl Store for PostgresStore {
 
     fn signals(&self) -> Signals {
         self.signals.clone()
-    }
-
-    async fn create_webhook(&self, w: &WebhookRow) -> StoreResult<()> {
-        let w = w.clone();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO webhooks (id, account_id, url, events, description, enabled, \
-                     secret, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&w.id)
-                .bind(&w.account_id)
-                .bind(&w.url)
-                .bind(&w.events)
-                .bind(&w.description)
-                .bind(w.enabled)
-                .bind(&w.secret)
-                .bind(w.created_at)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn update_webhook(
-        &self,
-        account_id: &str,
-        id: &str,
-        patch: WebhookPatch,
-    ) -> StoreResult<Option<WebhookRow>> {
-        let (a, i) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let (set_description, description) = match patch.description {
-                    Some(d) => (true, d),
-                    None => (false, None),
-                };
-                Ok(sqlx::query_as(&format!(
-                    "UPDATE webhooks SET url = coalesce($1, url), events = coalesce($2, events), \
-                     description = CASE WHEN $3 THEN $4 ELSE description END, \
-                     enabled = coalesce($5, enabled) WHERE account_id = $6 AND id = $7 \
-                     RETURNING {WEBHOOK_COLUMNS}"
-                ))
-                .bind(&patch.url)
-                .bind(&patch.events)
-                .bind(set_description)
-                .bind(&description)
-                .bind(patch.enabled)
-                .bind(&a)
-                .bind(&i)
-                .fetch_optional(&mut ctx.conn)
-                .await?)
-            })
-        })
-        .await
-    }
-
-    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("webhooks", account_id, id).await
     }
 
     async fn due_deliveries(
@@ -2657,28 +2459,6 @@ enum Change {
 }
 
 impl PostgresStore {
-    /// Deletes the row `id` of an account from `table`; false if there is none.
-    async fn delete_owned(
-        &self,
-        table: &'static str,
-        account_id: &str,
-        id: &str,
-    ) -> StoreResult<bool> {
-        let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let sql = format!("DELETE FROM {table} WHERE account_id = $1 AND id = $2");
-                let r = sqlx::query(&sql)
-                    .bind(&account_id)
-                    .bind(&id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
     /// Applies `change` to a live agent message of the account whose pushed flag is
     /// `pushed`.
     async fn change_message(

@@ -1,7 +1,7 @@
 //! What both backends' writers share: the open-chat state they keep in memory, the row
 //! types read back from either database, and the column lists (the same SQL on both).
 
-use super::{ChatInfo, DueDelivery, MessageRow, OutboxEvent, WebhookRow};
+use super::{ChatInfo, DueDelivery, MessageRow, OutboxEvent, StoreError, WebhookRow};
 
 /// An open chat as the writer tracks it.
 #[derive(Debug, Clone)]
@@ -192,3 +192,13 @@ pub(super) struct OpenChatRow {
 pub(super) const WEBHOOK_STARTED: &str = "conversationStarted";
 pub(super) const WEBHOOK_FRAGMENT: &str = "conversationFragment";
 pub(super) const WEBHOOK_TRANSCRIPT: &str = "conversationTranscript";
+
+/// A unique violation as [`StoreError::Conflict`] naming `what`; any other error as it is.
+pub(super) fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(what.to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}

@@ -1,6 +1,6 @@
 //! The embedded SQLite backend.
 //!
-//! Reads go through a small pool; every write goes through one writer task that commits all
+//! Portable go through a small pool; every write goes through one writer task that commits all
 //! writes queued at that moment in a single transaction (group commit), then answers each
 //! waiting caller. With WAL and `synchronous=FULL` the commit is fsynced before anyone is
 //! answered, so an acknowledged write survives SIGKILL and power loss, and the fsync cost is
@@ -722,7 +722,7 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
     };
     let (conn, mode) =
         open().map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))?;
-    // Reads run beside the writer only in WAL mode, which the migrations set.
+    // Portable run beside the writer only in WAL mode, which the migrations set.
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Commit(format!(
             "the database is in journal mode {mode}, not wal"
@@ -1614,15 +1614,6 @@ async fn idem_save(
     Ok(())
 }
 
-fn conflict_on_unique(e: sqlx::Error, what: &str) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(what.to_owned())
-        }
-        _ => StoreError::Database(e),
-    }
-}
-
 /// One row of the feed union: the event and, when it concerns one, its message.
 struct FeedRow {
     fseq: i64,
@@ -1693,7 +1684,7 @@ async fn insert_agent(
     })
 }
 
-impl super::reads::OnPool for SqliteStore {
+impl super::portable::SqlBackend for SqliteStore {
     type Db = sqlx::Sqlite;
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
@@ -1701,6 +1692,18 @@ impl super::reads::OnPool for SqliteStore {
 
     fn agents(&self) -> &AgentCache {
         &self.agents
+    }
+    fn write_sql<T, F>(&self, f: F) -> impl std::future::Future<Output = StoreResult<T>> + Send
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.write(move |ctx: &mut WriterCtx| f(&mut ctx.conn))
+    }
+    fn rows_affected(r: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        r.rows_affected()
     }
 }
 
@@ -1767,49 +1770,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
-        let key = key.clone();
-        let key_hash = key_hash.to_owned();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) \
-                     VALUES (?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&key.id)
-                .bind(&key.account_id)
-                .bind(&key.name)
-                .bind(&key_hash)
-                .bind(&key.prefix)
-                .bind(key.created_at)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(|e| conflict_on_unique(e, "this API key"))?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
-        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query(
-                    "UPDATE api_keys SET revoked_at = ? \
-                     WHERE account_id = ? AND id = ? AND revoked_at IS NULL",
-                )
-                .bind(now)
-                .bind(&account_id)
-                .bind(&key_id)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
     async fn create_agent(&self, account_id: &str, agent: &NewAgent) -> StoreResult<AgentRow> {
         let (account_id, agent) = (account_id.to_owned(), agent.clone());
         self.write(move |ctx| {
@@ -1852,7 +1812,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_agent(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("agents", account_id, id)
+        super::portable::delete_owned(self, "agents", account_id, id)
             .await
             .inspect(|_| {
                 self.agents.clear();
@@ -1898,30 +1858,6 @@ impl Store for SqliteStore {
             self.presence.extend(&account, until);
         }
         result
-    }
-
-    async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
-        let group = group.clone();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO groups (id, account_id, name, created_at) VALUES (?, ?, ?, ?)",
-                )
-                .bind(&group.id)
-                .bind(&group.account_id)
-                .bind(&group.name)
-                .bind(group.created_at)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(|e| conflict_on_unique(e, "a group with this name"))?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("groups", account_id, id).await
     }
 
     async fn insert_message(
@@ -1987,33 +1923,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn set_visitor_group(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        group_id: Option<&str>,
-        now: i64,
-    ) -> StoreResult<Option<()>> {
-        let (account_id, visitor_id) = (account_id.to_owned(), visitor_id.to_owned());
-        let group_id = group_id.map(str::to_owned);
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query(
-                    "UPDATE visitors SET group_id = ?, updated_at = ? \
-                     WHERE account_id = ? AND id = ?",
-                )
-                .bind(&group_id)
-                .bind(now)
-                .bind(&account_id)
-                .bind(&visitor_id)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok((r.rows_affected() > 0).then_some(()))
-            })
-        })
-        .await
-    }
-
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM visitors WHERE account_id = ? AND id = ?")
@@ -2048,50 +1957,6 @@ impl Store for SqliteStore {
                     .execute(&mut ctx.conn)
                     .await?;
                 Ok(r.rows_affected())
-            })
-        })
-        .await
-    }
-
-    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
-        let (a, new_widget, new_key) = (
-            account_id.to_owned(),
-            crate::ids::new_widget_id(),
-            crate::ids::new_identity_key(),
-        );
-        // Accounts made before a widget id existed get theirs on first use.
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "UPDATE accounts SET widget_id = coalesce(widget_id, ?), \
-                     identity_key = coalesce(identity_key, ?) WHERE id = ?",
-                )
-                .bind(&new_widget)
-                .bind(&new_key)
-                .bind(&a)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(sqlx::query_as(
-                    "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE id = ?",
-                )
-                .bind(&a)
-                .fetch_optional(&mut ctx.conn)
-                .await?)
-            })
-        })
-        .await
-    }
-
-    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool> {
-        let (a, k) = (account_id.to_owned(), key.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let r = sqlx::query("UPDATE accounts SET identity_key = ? WHERE id = ?")
-                    .bind(&k)
-                    .bind(&a)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
             })
         })
         .await
@@ -2292,67 +2157,6 @@ impl Store for SqliteStore {
         self.signals.clone()
     }
 
-    async fn create_webhook(&self, w: &WebhookRow) -> StoreResult<()> {
-        let w = w.clone();
-        self.write(move |ctx| {
-            Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO webhooks (id, account_id, url, events, description, enabled, \
-                     secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&w.id)
-                .bind(&w.account_id)
-                .bind(&w.url)
-                .bind(&w.events)
-                .bind(&w.description)
-                .bind(w.enabled)
-                .bind(&w.secret)
-                .bind(w.created_at)
-                .execute(&mut ctx.conn)
-                .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn update_webhook(
-        &self,
-        account_id: &str,
-        id: &str,
-        patch: WebhookPatch,
-    ) -> StoreResult<Option<WebhookRow>> {
-        let (a, i) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let (set_description, description) = match patch.description {
-                    Some(d) => (true, d),
-                    None => (false, None),
-                };
-                Ok(sqlx::query_as(&format!(
-                    "UPDATE webhooks SET url = coalesce(?, url), events = coalesce(?, events), \
-                     description = CASE WHEN ? THEN ? ELSE description END, \
-                     enabled = coalesce(?, enabled) WHERE account_id = ? AND id = ? \
-                     RETURNING {WEBHOOK_COLUMNS}"
-                ))
-                .bind(&patch.url)
-                .bind(&patch.events)
-                .bind(set_description)
-                .bind(&description)
-                .bind(patch.enabled)
-                .bind(&a)
-                .bind(&i)
-                .fetch_optional(&mut ctx.conn)
-                .await?)
-            })
-        })
-        .await
-    }
-
-    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        self.delete_owned("webhooks", account_id, id).await
-    }
-
     async fn due_deliveries(
         &self,
         now: i64,
@@ -2537,28 +2341,6 @@ enum Change {
 }
 
 impl SqliteStore {
-    /// Deletes the row `id` of an account from `table`; false if there is none.
-    async fn delete_owned(
-        &self,
-        table: &'static str,
-        account_id: &str,
-        id: &str,
-    ) -> StoreResult<bool> {
-        let (account_id, id) = (account_id.to_owned(), id.to_owned());
-        self.write(move |ctx| {
-            Box::pin(async move {
-                let sql = format!("DELETE FROM {table} WHERE account_id = ? AND id = ?");
-                let r = sqlx::query(&sql)
-                    .bind(&account_id)
-                    .bind(&id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                Ok(r.rows_affected() > 0)
-            })
-        })
-        .await
-    }
-
     /// Applies `change` to a live agent message of the account whose pushed flag is
     /// `pushed`, then refreshes the message cache.
     async fn change_message(

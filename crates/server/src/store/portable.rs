@@ -1,37 +1,86 @@
-//! The reads both backends make with the same SQL, written once over either pool.
+//! What both backends do with the same SQL, written once: reads on the backend's pool,
+//! and writes that need nothing of the writer but its connection.
 //!
-//! Their SQL numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
+//! The SQL numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
 //! as PostgreSQL does.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
 use super::cache::{email_key, AgentBy, AgentCache};
 use super::shared::*;
 use super::*;
 
-/// A backend whose reads run on a sqlx pool: it gets [`Reads`] from here.
-pub(super) trait OnPool: Send + Sync + 'static {
+/// A backend built on sqlx: it gets [`Portable`] from here.
+pub(super) trait SqlBackend: Send + Sync + 'static {
     /// The database behind the pool.
     type Db: Database;
     /// The pool that serves reads.
     fn pool(&self) -> &Pool<Self::Db>;
     /// The backend's cache of agents.
     fn agents(&self) -> &AgentCache;
+    /// Runs `f` on the writer's connection inside the writer's transaction, answering
+    /// once that has committed (the backend's `write`).
+    fn write_sql<T, F>(&self, f: F) -> impl Future<Output = StoreResult<T>> + Send
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut Connection<Self>) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static;
+    /// How many rows a statement changed (sqlx has no trait for it).
+    fn rows_affected(r: &<Self::Db as Database>::QueryResult) -> u64;
+}
+
+/// The connection type of a backend.
+pub(super) type Connection<S> = <<S as SqlBackend>::Db as Database>::Connection;
+
+/// Deletes the row `id` of an account from `table`; false if there is none.
+// A plain function returning the writer's future (not an `async fn`): the compiler cannot
+// prove an `async fn` future holding `&S` Send under these higher-ranked bounds.
+pub(super) fn delete_owned<'a, S>(
+    store: &'a S,
+    table: &'static str,
+    account_id: &str,
+    id: &str,
+) -> impl Future<Output = StoreResult<bool>> + Send + 'a
+where
+    S: SqlBackend,
+    for<'c> &'c mut Connection<S>: Executor<'c, Database = S::Db>,
+    for<'q> <S::Db as Database>::Arguments<'q>: IntoArguments<'q, S::Db>,
+    for<'q> String: Encode<'q, S::Db> + Type<S::Db>,
+{
+    let (account_id, id) = (account_id.to_owned(), id.to_owned());
+    store.write_sql(move |conn| {
+        Box::pin(async move {
+            let sql = format!("DELETE FROM {table} WHERE account_id = $1 AND id = $2");
+            let r = sqlx::query(&sql)
+                .bind(&account_id)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(S::rows_affected(&r) > 0)
+        })
+    })
 }
 
 // The bounds are what sqlx needs to bind these parameters and decode these rows on the
 // backend's database; sqlx's SQLite and PostgreSQL drivers meet them all.
 #[async_trait]
-impl<S> Reads for S
+impl<S> Portable for S
 where
-    S: OnPool,
-    for<'c> &'c mut <S::Db as Database>::Connection: Executor<'c, Database = S::Db>,
+    S: SqlBackend,
+    for<'c> &'c mut Connection<S>: Executor<'c, Database = S::Db>,
     for<'q> <S::Db as Database>::Arguments<'q>: IntoArguments<'q, S::Db>,
     for<'q> &'q str: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> String: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> Option<String>: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> bool: Encode<'q, S::Db> + Type<S::Db>,
+    for<'q> Option<bool>: Encode<'q, S::Db> + Type<S::Db>,
     for<'q> i64: Encode<'q, S::Db> + Type<S::Db>,
     for<'q> Option<&'q str>: Encode<'q, S::Db> + Type<S::Db>,
     for<'r> (String, String): FromRow<'r, <S::Db as Database>::Row>,
@@ -342,5 +391,204 @@ where
         .fetch_optional(self.pool())
         .await?;
         Ok(row.map(ChatInfo::from))
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &str) -> StoreResult<()> {
+        let key = key.clone();
+        let key_hash = key_hash.to_owned();
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&key.id)
+                .bind(&key.account_id)
+                .bind(&key.name)
+                .bind(&key_hash)
+                .bind(&key.prefix)
+                .bind(key.created_at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "this API key"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn revoke_api_key(&self, account_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
+        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 \
+                     WHERE account_id = $2 AND id = $3 AND revoked_at IS NULL",
+                )
+                .bind(now)
+                .bind(&account_id)
+                .bind(&key_id)
+                .execute(&mut *conn)
+                .await?;
+                Ok(S::rows_affected(&r) > 0)
+            })
+        })
+        .await
+    }
+
+    async fn create_group(&self, group: &GroupRow) -> StoreResult<()> {
+        let group = group.clone();
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO groups (id, account_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&group.id)
+                .bind(&group.account_id)
+                .bind(&group.name)
+                .bind(group.created_at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| conflict_on_unique(e, "a group with this name"))?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn set_visitor_group(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        group_id: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<()>> {
+        let (account_id, visitor_id) = (account_id.to_owned(), visitor_id.to_owned());
+        let group_id = group_id.map(str::to_owned);
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE visitors SET group_id = $1, updated_at = $2 \
+                     WHERE account_id = $3 AND id = $4",
+                )
+                .bind(&group_id)
+                .bind(now)
+                .bind(&account_id)
+                .bind(&visitor_id)
+                .execute(&mut *conn)
+                .await?;
+                Ok((S::rows_affected(&r) > 0).then_some(()))
+            })
+        })
+        .await
+    }
+
+    async fn widget_of(&self, account_id: &str) -> StoreResult<Option<WidgetAccount>> {
+        let (a, new_widget, new_key) = (
+            account_id.to_owned(),
+            crate::ids::new_widget_id(),
+            crate::ids::new_identity_key(),
+        );
+        // Accounts made before a widget id existed get theirs on first use.
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE accounts SET widget_id = coalesce(widget_id, $1), \
+                     identity_key = coalesce(identity_key, $2) WHERE id = $3",
+                )
+                .bind(&new_widget)
+                .bind(&new_key)
+                .bind(&a)
+                .execute(&mut *conn)
+                .await?;
+                Ok(sqlx::query_as(
+                    "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE id = $1",
+                )
+                .bind(&a)
+                .fetch_optional(&mut *conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn set_identity_key(&self, account_id: &str, key: &str) -> StoreResult<bool> {
+        let (a, k) = (account_id.to_owned(), key.to_owned());
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                let r = sqlx::query("UPDATE accounts SET identity_key = $1 WHERE id = $2")
+                    .bind(&k)
+                    .bind(&a)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(S::rows_affected(&r) > 0)
+            })
+        })
+        .await
+    }
+
+    async fn create_webhook(&self, w: &WebhookRow) -> StoreResult<()> {
+        let w = w.clone();
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO webhooks (id, account_id, url, events, description, enabled, \
+                     secret, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&w.id)
+                .bind(&w.account_id)
+                .bind(&w.url)
+                .bind(&w.events)
+                .bind(&w.description)
+                .bind(w.enabled)
+                .bind(&w.secret)
+                .bind(w.created_at)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn update_webhook(
+        &self,
+        account_id: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> StoreResult<Option<WebhookRow>> {
+        let (a, i) = (account_id.to_owned(), id.to_owned());
+        self.write_sql(move |conn| {
+            Box::pin(async move {
+                let (set_description, description) = match patch.description {
+                    Some(d) => (true, d),
+                    None => (false, None),
+                };
+                Ok(sqlx::query_as(&format!(
+                    "UPDATE webhooks SET url = coalesce($1, url), events = coalesce($2, events), \
+                     description = CASE WHEN $3 THEN $4 ELSE description END, \
+                     enabled = coalesce($5, enabled) WHERE account_id = $6 AND id = $7 \
+                     RETURNING {WEBHOOK_COLUMNS}"
+                ))
+                .bind(&patch.url)
+                .bind(&patch.events)
+                .bind(set_description)
+                .bind(&description)
+                .bind(patch.enabled)
+                .bind(&a)
+                .bind(&i)
+                .fetch_optional(&mut *conn)
+                .await?)
+            })
+        })
+        .await
+    }
+
+    async fn remove_group(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        delete_owned(self, "groups", account_id, id).await
+    }
+
+    async fn remove_webhook(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        delete_owned(self, "webhooks", account_id, id).await
     }
 }
