@@ -1847,6 +1847,7 @@ async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: A
 
 impl super::portable::SqlBackend for PostgresStore {
     type Db = sqlx::Postgres;
+
     fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
         &self.pool
     }
@@ -1854,6 +1855,7 @@ impl super::portable::SqlBackend for PostgresStore {
     fn agents(&self) -> &AgentCache {
         &self.agents
     }
+
     fn write_sql<T, F>(&self, f: F) -> impl std::future::Future<Output = StoreResult<T>> + Send
     where
         T: Send + 'static,
@@ -1861,6 +1863,7 @@ impl super::portable::SqlBackend for PostgresStore {
     {
         self.write(move |ctx: &mut WriterCtx| f(&mut ctx.conn))
     }
+
     fn rows_affected(r: &sqlx::postgres::PgQueryResult) -> u64 {
         r.rows_affected()
     }

@@ -1686,6 +1686,7 @@ async fn insert_agent(
 
 impl super::portable::SqlBackend for SqliteStore {
     type Db = sqlx::Sqlite;
+
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
     }
@@ -1693,6 +1694,7 @@ impl super::portable::SqlBackend for SqliteStore {
     fn agents(&self) -> &AgentCache {
         &self.agents
     }
+
     fn write_sql<T, F>(&self, f: F) -> impl std::future::Future<Output = StoreResult<T>> + Send
     where
         T: Send + 'static,
@@ -1702,6 +1704,7 @@ impl super::portable::SqlBackend for SqliteStore {
     {
         self.write(move |ctx: &mut WriterCtx| f(&mut ctx.conn))
     }
+
     fn rows_affected(r: &sqlx::sqlite::SqliteQueryResult) -> u64 {
         r.rows_affected()
     }
