@@ -68,6 +68,62 @@ where
     })
 }
 
+/// Counts a failure against an endpoint, or clears its failures after a success; the common
+/// case, a success at a healthy endpoint, touches nothing.
+pub(super) async fn update_health<DB>(
+    conn: &mut DB::Connection,
+    o: &AttemptOutcome,
+) -> StoreResult<EndpointHealth>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'r> (i64, Option<i64>): FromRow<'r, DB::Row>,
+{
+    let delivered = o.error.is_none();
+    let mut health = EndpointHealth::default();
+    if delivered && !o.endpoint_was_unhealthy {
+        return Ok(health);
+    }
+    let row: Option<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT consecutive_failures, failing_since FROM webhooks WHERE id = $1")
+            .bind(&o.webhook_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((failures, failing_since)) = row else {
+        return Ok(health);
+    };
+    if delivered {
+        health.recovered = failing_since.is_some();
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL WHERE id = $1",
+        )
+        .bind(&o.webhook_id)
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        let failures = failures + 1;
+        let becomes = failing_since.is_none() && failures >= o.failing_after;
+        health.became_failing = becomes;
+        sqlx::query(
+            "UPDATE webhooks SET consecutive_failures = $1, last_error = $2, \
+             failing_since = CASE WHEN $3 THEN $4 ELSE failing_since END WHERE id = $5",
+        )
+        .bind(failures)
+        .bind(&o.error)
+        .bind(becomes)
+        .bind(o.at)
+        .bind(&o.webhook_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(health)
+}
+
 // The bounds are what sqlx needs to bind these parameters and decode these rows on the
 // backend's database; sqlx's SQLite and PostgreSQL drivers meet them all.
 #[async_trait]

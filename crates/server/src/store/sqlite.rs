@@ -1515,50 +1515,7 @@ async fn record_attempts_in(
     ctx.outbox_touched = true;
     let mut health = Vec::with_capacity(outcomes.len());
     for o in &outcomes {
-        health.push(update_health(ctx, o).await?);
-    }
-    Ok(health)
-}
-
-/// Counts a failure against an endpoint, or clears its failures after a success; the common
-/// case, a success at a healthy endpoint, touches nothing.
-async fn update_health(ctx: &mut WriterCtx, o: &AttemptOutcome) -> StoreResult<EndpointHealth> {
-    let delivered = o.error.is_none();
-    let mut health = EndpointHealth::default();
-    if delivered && !o.endpoint_was_unhealthy {
-        return Ok(health);
-    }
-    let row: Option<(i64, Option<i64>)> =
-        sqlx::query_as("SELECT consecutive_failures, failing_since FROM webhooks WHERE id = ?")
-            .bind(&o.webhook_id)
-            .fetch_optional(&mut ctx.conn)
-            .await?;
-    let Some((failures, failing_since)) = row else {
-        return Ok(health);
-    };
-    if delivered {
-        health.recovered = failing_since.is_some();
-        sqlx::query(
-            "UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL WHERE id = ?",
-        )
-        .bind(&o.webhook_id)
-        .execute(&mut ctx.conn)
-        .await?;
-    } else {
-        let failures = failures + 1;
-        let becomes = failing_since.is_none() && failures >= o.failing_after;
-        health.became_failing = becomes;
-        sqlx::query(
-            "UPDATE webhooks SET consecutive_failures = ?, last_error = ?, \
-             failing_since = CASE WHEN ? THEN ? ELSE failing_since END WHERE id = ?",
-        )
-        .bind(failures)
-        .bind(&o.error)
-        .bind(becomes)
-        .bind(o.at)
-        .bind(&o.webhook_id)
-        .execute(&mut ctx.conn)
-        .await?;
+        health.push(super::portable::update_health::<sqlx::Sqlite>(&mut ctx.conn, o).await?);
     }
     Ok(health)
 }
