@@ -19,6 +19,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod main_api;
 
 /// switchboard: a self-hosted live-chat server that speaks the Brevo Conversations API.
+// The doc comments are the CLI's help text: `[:PASSWORD]` there is a URL's optional part,
+// not a rustdoc link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
