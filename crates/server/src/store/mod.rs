@@ -14,6 +14,7 @@ mod portable;
 pub mod postgres;
 mod shared;
 pub mod sqlite;
+mod writer;
 
 /// Failures of the storage layer. HTTP status codes are decided elsewhere.
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
 use super::shared::*;
+use super::writer::{visitor_key, ChatWriter, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -122,24 +123,11 @@ struct WriterCtx {
     /// The head this writer committed last; if the head row shows anything else, another
     /// instance wrote since and `open_chats` must catch up.
     committed: i64,
-    /// (account, visitor) -> conversation id, for visitors known to exist. A visitor's
-    /// conversation never changes, whichever instance created it.
-    conversations: HashMap<(String, String), String>,
-    /// Entries added in the current transaction, forgotten again if it fails.
-    added: Vec<(String, String)>,
-    /// The next feed position (valid while the head row is locked).
-    next_seq: i64,
-    /// Open chats by conversation id, as of `committed`.
-    open_chats: HashMap<String, OpenChat>,
-    /// Changes to `open_chats` in the current transaction, undone if it fails.
-    chat_undo: Vec<ChatUndo>,
-    /// Changes of the current transaction (only whether there were any matters here: the
-    /// feed reader reads them back from the tables).
-    events: Vec<Arc<FeedEvent>>,
-    /// Whether the current transaction added or rescheduled webhook deliveries.
-    outbox_touched: bool,
-    /// Whether an account has endpoints for an event, asked once per batch.
-    wanted: HashMap<(String, &'static str), bool>,
+    /// What both backends' writers keep in memory (see [`WriterCore`]). Its `next_seq` is
+    /// valid while the head row is locked, its open chats as of `committed`, and its
+    /// events only tell whether there were any (the feed reader reads them back from the
+    /// tables).
+    core: WriterCore,
     signals: Signals,
     /// The head locked by the current transaction (its changes follow it).
     locked: i64,
@@ -154,8 +142,6 @@ struct LocalCommit {
     head: i64,
     events: Vec<Arc<FeedEvent>>,
 }
-
-const CONVERSATION_CACHE_MAX: usize = 200_000;
 
 /// PostgreSQL implementation of [`Store`].
 pub struct PostgresStore {
@@ -256,14 +242,7 @@ impl PostgresStore {
                         // Nothing matches: the first transaction loads the open chats.
                         committed: -1,
                         locked: 0,
-                        conversations: HashMap::new(),
-                        added: Vec::new(),
-                        next_seq: 0,
-                        open_chats: HashMap::new(),
-                        chat_undo: Vec::new(),
-                        events: Vec::new(),
-                        outbox_touched: false,
-                        wanted: HashMap::new(),
+                        core: WriterCore::default(),
                         signals: writer_signals,
                         local: local_tx,
                     };
@@ -428,7 +407,7 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
             return Err(e);
         }
     }
-    ctx.next_seq = head + 1;
+    ctx.core.next_seq = head + 1;
     ctx.locked = head;
     Ok(())
 }
@@ -452,7 +431,7 @@ async fn reconnect(ctx: &mut WriterCtx) {
 /// of them on the first transaction).
 async fn catch_up(ctx: &mut WriterCtx, head: i64) -> StoreResult<()> {
     if ctx.committed < 0 {
-        ctx.open_chats = load_open_chats(&mut ctx.conn, None).await?;
+        ctx.core.open_chats = load_open_chats(&mut ctx.conn, None).await?;
     } else {
         let touched: Vec<String> = sqlx::query_scalar(
             "SELECT conversation_id FROM messages WHERE seq > $1 AND seq <= $2 \
@@ -465,10 +444,10 @@ async fn catch_up(ctx: &mut WriterCtx, head: i64) -> StoreResult<()> {
         .await?;
         if !touched.is_empty() {
             for c in &touched {
-                ctx.open_chats.remove(c);
+                ctx.core.open_chats.remove(c);
             }
             let fresh = load_open_chats(&mut ctx.conn, Some(&touched)).await?;
-            ctx.open_chats.extend(fresh);
+            ctx.core.open_chats.extend(fresh);
         }
     }
     ctx.committed = head;
@@ -477,7 +456,7 @@ async fn catch_up(ctx: &mut WriterCtx, head: i64) -> StoreResult<()> {
 
 /// Ends a write transaction: records the new head and this writer as its author, commits.
 async fn commit(ctx: &mut WriterCtx) -> Result<i64, sqlx::Error> {
-    let head = ctx.next_seq - 1;
+    let head = ctx.core.next_seq - 1;
     let notify = if head > ctx.committed {
         format!(", n AS (SELECT pg_notify('{FEED_CHANNEL}', $1::text)) SELECT 1 FROM n")
     } else {
@@ -511,7 +490,7 @@ enum Owed {
 
 async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let started = std::time::Instant::now();
-    ctx.wanted.clear();
+    ctx.core.wanted.clear();
     let size = batch.len();
     if let Some(rows) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations, and nobody else wrote since this
@@ -529,7 +508,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         match insert_rows_at_head(ctx, &rows).await {
             Ok(true) => {
                 for row in &rows {
-                    if let Some(chat) = ctx.open_chats.get_mut(&row.conversation_id) {
+                    if let Some(chat) = ctx.core.open_chats.get_mut(&row.conversation_id) {
                         chat.note(row);
                     }
                 }
@@ -540,8 +519,10 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                     total_us = started.elapsed().as_micros() as u64,
                     "group commit (single statement)"
                 );
-                let rows: Vec<Arc<MessageRow>> =
-                    rows.into_iter().map(|r| ctx.message_created(r)).collect();
+                let rows: Vec<Arc<MessageRow>> = rows
+                    .into_iter()
+                    .map(|r| ctx.core.message_created(r))
+                    .collect();
                 let head = ctx.committed;
                 ctx.publish(after, head);
                 answer_fast_path(batch, rows);
@@ -569,20 +550,20 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         match pending {
             Pending::Job(job) => {
                 // One failing job must not leave half its writes behind, nor undo the others'.
-                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                let done = ctx.in_savepoint(|ctx| job(ctx), |d| d.ok).await;
                 owed.push(Owed::Job(done.answer));
             }
             // A failed statement aborts a whole PostgreSQL transaction, so even a job that
             // is one statement needs a savepoint to fail alone.
             Pending::Atomic(job) => {
-                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                let done = ctx.in_savepoint(|ctx| job(ctx), |d| d.ok).await;
                 owed.push(Owed::Job(done.answer));
             }
             Pending::Insert(job) if job.idem.is_some() => {
                 let InsertJob { row, idem, reply } = job;
-                let result =
-                    in_savepoint_result(ctx, move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
-                        .await;
+                let result = ctx
+                    .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
+                    .await;
                 owed.push(Owed::Insert(reply, result));
             }
             Pending::Insert(job) => plain.push(job),
@@ -604,8 +585,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let commit_error = match commit {
         Ok(head) => {
             ctx.committed = head;
-            ctx.added.clear();
-            ctx.chat_undo.clear();
+            ctx.core.committed();
             let after = ctx.locked;
             ctx.publish(after, head);
             None
@@ -617,11 +597,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             }
             // The chats in memory may be ahead of the database now: reload them all.
             ctx.committed = -1;
-            ctx.forget_added();
-            ctx.undo_to(Mark {
-                events: 0,
-                chat_undo: 0,
-            });
+            ctx.core.rolled_back();
             Some(e.to_string())
         }
     };
@@ -658,45 +634,6 @@ fn fail_fast_path(batch: &mut Vec<Pending>, e: &StoreError) {
     }
 }
 
-/// Runs a job between SAVEPOINT and RELEASE, rolling back to the savepoint if it failed.
-async fn in_savepoint<F>(ctx: &mut WriterCtx, f: F) -> JobDone
-where
-    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone>,
-{
-    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
-        tracing::error!(error = %e, "savepoint");
-    }
-    let mark = ctx.mark();
-    let done = f(ctx).await;
-    finish_savepoint(ctx, done.ok, mark).await;
-    done
-}
-
-async fn in_savepoint_result<T, F>(ctx: &mut WriterCtx, f: F) -> StoreResult<T>
-where
-    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>>,
-{
-    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
-        tracing::error!(error = %e, "savepoint");
-    }
-    let mark = ctx.mark();
-    let result = f(ctx).await;
-    finish_savepoint(ctx, result.is_ok(), mark).await;
-    result
-}
-
-async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool, mark: Mark) {
-    if !ok {
-        if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
-            tracing::error!(error = %e, "rolling back to savepoint");
-        }
-        ctx.undo_to(mark);
-    }
-    if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
-        tracing::error!(error = %e, "releasing savepoint");
-    }
-}
-
 /// An insert guarded by an idempotency key: replay, refuse, or insert and remember.
 async fn insert_guarded(
     ctx: &mut WriterCtx,
@@ -704,7 +641,7 @@ async fn insert_guarded(
     idem: Option<IdempotencyRecord>,
 ) -> StoreResult<Guarded<Arc<MessageRow>>> {
     if let Some(rec) = &idem {
-        if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
+        if let Some(g) = ctx.idem_check(&m.account_id, rec).await? {
             return Ok(g);
         }
     }
@@ -712,13 +649,13 @@ async fn insert_guarded(
         .conversation_for(&m.account_id, &m.visitor_id, m.created_at)
         .await?;
     if m.seq == 0 {
-        m.seq = ctx.take_seq();
+        m.seq = ctx.core.take_seq();
     }
     ctx.track_chat(&m).await?;
     insert_rows(&mut ctx.conn, std::slice::from_ref(&m)).await?;
-    let m = ctx.message_created(m);
+    let m = ctx.core.message_created(m);
     if let Some(rec) = &idem {
-        idem_save(&mut ctx.conn, &m.account_id, rec).await?;
+        ctx.idem_save(&m.account_id, rec).await?;
     }
     Ok(Guarded::Applied(m))
 }
@@ -739,15 +676,17 @@ async fn insert_plain(
     let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
     for job in jobs {
         let row = job.row.clone();
-        let key = (row.account_id.clone(), row.visitor_id.clone());
+        let mut key = String::new();
+        visitor_key(&mut key, &row.account_id, &row.visitor_id);
         // A failed statement aborts the whole transaction: what may touch the database
         // (a new visitor, a new chat) gets a savepoint, so that it fails alone.
-        let touches_db = match ctx.conversations.get(&key) {
+        let touches_db = match ctx.core.conversations.get(&key) {
             None => true,
-            Some(c) => !row.is_pushed && !ctx.open_chats.contains_key(c),
+            Some(c) => !row.is_pushed && !ctx.core.open_chats.contains_key(c),
         };
         let prepared = if touches_db {
-            in_savepoint_result(ctx, move |ctx| Box::pin(prepare_insert(ctx, row))).await
+            ctx.in_savepoint_result(move |ctx| Box::pin(prepare_insert(ctx, row)))
+                .await
         } else {
             prepare_insert(ctx, row).await
         };
@@ -774,17 +713,16 @@ async fn insert_plain(
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
-                    let row = ctx.message_created(row);
+                    let row = ctx.core.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
                 for (job, row) in chunk {
-                    let result = in_savepoint_result(ctx, move |ctx| {
-                        Box::pin(insert_guarded(ctx, row, None))
-                    })
-                    .await;
+                    let result = ctx
+                        .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
+                        .await;
                     out.push((job.reply, result));
                 }
             }
@@ -799,7 +737,7 @@ async fn prepare_insert(ctx: &mut WriterCtx, mut row: MessageRow) -> StoreResult
     row.conversation_id = ctx
         .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
         .await?;
-    row.seq = ctx.take_seq();
+    row.seq = ctx.core.take_seq();
     ctx.track_chat(&row).await?;
     Ok(row)
 }
@@ -883,6 +821,7 @@ impl WriterCtx {
             return None;
         }
         let mut rows = Vec::with_capacity(batch.len());
+        let mut key = String::new();
         for pending in batch {
             let Pending::Insert(job) = pending else {
                 return None;
@@ -890,9 +829,9 @@ impl WriterCtx {
             if job.idem.is_some() {
                 return None;
             }
-            let key = (job.row.account_id.clone(), job.row.visitor_id.clone());
-            let conversation = self.conversations.get(&key)?;
-            if !job.row.is_pushed && !self.open_chats.contains_key(conversation) {
+            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
+            let conversation = self.core.conversations.get(&key)?;
+            if !job.row.is_pushed && !self.core.open_chats.contains_key(conversation) {
                 return None;
             }
             let mut row = job.row.clone();
@@ -902,63 +841,13 @@ impl WriterCtx {
         Some(rows)
     }
 
-    fn take_seq(&mut self) -> i64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
-    }
-
-    fn mark(&self) -> Mark {
-        Mark {
-            events: self.events.len(),
-            chat_undo: self.chat_undo.len(),
-        }
-    }
-
-    /// Forgets what the failed part of a transaction did to the writer's memory.
-    fn undo_to(&mut self, mark: Mark) {
-        self.events.truncate(mark.events);
-        while self.chat_undo.len() > mark.chat_undo {
-            match self.chat_undo.pop() {
-                Some(ChatUndo::Opened(conversation)) => {
-                    self.open_chats.remove(&conversation);
-                }
-                Some(ChatUndo::Closed(conversation, chat)) => {
-                    self.open_chats.insert(conversation, chat);
-                }
-                Some(ChatUndo::Fragmented(conversation, before)) => {
-                    if let Some(chat) = self.open_chats.get_mut(&conversation) {
-                        chat.fragment_seq = before;
-                    }
-                }
-                None => break,
-            }
-        }
-    }
-
-    /// Records a new message's event; the row is shared by the event and the caller's
-    /// answer (copying it cost the writer ten allocations per message).
-    fn message_created(&mut self, m: MessageRow) -> Arc<MessageRow> {
-        let m = Arc::new(m);
-        self.events.push(Arc::new(FeedEvent {
-            seq: m.seq,
-            kind: EventKind::MessageCreated,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            message: Some(m.clone()),
-            chat: None,
-        }));
-        m
-    }
-
     /// After a commit of the positions (after, head]: hands its changes to the feed reader
     /// and wakes the outbox dispatcher.
     fn publish(&mut self, after: i64, head: i64) {
-        if std::mem::take(&mut self.outbox_touched) {
+        if std::mem::take(&mut self.core.outbox_touched) {
             self.signals.outbox.notify_one();
         }
-        let mut events = std::mem::take(&mut self.events);
+        let mut events = std::mem::take(&mut self.core.events);
         if head <= after {
             return;
         }
@@ -972,140 +861,44 @@ impl WriterCtx {
             events,
         });
     }
+}
 
-    /// Notes a new message's effect on its conversation's chat: a not-pushed message with
-    /// no open chat starts one (recorded with an event in this transaction).
-    async fn track_chat(&mut self, m: &MessageRow) -> StoreResult<()> {
-        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
-            chat.note(m);
-            return Ok(());
-        }
-        if m.is_pushed {
-            return Ok(());
-        }
-        let chat_id = crate::ids::new_id();
-        let no_agent = m.kind == "visitor" && m.is_missed;
-        let page: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-            "INSERT INTO chats (id, account_id, conversation_id, visitor_id, start_seq, \
-             started_at, no_agent_online, start_page_url, start_page_title) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, page_url, page_title FROM visitors \
-             WHERE account_id = $8 AND id = $9 RETURNING start_page_url, start_page_title",
-        )
-        .bind(&chat_id)
-        .bind(&m.account_id)
-        .bind(&m.conversation_id)
-        .bind(&m.visitor_id)
-        .bind(m.seq)
-        .bind(m.created_at)
-        .bind(no_agent)
-        .bind(&m.account_id)
-        .bind(&m.visitor_id)
-        .fetch_optional(&mut self.conn)
-        .await?;
-        let (start_page_url, start_page_title) = page.unwrap_or_default();
-        let info = ChatInfo {
-            id: chat_id,
-            start_seq: m.seq,
-            started_at: m.created_at,
-            ended_at: None,
-            no_agent_online: no_agent,
-            start_page_url,
-            start_page_title,
-        };
-        let seq = self.take_seq();
-        insert_event(
-            &mut self.conn,
-            seq,
-            EventKind::ConversationStarted,
-            m,
-            Some(&info.id),
-            m.created_at,
-        )
-        .await?;
-        self.events.push(Arc::new(FeedEvent {
-            seq,
-            kind: EventKind::ConversationStarted,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            message: Some(Arc::new(m.clone())),
-            chat: Some(info.clone()),
-        }));
-        let chat = OpenChat {
-            info,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            last_activity: m.created_at,
-            last_message_at: m.created_at,
-            last_seq: m.seq,
-            fragment_seq: 0,
-        };
-        emit_webhook(
-            self,
-            WEBHOOK_STARTED,
-            &chat,
-            &m.conversation_id,
-            m.seq - 1,
-            m.seq,
-            m.created_at,
-        )
-        .await?;
-        self.open_chats.insert(m.conversation_id.clone(), chat);
-        self.chat_undo
-            .push(ChatUndo::Opened(m.conversation_id.clone()));
-        Ok(())
+impl ChatWriter for WriterCtx {
+    type Db = sqlx::Postgres;
+
+    fn parts(&mut self) -> (&mut PgConnection, &mut WriterCore) {
+        (&mut self.conn, &mut self.core)
     }
 
-    fn forget_added(&mut self) {
-        for key in self.added.drain(..) {
-            self.conversations.remove(&key);
-        }
-    }
-
-    /// The conversation of a visitor, creating visitor and conversation on first contact.
-    async fn conversation_for(
-        &mut self,
-        account_id: &str,
-        visitor_id: &str,
+    fn insert_event<'a>(
+        &'a mut self,
+        seq: i64,
+        kind: EventKind,
+        m: &'a MessageRow,
+        chat_id: Option<&'a str>,
         now: i64,
-    ) -> Result<String, sqlx::Error> {
-        let key = (account_id.to_owned(), visitor_id.to_owned());
-        if let Some(id) = self.conversations.get(&key) {
-            return Ok(id.clone());
-        }
-        sqlx::query(
-            "INSERT INTO visitors (account_id, id, created_at, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account_id, id) DO NOTHING",
-        )
-        .bind(account_id)
-        .bind(visitor_id)
-        .bind(now)
-        .bind(now)
-        .execute(&mut self.conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO conversations (id, account_id, visitor_id, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account_id, visitor_id) DO NOTHING",
-        )
-        .bind(crate::ids::new_id())
-        .bind(account_id)
-        .bind(visitor_id)
-        .bind(now)
-        .execute(&mut self.conn)
-        .await?;
-        let id: String = sqlx::query_scalar(
-            "SELECT id FROM conversations WHERE account_id = $1 AND visitor_id = $2",
-        )
-        .bind(account_id)
-        .bind(visitor_id)
-        .fetch_one(&mut self.conn)
-        .await?;
-        if self.conversations.len() >= CONVERSATION_CACHE_MAX {
-            self.conversations.clear();
-        }
-        self.conversations.insert(key.clone(), id.clone());
-        self.added.push(key);
-        Ok(id)
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(insert_event(&mut self.conn, seq, kind, m, chat_id, now))
+    }
+
+    fn emit_webhook<'a>(
+        &'a mut self,
+        kind: &'static str,
+        chat: &'a OpenChat,
+        conversation_id: &'a str,
+        from_seq: i64,
+        to_seq: i64,
+        now: i64,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(emit_webhook(
+            self,
+            kind,
+            chat,
+            conversation_id,
+            from_seq,
+            to_seq,
+            now,
+        ))
     }
 }
 
@@ -1141,7 +934,7 @@ async fn insert_event(
 async fn load_open_chats(
     conn: &mut PgConnection,
     only: Option<&[String]>,
-) -> StoreResult<HashMap<String, OpenChat>> {
+) -> StoreResult<WriterMap<OpenChat>> {
     let rows: Vec<OpenChatRow> = sqlx::query_as(
         "SELECT c.id, c.account_id, c.conversation_id, c.visitor_id, c.start_seq, c.started_at, \
          c.no_agent_online, c.start_page_url, c.start_page_title, \
@@ -1200,7 +993,7 @@ async fn emit_webhook(
     now: i64,
 ) -> StoreResult<bool> {
     let key = (chat.account_id.clone(), kind);
-    let wanted = match ctx.wanted.get(&key) {
+    let wanted = match ctx.core.wanted.get(&key) {
         Some(w) => *w,
         None => {
             let n: i64 = sqlx::query_scalar(
@@ -1211,14 +1004,14 @@ async fn emit_webhook(
             .bind(kind)
             .fetch_one(&mut ctx.conn)
             .await?;
-            ctx.wanted.insert(key, n > 0);
+            ctx.core.wanted.insert(key, n > 0);
             n > 0
         }
     };
     if !wanted {
         return Ok(false);
     }
-    let seq = ctx.take_seq();
+    let seq = ctx.core.take_seq();
     let id = format!("evt_{}", crate::ids::new_id());
     // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
     // each endpoint that has none for this conversation yet (an existing head keeps its
@@ -1248,7 +1041,7 @@ async fn emit_webhook(
     .bind(now)
     .execute(&mut ctx.conn)
     .await?;
-    ctx.outbox_touched = true;
+    ctx.core.outbox_touched = true;
     Ok(true)
 }
 
@@ -1282,150 +1075,6 @@ const ADVANCE_QUEUE_SQL: &str = "\
       ON CONFLICT (webhook_id, conversation_id) DO UPDATE SET \
       head_seq = excluded.head_seq, next_attempt_at = excluded.next_attempt_at, \
       claimed_until = 0, claimed_by = NULL";
-
-/// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
-/// messages that became missed by the visitor (for the cache).
-async fn run_timers_in(
-    ctx: &mut WriterCtx,
-    now: i64,
-    fragment_before: i64,
-    idle_before: i64,
-) -> StoreResult<(TimerOutcome, Vec<MessageRow>)> {
-    let mut due: Vec<(String, i64)> = ctx
-        .open_chats
-        .iter()
-        .filter(|(_, c)| {
-            c.last_activity < idle_before
-                || (c.unfragmented_from().is_some() && c.last_message_at <= fragment_before)
-        })
-        .map(|(k, c)| (k.clone(), c.last_activity))
-        .collect();
-    due.sort_by_key(|(_, at)| *at);
-    let mut outcome = TimerOutcome::default();
-    let mut flagged = Vec::new();
-    for (conversation_id, _) in due {
-        let Some(chat) = ctx.open_chats.get(&conversation_id).cloned() else {
-            continue;
-        };
-        // The fragment first: a transcript always follows the last fragment.
-        if let Some(from) = chat.unfragmented_from() {
-            if emit_webhook(
-                ctx,
-                WEBHOOK_FRAGMENT,
-                &chat,
-                &conversation_id,
-                from,
-                chat.last_seq,
-                now,
-            )
-            .await?
-            {
-                outcome.webhook_events += 1;
-            }
-            sqlx::query("UPDATE chats SET fragment_seq = $1 WHERE id = $2")
-                .bind(chat.last_seq)
-                .bind(&chat.info.id)
-                .execute(&mut ctx.conn)
-                .await?;
-            if let Some(c) = ctx.open_chats.get_mut(&conversation_id) {
-                c.fragment_seq = chat.last_seq;
-            }
-            ctx.chat_undo.push(ChatUndo::Fragmented(
-                conversation_id.clone(),
-                chat.fragment_seq,
-            ));
-        }
-        if chat.last_activity < idle_before {
-            flagged.extend(end_chat(ctx, &conversation_id, &chat, now).await?);
-            outcome.ended += 1;
-            if emit_webhook(
-                ctx,
-                WEBHOOK_TRANSCRIPT,
-                &chat,
-                &conversation_id,
-                chat.info.start_seq - 1,
-                chat.last_seq,
-                now,
-            )
-            .await?
-            {
-                outcome.webhook_events += 1;
-            }
-        }
-    }
-    let fragment_delay = now - fragment_before;
-    let idle_timeout = now - idle_before;
-    outcome.next_deadline = ctx
-        .open_chats
-        .values()
-        .map(|c| {
-            let end = c.last_activity + idle_timeout;
-            match c.unfragmented_from() {
-                Some(_) => end.min(c.last_message_at + fragment_delay),
-                None => end,
-            }
-        })
-        .min();
-    Ok((outcome, flagged))
-}
-
-/// Ends one chat: flags the agent messages the visitor never read and records the end.
-async fn end_chat(
-    ctx: &mut WriterCtx,
-    conversation_id: &str,
-    chat: &OpenChat,
-    now: i64,
-) -> StoreResult<Vec<MessageRow>> {
-    let seq = ctx.take_seq();
-    sqlx::query("UPDATE chats SET ended_at = $1, end_seq = $2 WHERE id = $3")
-        .bind(now)
-        .bind(seq)
-        .bind(&chat.info.id)
-        .execute(&mut ctx.conn)
-        .await?;
-    let missed: Vec<MessageRow> = sqlx::query_as(&format!(
-        "UPDATE messages SET is_missed_by_visitor = true \
-         WHERE account_id = $1 AND visitor_id = $2 AND seq >= $3 AND seq < $4 \
-         AND type = 'agent' AND deleted_at IS NULL AND NOT is_missed_by_visitor \
-         AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = $5) \
-         RETURNING {MESSAGE_COLUMNS}"
-    ))
-    .bind(&chat.account_id)
-    .bind(&chat.visitor_id)
-    .bind(chat.info.start_seq)
-    .bind(seq)
-    .bind(conversation_id)
-    .fetch_all(&mut ctx.conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
-         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(seq)
-    .bind(&chat.account_id)
-    .bind(conversation_id)
-    .bind(&chat.visitor_id)
-    .bind(EventKind::ConversationEnded.as_str())
-    .bind(&chat.info.id)
-    .bind(now)
-    .execute(&mut ctx.conn)
-    .await?;
-    let mut info = chat.info.clone();
-    info.ended_at = Some(now);
-    ctx.events.push(Arc::new(FeedEvent {
-        seq,
-        kind: EventKind::ConversationEnded,
-        account_id: chat.account_id.clone(),
-        visitor_id: chat.visitor_id.clone(),
-        conversation_id: conversation_id.to_owned(),
-        message: None,
-        chat: Some(info),
-    }));
-    ctx.open_chats.remove(conversation_id);
-    ctx.chat_undo
-        .push(ChatUndo::Closed(conversation_id.to_owned(), chat.clone()));
-    Ok(missed)
-}
 
 /// Records attempts given as parallel arrays: each delivery's new state and its log entry.
 const RECORD_ATTEMPTS_SQL: &str = "\
@@ -1483,63 +1132,12 @@ async fn record_attempts_in(
         .bind(&conversations)
         .execute(&mut ctx.conn)
         .await?;
-    ctx.outbox_touched = true;
+    ctx.core.outbox_touched = true;
     let mut health = Vec::with_capacity(outcomes.len());
     for o in &outcomes {
         health.push(super::portable::update_health::<sqlx::Postgres>(&mut ctx.conn, o).await?);
     }
     Ok(health)
-}
-
-/// Looks up an idempotency key inside the writer's transaction.
-async fn idem_check<T>(
-    conn: &mut PgConnection,
-    account_id: &str,
-    rec: &IdempotencyRecord,
-) -> StoreResult<Option<Guarded<T>>> {
-    let row: Option<(String, i64, String, i64)> = sqlx::query_as(
-        "SELECT fingerprint, status, body, created_at FROM idempotency_keys \
-         WHERE account_id = $1 AND key = $2",
-    )
-    .bind(account_id)
-    .bind(&rec.key)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(match row {
-        Some((fp, status, body, created)) if created >= rec.now - rec.retention_ms => {
-            if fp == rec.fingerprint {
-                Some(Guarded::Replayed(StoredResponse {
-                    status: u16::try_from(status).unwrap_or(200),
-                    body,
-                }))
-            } else {
-                Some(Guarded::KeyReused)
-            }
-        }
-        _ => None,
-    })
-}
-
-async fn idem_save(
-    conn: &mut PgConnection,
-    account_id: &str,
-    rec: &IdempotencyRecord,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO idempotency_keys (account_id, key, fingerprint, status, body, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, key) DO UPDATE SET \
-         fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body, \
-         created_at = excluded.created_at",
-    )
-    .bind(account_id)
-    .bind(&rec.key)
-    .bind(&rec.fingerprint)
-    .bind(i64::from(rec.response.status))
-    .bind(&rec.response.body)
-    .bind(rec.now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// One row of the feed union: the event and, when it concerns one, its message.
@@ -1955,7 +1553,7 @@ impl Store for PostgresStore {
             .write(move |ctx| {
                 Box::pin(async move {
                     if let Some(rec) = &idem {
-                        if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
+                        if let Some(g) = ctx.idem_check(&account_id, rec).await? {
                             return Ok(g);
                         }
                     }
@@ -1970,7 +1568,7 @@ impl Store for PostgresStore {
                     .await?;
                     let found = r.rows_affected() > 0;
                     if let (true, Some(rec)) = (found, &idem) {
-                        idem_save(&mut ctx.conn, &account_id, rec).await?;
+                        ctx.idem_save(&account_id, rec).await?;
                     }
                     Ok(Guarded::Applied(found))
                 })
@@ -2191,7 +1789,7 @@ impl Store for PostgresStore {
         idle_before: i64,
     ) -> StoreResult<TimerOutcome> {
         let (outcome, _flagged) = self
-            .write(move |ctx| Box::pin(run_timers_in(ctx, now, fragment_before, idle_before)))
+            .write(move |ctx| Box::pin(ctx.run_timers_in(now, fragment_before, idle_before)))
             .await?;
         Ok(outcome)
     }
@@ -2364,7 +1962,7 @@ impl Store for PostgresStore {
                     return Ok(false);
                 };
                 advance_queue(ctx, &w, &conversation).await?;
-                ctx.outbox_touched = true;
+                ctx.core.outbox_touched = true;
                 Ok(true)
             })
         })
@@ -2460,9 +2058,9 @@ impl PostgresStore {
                         .fetch_optional(&mut ctx.conn)
                         .await?;
                     if let Some(row) = &row {
-                        let seq = ctx.take_seq();
+                        let seq = ctx.core.take_seq();
                         insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
-                        ctx.events.push(Arc::new(FeedEvent {
+                        ctx.core.events.push(Arc::new(FeedEvent {
                             seq,
                             kind,
                             account_id: row.account_id.clone(),

@@ -26,6 +26,7 @@ use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
 use super::shared::*;
+use super::writer::{visitor_key, ChatWriter, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -110,10 +111,6 @@ enum Pending {
     Insert(InsertJob),
 }
 
-/// The writer's maps keyed by ids, with a faster hash than the standard SipHash (they are
-/// looked up for every message of every group commit), still seeded per map.
-type WriterMap<V> = HashMap<String, V, foldhash::quality::RandomState>;
-
 /// State owned by the writer task.
 struct WriterCtx {
     conn: SqliteConnection,
@@ -123,38 +120,16 @@ struct WriterCtx {
     /// connections are used by this one thread, one after the other, so they never
     /// contend for SQLite's write lock.
     fast: rusqlite::Connection,
-    /// (account, visitor) -> conversation id, for visitors known to exist. Only the writer
-    /// creates visitors, so this cannot go stale within one process.
-    /// Keyed by [`visitor_key`], so that a lookup allocates nothing.
-    conversations: WriterMap<String>,
-    /// Entries added in the current transaction, forgotten again if it fails.
-    added: Vec<String>,
-    /// Reused to build [`visitor_key`]s.
-    key_buf: String,
-    /// The next feed position. Messages and events take theirs from this one counter, so
-    /// the union of both tables is one ordered log; only this writer hands them out.
-    next_seq: i64,
+    /// What both backends' writers keep in memory (see [`WriterCore`]).
+    core: WriterCore,
     /// The newest committed feed position, readable by everyone.
     head: Arc<AtomicI64>,
-    /// Open chats by conversation id: the authority on chat state in this process.
-    open_chats: WriterMap<OpenChat>,
-    /// Changes to `open_chats` in the current transaction, undone if it fails.
-    chat_undo: Vec<ChatUndo>,
-    /// Changes of the current transaction, published once it commits.
-    events: Vec<Arc<FeedEvent>>,
     /// Where committed changes go (the real-time fan-out), once someone asked.
     feed: Option<mpsc::UnboundedSender<Vec<Arc<FeedEvent>>>>,
-    /// Whether the current transaction added or rescheduled webhook deliveries.
-    outbox_touched: bool,
-    /// Whether an account has endpoints for an event, asked once per batch (endpoints are
-    /// changed by other processes too, so this is not kept longer).
-    wanted: HashMap<(String, &'static str), bool>,
     signals: Signals,
     /// Numbers new message ids (see [`crate::ids::SeqIds`]).
     ids: SeqIds,
 }
-
-const CONVERSATION_CACHE_MAX: usize = 200_000;
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
@@ -238,17 +213,13 @@ impl SqliteStore {
         let ctx = WriterCtx {
             conn,
             fast,
-            conversations: WriterMap::default(),
-            added: Vec::new(),
-            key_buf: String::new(),
-            next_seq: next_seq + 1,
+            core: WriterCore {
+                next_seq: next_seq + 1,
+                open_chats,
+                ..WriterCore::default()
+            },
             head: head.clone(),
-            open_chats,
-            chat_undo: Vec::new(),
-            events: Vec::new(),
             feed: None,
-            outbox_touched: false,
-            wanted: HashMap::new(),
             signals: signals.clone(),
             ids,
         };
@@ -413,7 +384,7 @@ enum Owed {
 
 async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     let started = std::time::Instant::now();
-    ctx.wanted.clear();
+    ctx.core.wanted.clear();
     let size = batch.len();
     if let Some(jobs) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations, none starting a chat: one
@@ -429,7 +400,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             Ok(()) => {
                 let answers: Vec<_> = jobs
                     .into_iter()
-                    .map(|job| (job.reply, ctx.message_created(job.row)))
+                    .map(|job| (job.reply, ctx.core.message_created(job.row)))
                     .collect();
                 ctx.publish();
                 for (reply, row) in answers {
@@ -437,7 +408,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 }
             }
             Err(e) => {
-                ctx.events.clear();
+                ctx.core.events.clear();
                 fail_fast_path(jobs, &e);
             }
         }
@@ -455,22 +426,22 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         match pending {
             Pending::Job(job) => {
                 // One failing job must not leave half its writes behind, nor undo the others'.
-                let done = in_savepoint(ctx, |ctx| job(ctx)).await;
+                let done = ctx.in_savepoint(|ctx| job(ctx), |d| d.ok).await;
                 owed.push(Owed::Job(done.answer));
             }
             Pending::Atomic(job) => {
-                let mark = ctx.mark();
+                let mark = ctx.core.mark();
                 let done = job(ctx).await;
                 if !done.ok {
-                    ctx.undo_to(mark);
+                    ctx.core.undo_to(mark);
                 }
                 owed.push(Owed::Job(done.answer));
             }
             Pending::Insert(job) if job.idem.is_some() => {
                 let InsertJob { row, idem, reply } = job;
-                let result =
-                    in_savepoint_result(ctx, move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
-                        .await;
+                let result = ctx
+                    .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, idem)))
+                    .await;
                 owed.push(Owed::Insert(reply, result));
             }
             Pending::Insert(job) => plain.push(job),
@@ -491,19 +462,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     );
     let commit_error = match commit {
         Ok(()) => {
-            ctx.added.clear();
-            ctx.chat_undo.clear();
+            ctx.core.committed();
             ctx.publish();
             None
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = exec(&mut ctx.conn, "ROLLBACK").await;
-            ctx.forget_added();
-            ctx.undo_to(Mark {
-                events: 0,
-                chat_undo: 0,
-            });
+            ctx.core.rolled_back();
             Some(e.to_string())
         }
     };
@@ -529,55 +495,6 @@ fn fail_fast_path(jobs: Vec<InsertJob>, e: &StoreError) {
     }
 }
 
-/// The key of [`WriterCtx::conversations`]: the account id's length, then both ids
-/// (unambiguous whatever the ids hold), written into a reused buffer.
-fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) {
-    out.clear();
-    out.push_str(itoa::Buffer::new().format(account_id.len()));
-    out.push(':');
-    out.push_str(account_id);
-    out.push_str(visitor_id);
-}
-
-/// Runs a job between SAVEPOINT and RELEASE, rolling back to the savepoint if it failed.
-async fn in_savepoint<F>(ctx: &mut WriterCtx, f: F) -> JobDone
-where
-    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone>,
-{
-    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
-        tracing::error!(error = %e, "savepoint");
-    }
-    let mark = ctx.mark();
-    let done = f(ctx).await;
-    finish_savepoint(ctx, done.ok, mark).await;
-    done
-}
-
-async fn in_savepoint_result<T, F>(ctx: &mut WriterCtx, f: F) -> StoreResult<T>
-where
-    F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>>,
-{
-    if let Err(e) = exec(&mut ctx.conn, "SAVEPOINT job").await {
-        tracing::error!(error = %e, "savepoint");
-    }
-    let mark = ctx.mark();
-    let result = f(ctx).await;
-    finish_savepoint(ctx, result.is_ok(), mark).await;
-    result
-}
-
-async fn finish_savepoint(ctx: &mut WriterCtx, ok: bool, mark: Mark) {
-    if !ok {
-        if let Err(e) = exec(&mut ctx.conn, "ROLLBACK TO job").await {
-            tracing::error!(error = %e, "rolling back to savepoint");
-        }
-        ctx.undo_to(mark);
-    }
-    if let Err(e) = exec(&mut ctx.conn, "RELEASE job").await {
-        tracing::error!(error = %e, "releasing savepoint");
-    }
-}
-
 /// An insert guarded by an idempotency key: replay, refuse, or insert and remember.
 async fn insert_guarded(
     ctx: &mut WriterCtx,
@@ -585,7 +502,7 @@ async fn insert_guarded(
     idem: Option<IdempotencyRecord>,
 ) -> StoreResult<Guarded<Arc<MessageRow>>> {
     if let Some(rec) = &idem {
-        if let Some(g) = idem_check(&mut ctx.conn, &m.account_id, rec).await? {
+        if let Some(g) = ctx.idem_check(&m.account_id, rec).await? {
             return Ok(g);
         }
     }
@@ -596,7 +513,7 @@ async fn insert_guarded(
     // id its stored answer holds, listed in `message_ids` since it carries no seq.
     let alias = m.seq == 0 && idem.is_some() && !m.id.is_empty();
     if m.seq == 0 {
-        m.seq = ctx.take_seq();
+        m.seq = ctx.core.take_seq();
         if !alias {
             m.id = ctx.ids.encode(m.seq);
         }
@@ -610,9 +527,9 @@ async fn insert_guarded(
             .execute(&mut ctx.conn)
             .await?;
     }
-    let m = ctx.message_created(m);
+    let m = ctx.core.message_created(m);
     if let Some(rec) = &idem {
-        idem_save(&mut ctx.conn, &m.account_id, rec).await?;
+        ctx.idem_save(&m.account_id, rec).await?;
     }
     Ok(Guarded::Applied(m))
 }
@@ -639,7 +556,7 @@ async fn insert_plain(
         {
             Ok(c) => {
                 row.conversation_id = c;
-                row.seq = ctx.take_seq();
+                row.seq = ctx.core.take_seq();
                 row.id = ctx.ids.encode(row.seq);
                 match ctx.track_chat(&row).await {
                     Ok(()) => ready.push((job, row)),
@@ -658,17 +575,16 @@ async fn insert_plain(
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
-                    let row = ctx.message_created(row);
+                    let row = ctx.core.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
                 for (job, row) in chunk {
-                    let result = in_savepoint_result(ctx, move |ctx| {
-                        Box::pin(insert_guarded(ctx, row, None))
-                    })
-                    .await;
+                    let result = ctx
+                        .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
+                        .await;
                     out.push((job.reply, result));
                 }
             }
@@ -870,7 +786,7 @@ impl WriterCtx {
         if batch.len() > INSERT_CHUNK {
             return None;
         }
-        let mut key = std::mem::take(&mut self.key_buf);
+        let mut key = std::mem::take(&mut self.core.key_buf);
         // The conversation is written into the row as it is found: a batch that does not
         // qualify takes the slow path, which sets every row's conversation again.
         let qualifies = batch.iter_mut().all(|pending| {
@@ -881,16 +797,16 @@ impl WriterCtx {
                 return false;
             }
             visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
-            match self.conversations.get(key.as_str()) {
+            match self.core.conversations.get(key.as_str()) {
                 Some(conversation) => {
                     job.row.conversation_id.clone_from(conversation);
-                    job.row.is_pushed || self.open_chats.contains_key(conversation)
+                    job.row.is_pushed || self.core.open_chats.contains_key(conversation)
                 }
                 None => false,
             }
         });
         if !qualifies {
-            self.key_buf = key;
+            self.core.key_buf = key;
             return None;
         }
         let mut jobs = Vec::with_capacity(batch.len());
@@ -898,73 +814,23 @@ impl WriterCtx {
             let Pending::Insert(mut job) = pending else {
                 unreachable!("checked above: only inserts")
             };
-            job.row.seq = self.take_seq();
+            job.row.seq = self.core.take_seq();
             job.row.id = self.ids.encode(job.row.seq);
-            if let Some(chat) = self.open_chats.get_mut(&job.row.conversation_id) {
+            if let Some(chat) = self.core.open_chats.get_mut(&job.row.conversation_id) {
                 chat.note(&job.row);
             }
             jobs.push(job);
         }
-        self.key_buf = key;
+        self.core.key_buf = key;
         Some(jobs)
-    }
-
-    fn take_seq(&mut self) -> i64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
-    }
-
-    fn mark(&self) -> Mark {
-        Mark {
-            events: self.events.len(),
-            chat_undo: self.chat_undo.len(),
-        }
-    }
-
-    /// Forgets what the failed part of a transaction did to the writer's memory.
-    fn undo_to(&mut self, mark: Mark) {
-        self.events.truncate(mark.events);
-        while self.chat_undo.len() > mark.chat_undo {
-            match self.chat_undo.pop() {
-                Some(ChatUndo::Opened(conversation)) => {
-                    self.open_chats.remove(&conversation);
-                }
-                Some(ChatUndo::Closed(conversation, chat)) => {
-                    self.open_chats.insert(conversation, chat);
-                }
-                Some(ChatUndo::Fragmented(conversation, before)) => {
-                    if let Some(chat) = self.open_chats.get_mut(&conversation) {
-                        chat.fragment_seq = before;
-                    }
-                }
-                None => break,
-            }
-        }
-    }
-
-    /// Records a new message's event; the row is shared by the event and the caller's
-    /// answer (copying it cost the writer ten allocations per message).
-    fn message_created(&mut self, m: MessageRow) -> Arc<MessageRow> {
-        let m = Arc::new(m);
-        self.events.push(Arc::new(FeedEvent {
-            seq: m.seq,
-            kind: EventKind::MessageCreated,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            message: Some(m.clone()),
-            chat: None,
-        }));
-        m
     }
 
     /// After a commit: moves the head and hands the transaction's changes to the feed.
     fn publish(&mut self) {
-        if std::mem::take(&mut self.outbox_touched) {
+        if std::mem::take(&mut self.core.outbox_touched) {
             self.signals.outbox.notify_one();
         }
-        let mut events = std::mem::take(&mut self.events);
+        let mut events = std::mem::take(&mut self.core.events);
         let Some(last) = events.iter().map(|e| e.seq).max() else {
             return;
         };
@@ -979,141 +845,44 @@ impl WriterCtx {
             }
         }
     }
+}
 
-    /// Notes a new message's effect on its conversation's chat: a not-pushed message with
-    /// no open chat starts one (recorded with an event in this transaction).
-    async fn track_chat(&mut self, m: &MessageRow) -> StoreResult<()> {
-        if let Some(chat) = self.open_chats.get_mut(&m.conversation_id) {
-            chat.note(m);
-            return Ok(());
-        }
-        if m.is_pushed {
-            return Ok(());
-        }
-        let chat_id = crate::ids::new_id();
-        let no_agent = m.kind == "visitor" && m.is_missed;
-        let page: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-            "INSERT INTO chats (id, account_id, conversation_id, visitor_id, start_seq, \
-             started_at, no_agent_online, start_page_url, start_page_title) \
-             SELECT ?, ?, ?, ?, ?, ?, ?, page_url, page_title FROM visitors \
-             WHERE account_id = ? AND id = ? RETURNING start_page_url, start_page_title",
-        )
-        .bind(&chat_id)
-        .bind(&m.account_id)
-        .bind(&m.conversation_id)
-        .bind(&m.visitor_id)
-        .bind(m.seq)
-        .bind(m.created_at)
-        .bind(no_agent)
-        .bind(&m.account_id)
-        .bind(&m.visitor_id)
-        .fetch_optional(&mut self.conn)
-        .await?;
-        let (start_page_url, start_page_title) = page.unwrap_or_default();
-        let info = ChatInfo {
-            id: chat_id,
-            start_seq: m.seq,
-            started_at: m.created_at,
-            ended_at: None,
-            no_agent_online: no_agent,
-            start_page_url,
-            start_page_title,
-        };
-        let seq = self.take_seq();
-        insert_event(
-            &mut self.conn,
-            seq,
-            EventKind::ConversationStarted,
-            m,
-            Some(&info.id),
-            m.created_at,
-        )
-        .await?;
-        self.events.push(Arc::new(FeedEvent {
-            seq,
-            kind: EventKind::ConversationStarted,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            message: Some(Arc::new(m.clone())),
-            chat: Some(info.clone()),
-        }));
-        let chat = OpenChat {
-            info,
-            account_id: m.account_id.clone(),
-            visitor_id: m.visitor_id.clone(),
-            last_activity: m.created_at,
-            last_message_at: m.created_at,
-            last_seq: m.seq,
-            fragment_seq: 0,
-        };
-        emit_webhook(
-            self,
-            WEBHOOK_STARTED,
-            &chat,
-            &m.conversation_id,
-            m.seq - 1,
-            m.seq,
-            m.created_at,
-        )
-        .await?;
-        self.open_chats.insert(m.conversation_id.clone(), chat);
-        self.chat_undo
-            .push(ChatUndo::Opened(m.conversation_id.clone()));
-        Ok(())
+impl ChatWriter for WriterCtx {
+    type Db = sqlx::Sqlite;
+
+    fn parts(&mut self) -> (&mut SqliteConnection, &mut WriterCore) {
+        (&mut self.conn, &mut self.core)
     }
 
-    fn forget_added(&mut self) {
-        for key in self.added.drain(..) {
-            self.conversations.remove(&key);
-        }
-    }
-
-    /// The conversation of a visitor, creating visitor and conversation on first contact.
-    async fn conversation_for(
-        &mut self,
-        account_id: &str,
-        visitor_id: &str,
+    fn insert_event<'a>(
+        &'a mut self,
+        seq: i64,
+        kind: EventKind,
+        m: &'a MessageRow,
+        chat_id: Option<&'a str>,
         now: i64,
-    ) -> Result<String, sqlx::Error> {
-        let mut key = String::new();
-        visitor_key(&mut key, account_id, visitor_id);
-        if let Some(id) = self.conversations.get(&key) {
-            return Ok(id.clone());
-        }
-        sqlx::query(
-            "INSERT INTO visitors (account_id, id, created_at, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (account_id, id) DO NOTHING",
-        )
-        .bind(account_id)
-        .bind(visitor_id)
-        .bind(now)
-        .bind(now)
-        .execute(&mut self.conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO conversations (id, account_id, visitor_id, created_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (account_id, visitor_id) DO NOTHING",
-        )
-        .bind(crate::ids::new_id())
-        .bind(account_id)
-        .bind(visitor_id)
-        .bind(now)
-        .execute(&mut self.conn)
-        .await?;
-        let id: String = sqlx::query_scalar(
-            "SELECT id FROM conversations WHERE account_id = ? AND visitor_id = ?",
-        )
-        .bind(account_id)
-        .bind(visitor_id)
-        .fetch_one(&mut self.conn)
-        .await?;
-        if self.conversations.len() >= CONVERSATION_CACHE_MAX {
-            self.conversations.clear();
-        }
-        self.conversations.insert(key.clone(), id.clone());
-        self.added.push(key);
-        Ok(id)
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(insert_event(&mut self.conn, seq, kind, m, chat_id, now))
+    }
+
+    fn emit_webhook<'a>(
+        &'a mut self,
+        kind: &'static str,
+        chat: &'a OpenChat,
+        conversation_id: &'a str,
+        from_seq: i64,
+        to_seq: i64,
+        now: i64,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(emit_webhook(
+            self,
+            kind,
+            chat,
+            conversation_id,
+            from_seq,
+            to_seq,
+            now,
+        ))
     }
 }
 
@@ -1202,7 +971,7 @@ async fn emit_webhook(
     now: i64,
 ) -> StoreResult<bool> {
     let key = (chat.account_id.clone(), kind);
-    let wanted = match ctx.wanted.get(&key) {
+    let wanted = match ctx.core.wanted.get(&key) {
         Some(w) => *w,
         None => {
             let n: i64 = sqlx::query_scalar(
@@ -1213,14 +982,14 @@ async fn emit_webhook(
             .bind(kind)
             .fetch_one(&mut ctx.conn)
             .await?;
-            ctx.wanted.insert(key, n > 0);
+            ctx.core.wanted.insert(key, n > 0);
             n > 0
         }
     };
     if !wanted {
         return Ok(false);
     }
-    let seq = ctx.take_seq();
+    let seq = ctx.core.take_seq();
     let id = format!("evt_{}", crate::ids::new_id());
     // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
     // each endpoint that has none for this conversation yet (an existing head keeps its
@@ -1262,7 +1031,7 @@ async fn emit_webhook(
     .bind(kind)
     .execute(&mut ctx.conn)
     .await?;
-    ctx.outbox_touched = true;
+    ctx.core.outbox_touched = true;
     Ok(true)
 }
 
@@ -1304,150 +1073,6 @@ fn bind_advance_queue<'q>(
             .bind(conversation_id.to_owned());
     }
     q
-}
-
-/// Runs the chat timers (see [`Store::run_timers`]); returns what it did and the agent
-/// messages that became missed by the visitor (for the cache).
-async fn run_timers_in(
-    ctx: &mut WriterCtx,
-    now: i64,
-    fragment_before: i64,
-    idle_before: i64,
-) -> StoreResult<(TimerOutcome, Vec<MessageRow>)> {
-    let mut due: Vec<(String, i64)> = ctx
-        .open_chats
-        .iter()
-        .filter(|(_, c)| {
-            c.last_activity < idle_before
-                || (c.unfragmented_from().is_some() && c.last_message_at <= fragment_before)
-        })
-        .map(|(k, c)| (k.clone(), c.last_activity))
-        .collect();
-    due.sort_by_key(|(_, at)| *at);
-    let mut outcome = TimerOutcome::default();
-    let mut flagged = Vec::new();
-    for (conversation_id, _) in due {
-        let Some(chat) = ctx.open_chats.get(&conversation_id).cloned() else {
-            continue;
-        };
-        // The fragment first: a transcript always follows the last fragment.
-        if let Some(from) = chat.unfragmented_from() {
-            if emit_webhook(
-                ctx,
-                WEBHOOK_FRAGMENT,
-                &chat,
-                &conversation_id,
-                from,
-                chat.last_seq,
-                now,
-            )
-            .await?
-            {
-                outcome.webhook_events += 1;
-            }
-            sqlx::query("UPDATE chats SET fragment_seq = ? WHERE id = ?")
-                .bind(chat.last_seq)
-                .bind(&chat.info.id)
-                .execute(&mut ctx.conn)
-                .await?;
-            if let Some(c) = ctx.open_chats.get_mut(&conversation_id) {
-                c.fragment_seq = chat.last_seq;
-            }
-            ctx.chat_undo.push(ChatUndo::Fragmented(
-                conversation_id.clone(),
-                chat.fragment_seq,
-            ));
-        }
-        if chat.last_activity < idle_before {
-            flagged.extend(end_chat(ctx, &conversation_id, &chat, now).await?);
-            outcome.ended += 1;
-            if emit_webhook(
-                ctx,
-                WEBHOOK_TRANSCRIPT,
-                &chat,
-                &conversation_id,
-                chat.info.start_seq - 1,
-                chat.last_seq,
-                now,
-            )
-            .await?
-            {
-                outcome.webhook_events += 1;
-            }
-        }
-    }
-    let fragment_delay = now - fragment_before;
-    let idle_timeout = now - idle_before;
-    outcome.next_deadline = ctx
-        .open_chats
-        .values()
-        .map(|c| {
-            let end = c.last_activity + idle_timeout;
-            match c.unfragmented_from() {
-                Some(_) => end.min(c.last_message_at + fragment_delay),
-                None => end,
-            }
-        })
-        .min();
-    Ok((outcome, flagged))
-}
-
-/// Ends one chat: flags the agent messages the visitor never read and records the end.
-async fn end_chat(
-    ctx: &mut WriterCtx,
-    conversation_id: &str,
-    chat: &OpenChat,
-    now: i64,
-) -> StoreResult<Vec<MessageRow>> {
-    let seq = ctx.take_seq();
-    sqlx::query("UPDATE chats SET ended_at = ?, end_seq = ? WHERE id = ?")
-        .bind(now)
-        .bind(seq)
-        .bind(&chat.info.id)
-        .execute(&mut ctx.conn)
-        .await?;
-    let missed: Vec<MessageRow> = sqlx::query_as(&format!(
-        "UPDATE messages SET is_missed_by_visitor = 1 \
-         WHERE account_id = ? AND visitor_id = ? AND seq >= ? AND seq < ? \
-         AND type = 'agent' AND deleted_at IS NULL AND is_missed_by_visitor = 0 \
-         AND seq > (SELECT visitor_read_seq FROM conversations WHERE id = ?) \
-         RETURNING {MESSAGE_COLUMNS}"
-    ))
-    .bind(&chat.account_id)
-    .bind(&chat.visitor_id)
-    .bind(chat.info.start_seq)
-    .bind(seq)
-    .bind(conversation_id)
-    .fetch_all(&mut ctx.conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, chat_id, \
-         created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(seq)
-    .bind(&chat.account_id)
-    .bind(conversation_id)
-    .bind(&chat.visitor_id)
-    .bind(EventKind::ConversationEnded.as_str())
-    .bind(&chat.info.id)
-    .bind(now)
-    .execute(&mut ctx.conn)
-    .await?;
-    let mut info = chat.info.clone();
-    info.ended_at = Some(now);
-    ctx.events.push(Arc::new(FeedEvent {
-        seq,
-        kind: EventKind::ConversationEnded,
-        account_id: chat.account_id.clone(),
-        visitor_id: chat.visitor_id.clone(),
-        conversation_id: conversation_id.to_owned(),
-        message: None,
-        chat: Some(info),
-    }));
-    ctx.open_chats.remove(conversation_id);
-    ctx.chat_undo
-        .push(ChatUndo::Closed(conversation_id.to_owned(), chat.clone()));
-    Ok(missed)
 }
 
 /// The statements that record one attempt (16 parameters), followed by
@@ -1512,63 +1137,12 @@ async fn record_attempts_in(
         let _ = exec(&mut ctx.conn, "RELEASE attempts").await;
         return Err(e.into());
     }
-    ctx.outbox_touched = true;
+    ctx.core.outbox_touched = true;
     let mut health = Vec::with_capacity(outcomes.len());
     for o in &outcomes {
         health.push(super::portable::update_health::<sqlx::Sqlite>(&mut ctx.conn, o).await?);
     }
     Ok(health)
-}
-
-/// Looks up an idempotency key inside the writer's transaction.
-async fn idem_check<T>(
-    conn: &mut SqliteConnection,
-    account_id: &str,
-    rec: &IdempotencyRecord,
-) -> StoreResult<Option<Guarded<T>>> {
-    let row: Option<(String, i64, String, i64)> = sqlx::query_as(
-        "SELECT fingerprint, status, body, created_at FROM idempotency_keys \
-         WHERE account_id = ? AND key = ?",
-    )
-    .bind(account_id)
-    .bind(&rec.key)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(match row {
-        Some((fp, status, body, created)) if created >= rec.now - rec.retention_ms => {
-            if fp == rec.fingerprint {
-                Some(Guarded::Replayed(StoredResponse {
-                    status: u16::try_from(status).unwrap_or(200),
-                    body,
-                }))
-            } else {
-                Some(Guarded::KeyReused)
-            }
-        }
-        _ => None,
-    })
-}
-
-async fn idem_save(
-    conn: &mut SqliteConnection,
-    account_id: &str,
-    rec: &IdempotencyRecord,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO idempotency_keys (account_id, key, fingerprint, status, body, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, key) DO UPDATE SET \
-         fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body, \
-         created_at = excluded.created_at",
-    )
-    .bind(account_id)
-    .bind(&rec.key)
-    .bind(&rec.fingerprint)
-    .bind(i64::from(rec.response.status))
-    .bind(&rec.response.body)
-    .bind(rec.now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// One row of the feed union: the event and, when it concerns one, its message.
@@ -1793,7 +1367,7 @@ impl Store for SqliteStore {
             .write(move |ctx| {
                 Box::pin(async move {
                     if let Some(rec) = &idem {
-                        if let Some(g) = idem_check(&mut ctx.conn, &account_id, rec).await? {
+                        if let Some(g) = ctx.idem_check(&account_id, rec).await? {
                             return Ok(g);
                         }
                     }
@@ -1808,7 +1382,7 @@ impl Store for SqliteStore {
                     .await?;
                     let found = r.rows_affected() > 0;
                     if let (true, Some(rec)) = (found, &idem) {
-                        idem_save(&mut ctx.conn, &account_id, rec).await?;
+                        ctx.idem_save(&account_id, rec).await?;
                     }
                     Ok(Guarded::Applied(found))
                 })
@@ -2105,7 +1679,7 @@ impl Store for SqliteStore {
         idle_before: i64,
     ) -> StoreResult<TimerOutcome> {
         let (outcome, flagged) = self
-            .write(move |ctx| Box::pin(run_timers_in(ctx, now, fragment_before, idle_before)))
+            .write(move |ctx| Box::pin(ctx.run_timers_in(now, fragment_before, idle_before)))
             .await?;
         if !flagged.is_empty() {
             self.messages.committed(flagged.iter());
@@ -2266,7 +1840,7 @@ impl Store for SqliteStore {
                     return Ok(false);
                 };
                 advance_queue(ctx, &w, &conversation).await?;
-                ctx.outbox_touched = true;
+                ctx.core.outbox_touched = true;
                 Ok(true)
             })
         })
@@ -2345,9 +1919,9 @@ impl SqliteStore {
                         .fetch_optional(&mut ctx.conn)
                         .await?;
                     if let Some(row) = &row {
-                        let seq = ctx.take_seq();
+                        let seq = ctx.core.take_seq();
                         insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
-                        ctx.events.push(Arc::new(FeedEvent {
+                        ctx.core.events.push(Arc::new(FeedEvent {
                             seq,
                             kind,
                             account_id: row.account_id.clone(),
