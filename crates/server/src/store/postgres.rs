@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
 use super::shared::*;
-use super::writer::{visitor_key, ChatWriter, WriterCore, WriterMap};
+use super::writer::{self, visitor_key, Answer, Writer, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -75,17 +75,7 @@ impl Default for PostgresOptions {
     }
 }
 
-/// What a job leaves for the writer: whether it succeeded (else its savepoint is rolled
-/// back) and how to answer its caller once the commit outcome is known.
-struct JobDone {
-    ok: bool,
-    answer: Answer,
-}
-
-/// Answers a job's caller, given the commit error if the commit failed.
-type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
-
-type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
+type Job = writer::Job<WriterCtx>;
 
 /// A new message: the hot path, coalesced with the other inserts of its batch into one
 /// multi-row INSERT when it carries no idempotency key.
@@ -307,22 +297,7 @@ impl PostgresStore {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
-        let job: Job = Box::new(move |ctx| {
-            Box::pin(async move {
-                let result = f(ctx).await;
-                let ok = result.is_ok();
-                JobDone {
-                    ok,
-                    answer: Box::new(move |commit_error| {
-                        let _ = tx.send(match commit_error {
-                            None => result,
-                            Some(e) => Err(StoreError::Commit(e.to_owned())),
-                        });
-                    }),
-                }
-            })
-        });
+        let (job, rx) = writer::job(f);
         let msg = if atomic {
             WriterMsg::Atomic(job)
         } else {
@@ -863,7 +838,7 @@ impl WriterCtx {
     }
 }
 
-impl ChatWriter for WriterCtx {
+impl Writer for WriterCtx {
     type Db = sqlx::Postgres;
 
     fn parts(&mut self) -> (&mut PgConnection, &mut WriterCore) {
@@ -899,6 +874,14 @@ impl ChatWriter for WriterCtx {
             to_seq,
             now,
         ))
+    }
+
+    fn advance_queue<'a>(
+        &'a mut self,
+        webhook_id: &'a str,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(advance_queue(self, webhook_id, conversation_id))
     }
 }
 
@@ -1945,26 +1928,7 @@ impl Store for PostgresStore {
             event_id.to_owned(),
         );
         self.write(move |ctx| {
-            Box::pin(async move {
-                let conversation: Option<String> = sqlx::query_scalar(
-                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, \
-                     created_at = $2 WHERE account_id = $3 AND webhook_id = $4 AND event_id = $5 \
-                     RETURNING conversation_id",
-                )
-                .bind(now)
-                .bind(now)
-                .bind(&a)
-                .bind(&w)
-                .bind(&e)
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-                let Some(conversation) = conversation else {
-                    return Ok(false);
-                };
-                advance_queue(ctx, &w, &conversation).await?;
-                ctx.core.outbox_touched = true;
-                Ok(true)
-            })
+            Box::pin(async move { ctx.replay_delivery_in(&a, &w, &e, now).await })
         })
         .await
     }

@@ -26,7 +26,7 @@ use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
 use super::shared::*;
-use super::writer::{visitor_key, ChatWriter, WriterCore, WriterMap};
+use super::writer::{self, visitor_key, Answer, Writer, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -71,17 +71,7 @@ impl Default for SqliteOptions {
     }
 }
 
-/// What a job leaves for the writer: whether it succeeded (else its savepoint is rolled
-/// back) and how to answer its caller once the commit outcome is known.
-struct JobDone {
-    ok: bool,
-    answer: Answer,
-}
-
-/// Answers a job's caller, given the commit error if the commit failed.
-type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
-
-type Job = Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, JobDone> + Send>;
+type Job = writer::Job<WriterCtx>;
 
 /// A new message: the hot path. Without an idempotency key it is written together with
 /// the other inserts of its batch (see `run_batch_inner`).
@@ -285,22 +275,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<StoreResult<T>>();
-        let job: Job = Box::new(move |ctx| {
-            Box::pin(async move {
-                let result = f(ctx).await;
-                let ok = result.is_ok();
-                JobDone {
-                    ok,
-                    answer: Box::new(move |commit_error| {
-                        let _ = tx.send(match commit_error {
-                            None => result,
-                            Some(e) => Err(StoreError::Commit(e.to_owned())),
-                        });
-                    }),
-                }
-            })
-        });
+        let (job, rx) = writer::job(f);
         let msg = if atomic {
             WriterMsg::Atomic(job)
         } else {
@@ -847,7 +822,7 @@ impl WriterCtx {
     }
 }
 
-impl ChatWriter for WriterCtx {
+impl Writer for WriterCtx {
     type Db = sqlx::Sqlite;
 
     fn parts(&mut self) -> (&mut SqliteConnection, &mut WriterCore) {
@@ -883,6 +858,14 @@ impl ChatWriter for WriterCtx {
             to_seq,
             now,
         ))
+    }
+
+    fn advance_queue<'a>(
+        &'a mut self,
+        webhook_id: &'a str,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(advance_queue(self, webhook_id, conversation_id))
     }
 }
 
@@ -1823,26 +1806,7 @@ impl Store for SqliteStore {
             event_id.to_owned(),
         );
         self.write(move |ctx| {
-            Box::pin(async move {
-                let conversation: Option<String> = sqlx::query_scalar(
-                    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, \
-                     created_at = ? WHERE account_id = ? AND webhook_id = ? AND event_id = ? \
-                     RETURNING conversation_id",
-                )
-                .bind(now)
-                .bind(now)
-                .bind(&a)
-                .bind(&w)
-                .bind(&e)
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-                let Some(conversation) = conversation else {
-                    return Ok(false);
-                };
-                advance_queue(ctx, &w, &conversation).await?;
-                ctx.core.outbox_touched = true;
-                Ok(true)
-            })
+            Box::pin(async move { ctx.replay_delivery_in(&a, &w, &e, now).await })
         })
         .await
     }

@@ -3,7 +3,7 @@
 //! the current transaction, savepoints, idempotency records, and the chat life cycle
 //! (start, fragments, end).
 //!
-//! Each backend's `WriterCtx` holds a [`WriterCore`] and implements [`ChatWriter`], giving
+//! Each backend's `WriterCtx` holds a [`WriterCore`] and implements [`Writer`], giving
 //! its connection and the two statements whose SQL differs between the databases. The
 //! SQL here numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
 //! as PostgreSQL does.
@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Type};
+use tokio::sync::oneshot;
 
 use super::shared::*;
 use super::*;
@@ -32,6 +33,45 @@ pub(super) fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) 
     out.push(':');
     out.push_str(account_id);
     out.push_str(visitor_id);
+}
+
+/// What a job leaves for the writer: whether it succeeded (else its savepoint is rolled
+/// back) and how to answer its caller once the commit outcome is known.
+pub(super) struct JobDone {
+    pub(super) ok: bool,
+    pub(super) answer: Answer,
+}
+
+/// Answers a job's caller, given the commit error if the commit failed.
+pub(super) type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// Work for the writer `W`, run inside its next transaction.
+pub(super) type Job<W> = Box<dyn for<'c> FnOnce(&'c mut W) -> BoxFuture<'c, JobDone> + Send>;
+
+/// Wraps `f` as a [`Job`], with the receiver of its result: `f`'s own once the
+/// transaction commits, the commit's error if it does not.
+pub(super) fn job<W, T, F>(f: F) -> (Job<W>, oneshot::Receiver<StoreResult<T>>)
+where
+    W: Send + 'static,
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut W) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel::<StoreResult<T>>();
+    let job: Job<W> = Box::new(move |ctx| {
+        Box::pin(async move {
+            let result = f(ctx).await;
+            JobDone {
+                ok: result.is_ok(),
+                answer: Box::new(move |commit_error| {
+                    let _ = tx.send(match commit_error {
+                        None => result,
+                        Some(e) => Err(StoreError::Commit(e.to_owned())),
+                    });
+                }),
+            }
+        })
+    });
+    (job, rx)
 }
 
 /// The writer's memory, the same for both backends.
@@ -143,7 +183,7 @@ impl WriterCore {
 ///
 /// The bounds are what sqlx needs to run these statements on the backend's database;
 /// sqlx's SQLite and PostgreSQL drivers meet them all.
-pub(super) trait ChatWriter: Send + Sized
+pub(super) trait Writer: Send + Sized
 where
     for<'c> &'c mut <Self::Db as Database>::Connection: Executor<'c, Database = Self::Db>,
     for<'q> <Self::Db as Database>::Arguments<'q>: IntoArguments<'q, Self::Db>,
@@ -190,6 +230,14 @@ where
         to_seq: i64,
         now: i64,
     ) -> BoxFuture<'a, StoreResult<bool>>;
+
+    /// Points the queue of (endpoint, conversation) at its oldest pending delivery, or
+    /// removes it when none is left.
+    fn advance_queue<'a>(
+        &'a mut self,
+        webhook_id: &'a str,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<()>>;
 
     /// Runs one statement without parameters.
     async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
@@ -500,7 +548,7 @@ where
         result
     }
 
-    /// [`ChatWriter::in_savepoint`] for a job whose error is its failure.
+    /// [`Writer::in_savepoint`] for a job whose error is its failure.
     async fn in_savepoint_result<T, F>(&mut self, f: F) -> StoreResult<T>
     where
         F: for<'c> FnOnce(&'c mut Self) -> BoxFuture<'c, StoreResult<T>> + Send,
@@ -555,5 +603,34 @@ where
         .execute(&mut *self.parts().0)
         .await?;
         Ok(())
+    }
+
+    /// Puts a delivery back in its queue for another attempt now (see
+    /// [`Store::replay_delivery`]); false if the account has no such delivery.
+    async fn replay_delivery_in(
+        &mut self,
+        account_id: &str,
+        webhook_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let conversation: Option<String> = sqlx::query_scalar(
+            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, \
+             created_at = $2 WHERE account_id = $3 AND webhook_id = $4 AND event_id = $5 \
+             RETURNING conversation_id",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(account_id)
+        .bind(webhook_id)
+        .bind(event_id)
+        .fetch_optional(&mut *self.parts().0)
+        .await?;
+        let Some(conversation) = conversation else {
+            return Ok(false);
+        };
+        self.advance_queue(webhook_id, &conversation).await?;
+        self.core().outbox_touched = true;
+        Ok(true)
     }
 }
