@@ -853,7 +853,23 @@ impl Writer for WriterCtx {
         chat_id: Option<&'a str>,
         now: i64,
     ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(insert_event(&mut self.conn, seq, kind, m, chat_id, now))
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, \
+                 message_id, chat_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(seq)
+            .bind(&m.account_id)
+            .bind(&m.conversation_id)
+            .bind(&m.visitor_id)
+            .bind(kind.as_str())
+            .bind(&m.id)
+            .bind(chat_id)
+            .bind(now)
+            .execute(&mut self.conn)
+            .await?;
+            Ok(())
+        })
     }
 
     fn emit_webhook<'a>(
@@ -865,15 +881,60 @@ impl Writer for WriterCtx {
         to_seq: i64,
         now: i64,
     ) -> BoxFuture<'a, StoreResult<bool>> {
-        Box::pin(emit_webhook(
-            self,
-            kind,
-            chat,
-            conversation_id,
-            from_seq,
-            to_seq,
-            now,
-        ))
+        Box::pin(async move {
+            let key = (chat.account_id.clone(), kind);
+            let wanted = match self.core.wanted.get(&key) {
+                Some(w) => *w,
+                None => {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM webhooks WHERE account_id = $1 AND enabled \
+                         AND $2 = ANY(string_to_array(events, ','))",
+                    )
+                    .bind(&chat.account_id)
+                    .bind(kind)
+                    .fetch_one(&mut self.conn)
+                    .await?;
+                    self.core.wanted.insert(key, n > 0);
+                    n > 0
+                }
+            };
+            if !wanted {
+                return Ok(false);
+            }
+            let seq = self.core.take_seq();
+            let id = format!("evt_{}", crate::ids::new_id());
+            // One round trip: the event, a delivery per endpoint that wants it, and a queue
+            // head for each endpoint that has none for this conversation yet (an existing head
+            // keeps its place: this event waits its turn behind it).
+            sqlx::query(
+                "WITH e AS (INSERT INTO webhook_events (id, seq, account_id, conversation_id, \
+                   visitor_id, kind, chat_id, from_seq, to_seq, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)), \
+                 w AS (SELECT id FROM webhooks WHERE account_id = $3 AND enabled \
+                   AND $6 = ANY(string_to_array(events, ','))), \
+                 d AS (INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, \
+                   conversation_id, event_seq, next_attempt_at, created_at) \
+                   SELECT w.id, $1, $3, $4, $2, $10, $10 FROM w) \
+                 INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, \
+                   next_attempt_at) \
+                   SELECT w.id, $4, $2, $10 FROM w \
+                   ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(seq)
+            .bind(&chat.account_id)
+            .bind(conversation_id)
+            .bind(&chat.visitor_id)
+            .bind(kind)
+            .bind(&chat.info.id)
+            .bind(from_seq)
+            .bind(to_seq)
+            .bind(now)
+            .execute(&mut self.conn)
+            .await?;
+            self.core.outbox_touched = true;
+            Ok(true)
+        })
     }
 
     fn advance_queue<'a>(
@@ -881,34 +942,15 @@ impl Writer for WriterCtx {
         webhook_id: &'a str,
         conversation_id: &'a str,
     ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(advance_queue(self, webhook_id, conversation_id))
+        Box::pin(async move {
+            sqlx::query(ADVANCE_QUEUE_SQL)
+                .bind(vec![webhook_id.to_owned()])
+                .bind(vec![conversation_id.to_owned()])
+                .execute(&mut self.conn)
+                .await?;
+            Ok(())
+        })
     }
-}
-
-/// Records a feed event (anything but a message's creation, which the message row is).
-async fn insert_event(
-    conn: &mut PgConnection,
-    seq: i64,
-    kind: EventKind,
-    m: &MessageRow,
-    chat_id: Option<&str>,
-    now: i64,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, \
-         chat_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(seq)
-    .bind(&m.account_id)
-    .bind(&m.conversation_id)
-    .bind(&m.visitor_id)
-    .bind(kind.as_str())
-    .bind(&m.id)
-    .bind(chat_id)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The open chats (of the `only` conversations if given), with their last activity
@@ -962,85 +1004,6 @@ async fn load_open_chats(
             )
         })
         .collect())
-}
-
-/// Writes a webhook event and its deliveries, if some enabled endpoint of the account wants
-/// it; part of the caller's transaction.
-async fn emit_webhook(
-    ctx: &mut WriterCtx,
-    kind: &'static str,
-    chat: &OpenChat,
-    conversation_id: &str,
-    from_seq: i64,
-    to_seq: i64,
-    now: i64,
-) -> StoreResult<bool> {
-    let key = (chat.account_id.clone(), kind);
-    let wanted = match ctx.core.wanted.get(&key) {
-        Some(w) => *w,
-        None => {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM webhooks WHERE account_id = $1 AND enabled \
-                 AND $2 = ANY(string_to_array(events, ','))",
-            )
-            .bind(&chat.account_id)
-            .bind(kind)
-            .fetch_one(&mut ctx.conn)
-            .await?;
-            ctx.core.wanted.insert(key, n > 0);
-            n > 0
-        }
-    };
-    if !wanted {
-        return Ok(false);
-    }
-    let seq = ctx.core.take_seq();
-    let id = format!("evt_{}", crate::ids::new_id());
-    // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
-    // each endpoint that has none for this conversation yet (an existing head keeps its
-    // place: this event waits its turn behind it).
-    sqlx::query(
-        "WITH e AS (INSERT INTO webhook_events (id, seq, account_id, conversation_id, \
-           visitor_id, kind, chat_id, from_seq, to_seq, created_at) \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)), \
-         w AS (SELECT id FROM webhooks WHERE account_id = $3 AND enabled \
-           AND $6 = ANY(string_to_array(events, ','))), \
-         d AS (INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, \
-           conversation_id, event_seq, next_attempt_at, created_at) \
-           SELECT w.id, $1, $3, $4, $2, $10, $10 FROM w) \
-         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
-           SELECT w.id, $4, $2, $10 FROM w \
-           ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(seq)
-    .bind(&chat.account_id)
-    .bind(conversation_id)
-    .bind(&chat.visitor_id)
-    .bind(kind)
-    .bind(&chat.info.id)
-    .bind(from_seq)
-    .bind(to_seq)
-    .bind(now)
-    .execute(&mut ctx.conn)
-    .await?;
-    ctx.core.outbox_touched = true;
-    Ok(true)
-}
-
-/// Points the queue of (endpoint, conversation) at its oldest pending delivery (releasing
-/// any claim on it), or removes it when none is left.
-async fn advance_queue(
-    ctx: &mut WriterCtx,
-    webhook_id: &str,
-    conversation_id: &str,
-) -> StoreResult<()> {
-    sqlx::query(ADVANCE_QUEUE_SQL)
-        .bind(vec![webhook_id.to_owned()])
-        .bind(vec![conversation_id.to_owned()])
-        .execute(&mut ctx.conn)
-        .await?;
-    Ok(())
 }
 
 /// Points each queue ($1 endpoints, $2 conversations, as parallel arrays) at its oldest
@@ -2023,7 +1986,7 @@ impl PostgresStore {
                         .await?;
                     if let Some(row) = &row {
                         let seq = ctx.core.take_seq();
-                        insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
+                        ctx.insert_event(seq, kind, row, None, now).await?;
                         ctx.core.events.push(Arc::new(FeedEvent {
                             seq,
                             kind,

@@ -837,7 +837,25 @@ impl Writer for WriterCtx {
         chat_id: Option<&'a str>,
         now: i64,
     ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(insert_event(&mut self.conn, seq, kind, m, chat_id, now))
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, \
+                 message_id, message_seq, chat_id, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(seq)
+            .bind(&m.account_id)
+            .bind(&m.conversation_id)
+            .bind(&m.visitor_id)
+            .bind(kind.as_str())
+            .bind(&m.id)
+            .bind(m.seq)
+            .bind(chat_id)
+            .bind(now)
+            .execute(&mut self.conn)
+            .await?;
+            Ok(())
+        })
     }
 
     fn emit_webhook<'a>(
@@ -849,15 +867,73 @@ impl Writer for WriterCtx {
         to_seq: i64,
         now: i64,
     ) -> BoxFuture<'a, StoreResult<bool>> {
-        Box::pin(emit_webhook(
-            self,
-            kind,
-            chat,
-            conversation_id,
-            from_seq,
-            to_seq,
-            now,
-        ))
+        Box::pin(async move {
+            let key = (chat.account_id.clone(), kind);
+            let wanted = match self.core.wanted.get(&key) {
+                Some(w) => *w,
+                None => {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM webhooks WHERE account_id = ? AND enabled = 1 \
+                         AND instr(',' || events || ',', ',' || ? || ',') > 0",
+                    )
+                    .bind(&chat.account_id)
+                    .bind(kind)
+                    .fetch_one(&mut self.conn)
+                    .await?;
+                    self.core.wanted.insert(key, n > 0);
+                    n > 0
+                }
+            };
+            if !wanted {
+                return Ok(false);
+            }
+            let seq = self.core.take_seq();
+            let id = format!("evt_{}", crate::ids::new_id());
+            // One round trip: the event, a delivery per endpoint that wants it, and a queue
+            // head for each endpoint that has none for this conversation yet (an existing head
+            // keeps its place: this event waits its turn behind it).
+            sqlx::query(
+                "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, \
+                   kind, chat_id, from_seq, to_seq, created_at) \
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?); \
+                 INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, \
+                   conversation_id, event_seq, next_attempt_at, created_at) \
+                   SELECT w.id, ?, ?, ?, ?, ?, ? FROM webhooks w WHERE w.account_id = ? \
+                   AND w.enabled = 1 AND instr(',' || w.events || ',', ',' || ? || ',') > 0; \
+                 INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, \
+                   next_attempt_at) \
+                   SELECT w.id, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
+                   AND instr(',' || w.events || ',', ',' || ? || ',') > 0 \
+                   ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(seq)
+            .bind(&chat.account_id)
+            .bind(conversation_id)
+            .bind(&chat.visitor_id)
+            .bind(kind)
+            .bind(&chat.info.id)
+            .bind(from_seq)
+            .bind(to_seq)
+            .bind(now)
+            .bind(&id)
+            .bind(&chat.account_id)
+            .bind(conversation_id)
+            .bind(seq)
+            .bind(now)
+            .bind(now)
+            .bind(&chat.account_id)
+            .bind(kind)
+            .bind(conversation_id)
+            .bind(seq)
+            .bind(now)
+            .bind(&chat.account_id)
+            .bind(kind)
+            .execute(&mut self.conn)
+            .await?;
+            self.core.outbox_touched = true;
+            Ok(true)
+        })
     }
 
     fn advance_queue<'a>(
@@ -865,35 +941,13 @@ impl Writer for WriterCtx {
         webhook_id: &'a str,
         conversation_id: &'a str,
     ) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(advance_queue(self, webhook_id, conversation_id))
+        Box::pin(async move {
+            bind_advance_queue(sqlx::query(ADVANCE_QUEUE_SQL), webhook_id, conversation_id)
+                .execute(&mut self.conn)
+                .await?;
+            Ok(())
+        })
     }
-}
-
-/// Records a feed event (anything but a message's creation, which the message row is).
-async fn insert_event(
-    conn: &mut SqliteConnection,
-    seq: i64,
-    kind: EventKind,
-    m: &MessageRow,
-    chat_id: Option<&str>,
-    now: i64,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO events (seq, account_id, conversation_id, visitor_id, kind, message_id, \
-         message_seq, chat_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(seq)
-    .bind(&m.account_id)
-    .bind(&m.conversation_id)
-    .bind(&m.visitor_id)
-    .bind(kind.as_str())
-    .bind(&m.id)
-    .bind(m.seq)
-    .bind(chat_id)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The open chats at start-up, with their last activity recomputed from the messages.
@@ -940,95 +994,6 @@ async fn load_open_chats(conn: &mut SqliteConnection) -> StoreResult<WriterMap<O
             )
         })
         .collect())
-}
-
-/// Writes a webhook event and its deliveries, if some enabled endpoint of the account wants
-/// it; part of the caller's transaction.
-async fn emit_webhook(
-    ctx: &mut WriterCtx,
-    kind: &'static str,
-    chat: &OpenChat,
-    conversation_id: &str,
-    from_seq: i64,
-    to_seq: i64,
-    now: i64,
-) -> StoreResult<bool> {
-    let key = (chat.account_id.clone(), kind);
-    let wanted = match ctx.core.wanted.get(&key) {
-        Some(w) => *w,
-        None => {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM webhooks WHERE account_id = ? AND enabled = 1 \
-                 AND instr(',' || events || ',', ',' || ? || ',') > 0",
-            )
-            .bind(&chat.account_id)
-            .bind(kind)
-            .fetch_one(&mut ctx.conn)
-            .await?;
-            ctx.core.wanted.insert(key, n > 0);
-            n > 0
-        }
-    };
-    if !wanted {
-        return Ok(false);
-    }
-    let seq = ctx.core.take_seq();
-    let id = format!("evt_{}", crate::ids::new_id());
-    // One round trip: the event, a delivery per endpoint that wants it, and a queue head for
-    // each endpoint that has none for this conversation yet (an existing head keeps its
-    // place: this event waits its turn behind it).
-    sqlx::query(
-        "INSERT INTO webhook_events (id, seq, account_id, conversation_id, visitor_id, kind, \
-           chat_id, from_seq, to_seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?); \
-         INSERT INTO webhook_deliveries (webhook_id, event_id, account_id, conversation_id, \
-           event_seq, next_attempt_at, created_at) \
-           SELECT w.id, ?, ?, ?, ?, ?, ? FROM webhooks w WHERE w.account_id = ? \
-           AND w.enabled = 1 AND instr(',' || w.events || ',', ',' || ? || ',') > 0; \
-         INSERT INTO webhook_queues (webhook_id, conversation_id, head_seq, next_attempt_at) \
-           SELECT w.id, ?, ?, ? FROM webhooks w WHERE w.account_id = ? AND w.enabled = 1 \
-           AND instr(',' || w.events || ',', ',' || ? || ',') > 0 \
-           ON CONFLICT (webhook_id, conversation_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(seq)
-    .bind(&chat.account_id)
-    .bind(conversation_id)
-    .bind(&chat.visitor_id)
-    .bind(kind)
-    .bind(&chat.info.id)
-    .bind(from_seq)
-    .bind(to_seq)
-    .bind(now)
-    .bind(&id)
-    .bind(&chat.account_id)
-    .bind(conversation_id)
-    .bind(seq)
-    .bind(now)
-    .bind(now)
-    .bind(&chat.account_id)
-    .bind(kind)
-    .bind(conversation_id)
-    .bind(seq)
-    .bind(now)
-    .bind(&chat.account_id)
-    .bind(kind)
-    .execute(&mut ctx.conn)
-    .await?;
-    ctx.core.outbox_touched = true;
-    Ok(true)
-}
-
-/// Points the queue of (endpoint, conversation) at its oldest pending delivery, or removes
-/// it when none is left.
-async fn advance_queue(
-    ctx: &mut WriterCtx,
-    webhook_id: &str,
-    conversation_id: &str,
-) -> StoreResult<()> {
-    bind_advance_queue(sqlx::query(ADVANCE_QUEUE_SQL), webhook_id, conversation_id)
-        .execute(&mut ctx.conn)
-        .await?;
-    Ok(())
 }
 
 /// Points the queue of (endpoint, conversation) at its oldest pending delivery, or removes
@@ -1884,7 +1849,7 @@ impl SqliteStore {
                         .await?;
                     if let Some(row) = &row {
                         let seq = ctx.core.take_seq();
-                        insert_event(&mut ctx.conn, seq, kind, row, None, now).await?;
+                        ctx.insert_event(seq, kind, row, None, now).await?;
                         ctx.core.events.push(Arc::new(FeedEvent {
                             seq,
                             kind,
