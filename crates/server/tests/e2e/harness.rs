@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 use switchboard_server::domain::{Clock, Domain, DomainConfig};
 use switchboard_server::store::sqlite::SqliteOptions;
 use switchboard_server::ServeOptions;
@@ -357,6 +357,13 @@ impl TestServer {
             &[("authorization", &auth)],
         )
         .await
+    }
+
+    /// The visitor holding `token` sends `text` through the widget API.
+    pub async fn visitor_says(&self, token: &str, text: &str) -> Res {
+        let body = json!({ "text": text });
+        self.widget_call(Method::POST, "/messages", token, Some(body))
+            .await
     }
 
     /// Opens the visitor socket with this query (e.g. `token=...&after=...`).

@@ -74,14 +74,7 @@ async fn an_agent_message_reaches_the_visitor_socket_with_edits_and_deletes() {
     assert!(f.get("message").is_none());
 
     // The visitor's own message comes back on its socket too (other tabs see it).
-    let mine = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "thanks"})),
-        )
-        .await;
+    let mine = s.visitor_says(&token, "thanks").await;
     let f = ws.next_json().await;
     assert_eq!(f["message"]["id"], mine.ok()["id"]);
 
@@ -124,15 +117,7 @@ async fn reconnecting_replays_exactly_what_was_missed() {
         None,
     )
     .await;
-    let three = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "three"})),
-        )
-        .await
-        .ok()["id"]
+    let three = s.visitor_says(&token, "three").await.ok()["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -372,14 +357,7 @@ async fn the_account_stream_carries_visitor_messages_and_resumes_by_last_event_i
     let (visitor, token) = s.new_visitor().await;
     let mut sse = Sse::open(&s, &[]).await;
 
-    let m = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "I need help"})),
-        )
-        .await;
+    let m = s.visitor_says(&token, "I need help").await;
     let (id1, name, data) = sse.next().await;
     assert_eq!(name, "messageCreated");
     assert_eq!(data["message"]["id"], m.ok()["id"]);
@@ -496,14 +474,7 @@ async fn chats_start_and_end_on_inactivity_and_flag_unread_agent_messages() {
     // Activity keeps a chat open; inactivity past the timeout ends it.
     clock.advance(Duration::from_secs(45));
     assert_eq!(s.domain.end_idle_chats().await.unwrap(), 0);
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token,
-        Some(json!({"text": "yes"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token, "yes").await.ok();
     sse.next().await;
     clock.advance(Duration::from_secs(45));
     // The reader's chat (idle 90 s) ends; the visitor's (idle 45 s) does not.
@@ -529,14 +500,7 @@ async fn chats_start_and_end_on_inactivity_and_flag_unread_agent_messages() {
     assert_eq!(s.domain.end_idle_chats().await.unwrap(), 0, "ended once");
 
     // The next message starts a new chat in the same conversation.
-    let again = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "back"})),
-        )
-        .await;
+    let again = s.visitor_says(&token, "back").await;
     sse.next().await;
     let (_, name, started2) = sse.next().await;
     assert_eq!(name, "conversationStarted");

@@ -81,15 +81,7 @@ async fn every_event_carries_brevo_fields_signed_and_in_order() {
     .await
     .ok();
     // The visitor writes while nobody is online: the chat starts.
-    let first = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "Do you ship to Oslo?"})),
-        )
-        .await
-        .ok()["id"]
+    let first = s.visitor_says(&token, "Do you ship to Oslo?").await.ok()["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -171,15 +163,7 @@ async fn every_event_carries_brevo_fields_signed_and_in_order() {
     assert_eq!(b["visitor"]["groupId"], group.as_str());
 
     // More, then the chat times out: a last fragment, then the transcript.
-    let last = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "Great, thanks"})),
-        )
-        .await
-        .ok()["id"]
+    let last = s.visitor_says(&token, "Great, thanks").await.ok()["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -314,14 +298,7 @@ async fn a_receiver_that_was_down_gets_everything_in_order_once_it_is_back() {
     }
     for round in 0..4 {
         for t in &tokens {
-            s.widget_call(
-                Method::POST,
-                "/messages",
-                t,
-                Some(json!({"text": format!("m{round}")})),
-            )
-            .await
-            .ok();
+            s.visitor_says(t, &format!("m{round}")).await.ok();
         }
     }
     // Deliveries fail while the receiver is down...
@@ -389,14 +366,7 @@ async fn a_failing_endpoint_does_not_hold_up_a_healthy_one() {
     }
     for t in &tokens {
         for i in 0..3 {
-            s.widget_call(
-                Method::POST,
-                "/messages",
-                t,
-                Some(json!({"text": format!("m{i}")})),
-            )
-            .await
-            .ok();
+            s.visitor_says(t, &format!("m{i}")).await.ok();
         }
     }
     let (hits, _) = collect_all(&s, &mut good).await;
@@ -500,14 +470,7 @@ async fn the_webhook_api_validates_logs_and_replays() {
     assert_eq!(one.ok()["secret"], secret.as_str());
 
     let (_, token) = s.new_visitor().await;
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token,
-        Some(json!({"text": "hi"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token, "hi").await.ok();
     let hit = rx.next().await;
     verify(&secret, &hit);
     let event = hit.headers["webhook-id"].to_str().unwrap().to_owned();
@@ -560,14 +523,7 @@ async fn the_webhook_api_validates_logs_and_replays() {
         .await;
     assert_eq!(put.ok()["enabled"], false);
     let (_, token2) = s.new_visitor().await;
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token2,
-        Some(json!({"text": "hello?"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token2, "hello?").await.ok();
     assert!(
         tokio::time::timeout(Duration::from_millis(500), rx.hits.recv())
             .await
@@ -629,14 +585,7 @@ async fn the_ssrf_guard_refuses_internal_addresses() {
     let by_name = format!("http://localhost:{}/hook", rx.port);
     let (id, _) = s.webhook(&by_name, &[]).await;
     let (_, token) = s.new_visitor().await;
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token,
-        Some(json!({"text": "hi"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token, "hi").await.ok();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let log = s
@@ -678,14 +627,7 @@ async fn an_event_resent_after_a_restart_has_the_same_bytes() {
     s.webhook(&rx.url, &["conversationStarted"]).await;
     let w = s.widget_id().await;
     let (_, token) = s.new_visitor().await;
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token,
-        Some(json!({"text": "hi"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token, "hi").await.ok();
     let first = rx.next().await;
     assert!(first.body["visitor"].get("name").is_none());
 

@@ -178,14 +178,7 @@ async fn visitor_messages_are_missed_without_an_online_agent_and_reach_the_api()
     let agent = s.agent("Julia", Some("julia@example.com"), None, &[]).await;
     let (visitor, token) = s.new_visitor().await;
 
-    let m = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "Hello?"})),
-        )
-        .await;
+    let m = s.visitor_says(&token, "Hello?").await;
     let m = m.ok().clone();
     assert_eq!(m["type"], "visitor");
     assert_eq!(m["visitorId"], visitor.as_str());
@@ -197,14 +190,7 @@ async fn visitor_messages_are_missed_without_an_online_agent_and_reach_the_api()
         json!({"agentId": agent}),
     )
     .await;
-    let m2 = s
-        .widget_call(
-            Method::POST,
-            "/messages",
-            &token,
-            Some(json!({"text": "Anyone?"})),
-        )
-        .await;
+    let m2 = s.visitor_says(&token, "Anyone?").await;
     assert_eq!(m2.ok()["isMissed"], false);
 
     // The Brevo API serves visitor messages by id, and refuses to edit them.
@@ -245,14 +231,7 @@ async fn visitors_never_see_each_others_messages() {
     let (a, token_a) = s.new_visitor().await;
     let (_b, token_b) = s.new_visitor().await;
     let to_a = s.agent_says(&agent, &a, "for A only").await;
-    s.widget_call(
-        Method::POST,
-        "/messages",
-        &token_b,
-        Some(json!({"text": "B here"})),
-    )
-    .await
-    .ok();
+    s.visitor_says(&token_b, "B here").await.ok();
 
     let page_b = s
         .widget_call(Method::GET, "/messages", &token_b, None)
