@@ -4,7 +4,7 @@
 //! (start, fragments, end).
 //!
 //! Each backend's `WriterCtx` holds a [`WriterCore`] and implements [`Writer`], giving
-//! its connection and the two statements whose SQL differs between the databases. The
+//! its connection and the three statements whose SQL differs between the databases. The
 //! SQL here numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
 //! as PostgreSQL does.
 
@@ -177,9 +177,10 @@ impl WriterCore {
     }
 }
 
-/// A backend's writer: its connection, its [`WriterCore`], and the two statements whose SQL
-/// differs between the databases. The provided methods are the rest of the writer's work
-/// on chats, savepoints and idempotency records, the same on both.
+/// A backend's writer: its connection, its [`WriterCore`], and the three statements whose
+/// SQL differs between the databases. The provided methods are the rest of the writer's
+/// work on chats, savepoints, idempotency records and replayed deliveries, the same on
+/// both.
 ///
 /// The bounds are what sqlx needs to run these statements on the backend's database;
 /// sqlx's SQLite and PostgreSQL drivers meet them all.
