@@ -351,17 +351,11 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
     }
 }
 
-/// Runs one statement. Boxed: it keeps the writer task's future provably `Send` (sqlx's
-/// executor impls trip the compiler's higher-ranked lifetime inference otherwise).
-fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move { sqlx::Executor::execute(conn, sql).await.map(|_| ()) })
-}
-
 /// Starts a write transaction: locks the head row, which orders this transaction after
 /// every other instance's, and brings the open chats up to date if another instance wrote
 /// since this writer's last commit.
 async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
-    if let Err(e) = exec(&mut ctx.conn, "BEGIN").await {
+    if let Err(e) = ctx.exec("BEGIN").await {
         reconnect(ctx).await;
         return Err(e.into());
     }
@@ -372,13 +366,13 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
     let (head, writer) = match locked {
         Ok(row) => row,
         Err(e) => {
-            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            let _ = ctx.exec("ROLLBACK").await;
             return Err(e.into());
         }
     };
     if head != ctx.committed || writer != ctx.instance {
         if let Err(e) = catch_up(ctx, head).await {
-            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            let _ = ctx.exec("ROLLBACK").await;
             return Err(e);
         }
     }
@@ -444,7 +438,7 @@ async fn commit(ctx: &mut WriterCtx) -> Result<i64, sqlx::Error> {
     .bind(&ctx.instance)
     .execute(&mut ctx.conn)
     .await?;
-    exec(&mut ctx.conn, "COMMIT").await?;
+    ctx.exec("COMMIT").await?;
     Ok(head)
 }
 
@@ -567,7 +561,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
-            if exec(&mut ctx.conn, "ROLLBACK").await.is_err() {
+            if ctx.exec("ROLLBACK").await.is_err() {
                 reconnect(ctx).await;
             }
             // The chats in memory may be ahead of the database now: reload them all.
@@ -675,14 +669,14 @@ async fn insert_plain(
         let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
         let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
         // One statement in a savepoint: a failure undoes all of it and nothing else.
-        exec(&mut ctx.conn, "SAVEPOINT chunk").await.ok();
+        ctx.exec("SAVEPOINT chunk").await.ok();
         let inserted = insert_rows(&mut ctx.conn, &rows).await;
         let end = if inserted.is_ok() {
             "RELEASE chunk"
         } else {
             "ROLLBACK TO chunk"
         };
-        if let Err(e) = exec(&mut ctx.conn, end).await {
+        if let Err(e) = ctx.exec(end).await {
             tracing::error!(error = %e, "ending a savepoint");
         }
         match inserted {

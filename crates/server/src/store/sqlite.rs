@@ -333,15 +333,6 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
     }
 }
 
-/// Runs one statement. Boxed: it keeps the writer task's future provably `Send` (sqlx's
-/// executor impls trip the compiler's higher-ranked lifetime inference otherwise).
-fn exec<'a>(
-    conn: &'a mut SqliteConnection,
-    sql: &'a str,
-) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move { sqlx::Executor::execute(conn, sql).await.map(|_| ()) })
-}
-
 fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
     Box::pin(run_batch_inner(ctx, batch))
 }
@@ -389,7 +380,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
         return;
     }
-    if let Err(e) = exec(&mut ctx.conn, "BEGIN IMMEDIATE").await {
+    if let Err(e) = ctx.exec("BEGIN IMMEDIATE").await {
         tracing::error!(error = %e, jobs = batch.len(), "could not start a write transaction");
         // Dropping the jobs answers their callers with an error; nothing was written.
         batch.clear();
@@ -428,7 +419,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
     }
     let before_commit = started.elapsed();
-    let commit = exec(&mut ctx.conn, "COMMIT").await;
+    let commit = ctx.exec("COMMIT").await;
     tracing::debug!(
         size,
         work_us = before_commit.as_micros() as u64,
@@ -443,7 +434,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
-            let _ = exec(&mut ctx.conn, "ROLLBACK").await;
+            let _ = ctx.exec("ROLLBACK").await;
             ctx.core.rolled_back();
             Some(e.to_string())
         }
@@ -1081,8 +1072,8 @@ async fn record_attempts_in(
     }
     if let Err(e) = q.execute(&mut ctx.conn).await {
         // Leave nothing half-done: the savepoint may still be open.
-        let _ = exec(&mut ctx.conn, "ROLLBACK TO attempts").await;
-        let _ = exec(&mut ctx.conn, "RELEASE attempts").await;
+        let _ = ctx.exec("ROLLBACK TO attempts").await;
+        let _ = ctx.exec("RELEASE attempts").await;
         return Err(e.into());
     }
     ctx.core.outbox_touched = true;
