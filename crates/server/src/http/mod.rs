@@ -302,6 +302,12 @@ pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        if let Some(field) = duplicate_field(&inner) {
+            return ApiError::bad_request(
+                ErrorCode::DuplicateParameter,
+                format!("{field} appears more than once in the request body; send it once"),
+            );
+        }
         match inner.classify() {
             serde_json::error::Category::Data if path != "." => ApiError::bad_request(
                 ErrorCode::InvalidParameter,
@@ -324,6 +330,14 @@ pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
         )
     })?;
     Ok(value)
+}
+
+/// The field a body names twice (`{"text": "a", "text": "b"}`), from serde's error for it
+/// (the derived structs refuse duplicates rather than keep either value).
+fn duplicate_field(e: &serde_json::Error) -> Option<String> {
+    let message = e.to_string();
+    let rest = message.strip_prefix("duplicate field `")?;
+    Some(rest[..rest.find('`')?].to_owned())
 }
 
 /// The optional `Idempotency-Key` header (switchboard extension).

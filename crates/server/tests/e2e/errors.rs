@@ -114,6 +114,24 @@ async fn malformed_and_non_object_json() {
 }
 
 #[tokio::test]
+async fn a_field_sent_twice_is_a_duplicate_parameter() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    let body = format!(r#"{{"visitorId": "v", "text": "one", "text": "two", "agentId": "{a}"}}"#);
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/messages")
+                .header("api-key", KEY)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+    let msg = r.expect_error(400, "duplicate_parameter");
+    assert!(msg.starts_with("text appears more than once"), "{msg}");
+    assert_eq!(s.count("messages").await, 0);
+}
+
+#[tokio::test]
 async fn empty_bodies_give_a_normal_400() {
     let s = TestServer::start().await;
     let a = s.agent("A", None, None, &[]).await;
