@@ -16,6 +16,10 @@ mod shared;
 pub mod sqlite;
 mod writer;
 
+/// Rows the backends' unit tests write.
+#[cfg(test)]
+mod test_rows;
+
 /// Failures of the storage layer. HTTP status codes are decided elsewhere.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

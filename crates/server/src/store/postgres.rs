@@ -2032,6 +2032,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
+    use crate::store::test_rows::{agent, message};
 
     /// A database of its own for one test, on the server `SWITCHBOARD_TEST_POSTGRES` names
     /// (these tests run only when it is set); dropped at the end.
@@ -2084,31 +2085,6 @@ mod tests {
                     .map(|rt| rt.block_on(drop_database(&admin, &name)))
             })
             .join();
-        }
-    }
-
-    fn message(account: &str, id: &str, visitor: &str) -> MessageRow {
-        MessageRow {
-            id: id.into(),
-            account_id: account.into(),
-            visitor_id: visitor.into(),
-            kind: "agent".into(),
-            text: format!("text of {id}"),
-            created_at: 1,
-            updated_at: 1,
-            ..MessageRow::default()
-        }
-    }
-
-    fn agent(id: &str, email: &str, groups: &[&str]) -> NewAgent {
-        NewAgent {
-            id: id.into(),
-            name: id.into(),
-            email: Some(email.into()),
-            userpic: None,
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-            is_dummy: false,
-            created_at: 1,
         }
     }
 

@@ -1897,31 +1897,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-
-    fn message(account: &str, id: &str, visitor: &str) -> MessageRow {
-        MessageRow {
-            id: id.into(),
-            account_id: account.into(),
-            visitor_id: visitor.into(),
-            kind: "agent".into(),
-            text: format!("text of {id}"),
-            created_at: 1,
-            updated_at: 1,
-            ..MessageRow::default()
-        }
-    }
-
-    fn agent(id: &str, email: &str, groups: &[&str]) -> NewAgent {
-        NewAgent {
-            id: id.into(),
-            name: id.into(),
-            email: Some(email.into()),
-            userpic: None,
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-            is_dummy: false,
-            created_at: 1,
-        }
-    }
+    use crate::store::test_rows::{agent, message};
 
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
     /// other jobs with them.
