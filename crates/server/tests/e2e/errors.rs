@@ -101,14 +101,7 @@ async fn malformed_and_non_object_json() {
         ("[1, 2]", "invalid_parameter"),
         ("\"text\"", "invalid_parameter"),
     ] {
-        let r = s
-            .raw(
-                s.request(Method::POST, "/v3/conversations/messages")
-                    .header("api-key", KEY)
-                    .header("content-type", "application/json")
-                    .body(body),
-            )
-            .await;
+        let r = s.post_text("/v3/conversations/messages", body).await;
         r.expect_error(400, code);
     }
 }
@@ -118,14 +111,7 @@ async fn a_field_sent_twice_is_a_duplicate_parameter() {
     let s = TestServer::start().await;
     let a = s.agent("A", None, None, &[]).await;
     let body = format!(r#"{{"visitorId": "v", "text": "one", "text": "two", "agentId": "{a}"}}"#);
-    let r = s
-        .raw(
-            s.request(Method::POST, "/v3/conversations/messages")
-                .header("api-key", KEY)
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await;
+    let r = s.post_text("/v3/conversations/messages", body).await;
     let msg = r.expect_error(400, "duplicate_parameter");
     assert!(msg.starts_with("text appears more than once"), "{msg}");
     assert_eq!(s.count("messages").await, 0);

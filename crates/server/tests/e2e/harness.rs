@@ -181,6 +181,18 @@ impl TestServer {
         }
     }
 
+    /// POSTs `body` exactly as given (malformed or oddly written JSON), with the key and a
+    /// JSON content type.
+    pub async fn post_text(&self, path: &str, body: impl Into<reqwest::Body>) -> Res {
+        self.raw(
+            self.request(Method::POST, path)
+                .header("api-key", KEY)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Res {
         self.call(Method::POST, path, Some(body)).await
     }

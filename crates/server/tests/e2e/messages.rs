@@ -300,14 +300,7 @@ async fn sdk_quirks_are_accepted() {
     let agent = s.agent("A", None, None, &[]).await;
     // Python SDK: ", " separators, \u escapes with surrogate pairs, unknown keys, nulls.
     let body = "{\"visitorId\": \"v\", \"text\": \"smile \\ud83d\\ude00 caf\\u00e9\", \"agentId\": \"AGENT\", \"unknownKey\": [1, {\"x\": null}], \"receivedFrom\": null}".replace("AGENT", &agent);
-    let r = s
-        .raw(
-            s.request(Method::POST, "/v3/conversations/messages")
-                .header("api-key", crate::harness::KEY)
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await;
+    let r = s.post_text("/v3/conversations/messages", body).await;
     assert_eq!(r.ok()["text"], "smile 😀 café");
     assert!(r.body.get("receivedFrom").is_none());
     let id = r.body["id"].as_str().unwrap().to_owned();
