@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
 use super::shared::*;
-use super::writer::{self, visitor_key, Answer, Writer, WriterCore, WriterMap};
+use super::writer::{self, Answer, Writer, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -645,14 +645,12 @@ async fn insert_plain(
     let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
     for job in jobs {
         let row = job.row.clone();
-        let mut key = String::new();
-        visitor_key(&mut key, &row.account_id, &row.visitor_id);
         // A failed statement aborts the whole transaction: what may touch the database
         // (a new visitor, a new chat) gets a savepoint, so that it fails alone.
-        let touches_db = match ctx.core.conversations.get(&key) {
-            None => true,
-            Some(c) => !row.is_pushed && !ctx.core.open_chats.contains_key(c),
-        };
+        let touches_db = ctx
+            .core
+            .plain_conversation(&row.account_id, &row.visitor_id, row.is_pushed)
+            .is_none();
         let prepared = if touches_db {
             ctx.in_savepoint_result(move |ctx| Box::pin(prepare_insert(ctx, row)))
                 .await
@@ -785,12 +783,11 @@ impl WriterCtx {
     /// The rows of a batch that can be written by one statement: only plain inserts
     /// (no idempotency key), all to visitors whose conversation is known, none starting a
     /// chat, at most one chunk, and only while this writer's memory is current.
-    fn fast_path_rows(&self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
+    fn fast_path_rows(&mut self, batch: &[Pending]) -> Option<Vec<MessageRow>> {
         if batch.len() > INSERT_CHUNK || self.committed < 0 {
             return None;
         }
         let mut rows = Vec::with_capacity(batch.len());
-        let mut key = String::new();
         for pending in batch {
             let Pending::Insert(job) = pending else {
                 return None;
@@ -798,11 +795,11 @@ impl WriterCtx {
             if job.idem.is_some() {
                 return None;
             }
-            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
-            let conversation = self.core.conversations.get(&key)?;
-            if !job.row.is_pushed && !self.core.open_chats.contains_key(conversation) {
-                return None;
-            }
+            let conversation = self.core.plain_conversation(
+                &job.row.account_id,
+                &job.row.visitor_id,
+                job.row.is_pushed,
+            )?;
             let mut row = job.row.clone();
             row.conversation_id = conversation.clone();
             rows.push(row);

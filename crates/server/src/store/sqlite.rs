@@ -26,7 +26,7 @@ use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
 use super::shared::*;
-use super::writer::{self, visitor_key, Answer, Writer, WriterCore, WriterMap};
+use super::writer::{self, Answer, Writer, WriterCore, WriterMap};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -752,7 +752,6 @@ impl WriterCtx {
         if batch.len() > INSERT_CHUNK {
             return None;
         }
-        let mut key = std::mem::take(&mut self.core.key_buf);
         // The conversation is written into the row as it is found: a batch that does not
         // qualify takes the slow path, which sets every row's conversation again.
         let qualifies = batch.iter_mut().all(|pending| {
@@ -762,17 +761,19 @@ impl WriterCtx {
             if job.idem.is_some() {
                 return false;
             }
-            visitor_key(&mut key, &job.row.account_id, &job.row.visitor_id);
-            match self.core.conversations.get(key.as_str()) {
+            let row = &mut job.row;
+            match self
+                .core
+                .plain_conversation(&row.account_id, &row.visitor_id, row.is_pushed)
+            {
                 Some(conversation) => {
-                    job.row.conversation_id.clone_from(conversation);
-                    job.row.is_pushed || self.core.open_chats.contains_key(conversation)
+                    row.conversation_id.clone_from(conversation);
+                    true
                 }
                 None => false,
             }
         });
         if !qualifies {
-            self.core.key_buf = key;
             return None;
         }
         let mut jobs = Vec::with_capacity(batch.len());
@@ -787,7 +788,6 @@ impl WriterCtx {
             }
             jobs.push(job);
         }
-        self.core.key_buf = key;
         Some(jobs)
     }
 

@@ -27,7 +27,7 @@ const CONVERSATION_CACHE_MAX: usize = 200_000;
 
 /// The key of [`WriterCore::conversations`]: the account id's length, then both ids
 /// (unambiguous whatever the ids hold), written into a reused buffer.
-pub(super) fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) {
+fn visitor_key(out: &mut String, account_id: &str, visitor_id: &str) {
     out.clear();
     out.push_str(itoa::Buffer::new().format(account_id.len()));
     out.push(':');
@@ -154,11 +154,24 @@ impl WriterCore {
         m
     }
 
-    /// Forgets the conversations learnt in a transaction that failed.
-    pub(super) fn forget_added(&mut self) {
-        for key in self.added.drain(..) {
-            self.conversations.remove(&key);
-        }
+    /// The conversation of a visitor known to exist. The key is built in `key_buf`, so a
+    /// lookup allocates nothing.
+    fn known_conversation(&mut self, account_id: &str, visitor_id: &str) -> Option<&String> {
+        visitor_key(&mut self.key_buf, account_id, visitor_id);
+        self.conversations.get(self.key_buf.as_str())
+    }
+
+    /// The conversation of a new message that needs nothing written but itself: its
+    /// visitor's conversation is known, and it is pushed or its chat is open already.
+    pub(super) fn plain_conversation(
+        &mut self,
+        account_id: &str,
+        visitor_id: &str,
+        is_pushed: bool,
+    ) -> Option<&String> {
+        visitor_key(&mut self.key_buf, account_id, visitor_id);
+        let conversation = self.conversations.get(self.key_buf.as_str())?;
+        (is_pushed || self.open_chats.contains_key(conversation)).then_some(conversation)
     }
 
     /// After a commit: the transaction's changes stay.
@@ -169,7 +182,9 @@ impl WriterCore {
 
     /// After a failed commit: the writer's memory as before the transaction.
     pub(super) fn rolled_back(&mut self) {
-        self.forget_added();
+        for key in self.added.drain(..) {
+            self.conversations.remove(&key);
+        }
         self.undo_to(Mark {
             events: 0,
             chat_undo: 0,
@@ -334,11 +349,10 @@ where
         visitor_id: &str,
         now: i64,
     ) -> Result<String, sqlx::Error> {
-        let mut key = String::new();
-        visitor_key(&mut key, account_id, visitor_id);
-        if let Some(id) = self.core().conversations.get(&key) {
+        if let Some(id) = self.core().known_conversation(account_id, visitor_id) {
             return Ok(id.clone());
         }
+        let key = self.core().key_buf.clone();
         let conn = self.parts().0;
         sqlx::query(
             "INSERT INTO visitors (account_id, id, created_at, updated_at) \
