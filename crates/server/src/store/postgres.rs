@@ -114,9 +114,9 @@ struct WriterCtx {
     /// instance wrote since and `open_chats` must catch up.
     committed: i64,
     /// What both backends' writers keep in memory (see [`WriterCore`]). Its `next_seq` is
-    /// valid while the head row is locked, its open chats as of `committed`, and its
-    /// events only tell whether there were any (the feed reader reads them back from the
-    /// tables).
+    /// valid while the head row is locked, its open chats as of `committed`; its events
+    /// go to this instance's feed reader with the commit (other instances' changes it
+    /// reads back from the tables).
     core: WriterCore,
     signals: Signals,
     /// The head locked by the current transaction (its changes follow it).
@@ -1216,7 +1216,7 @@ async fn read_feed(
         .collect())
 }
 
-/// Portable committed changes of every account in order and hands them to the real-time
+/// Reads committed changes of every account in order and hands them to the real-time
 /// fan-out: after each local commit, on a notification from another instance, and every
 /// `poll` regardless.
 struct FeedReader {
@@ -1282,7 +1282,7 @@ impl FeedReader {
         }
     }
 
-    /// Portable and forwards everything after `self.after`.
+    /// Reads and forwards everything after `self.after`.
     async fn read_all(&mut self) -> StoreResult<()> {
         loop {
             let page = read_feed(&self.pool, None, None, self.after, Self::PAGE).await?;

@@ -1,6 +1,6 @@
 //! The embedded SQLite backend.
 //!
-//! Portable go through a small pool; every write goes through one writer task that commits all
+//! Reads go through a small pool; every write goes through one writer task that commits all
 //! writes queued at that moment in a single transaction (group commit), then answers each
 //! waiting caller. With WAL and `synchronous=FULL` the commit is fsynced before anyone is
 //! answered, so an acknowledged write survives SIGKILL and power loss, and the fsync cost is
@@ -604,7 +604,7 @@ fn open_fast(path: &Path, synchronous_full: bool) -> StoreResult<rusqlite::Conne
     };
     let (conn, mode) =
         open().map_err(|e| StoreError::Commit(format!("opening the writer's connection: {e}")))?;
-    // Portable run beside the writer only in WAL mode, which the migrations set.
+    // Reads run beside the writer only in WAL mode, which the migrations set.
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Commit(format!(
             "the database is in journal mode {mode}, not wal"
