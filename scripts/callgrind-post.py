@@ -12,6 +12,12 @@ the sizes of a real run; compare builds, not absolute figures. SHA-256 runs in s
 under valgrind (no SHA extensions), which inflates the workers' count by about 3,500.
 
     scripts/callgrind-post.py [--switchboard A] [--against B] [--posts 8000] [--base 2000]
+
+With --batch N it counts the store alone at a group-commit size of N instead: A and B are
+then builds of the `writer_batches` example (target/release/examples/writer_batches),
+which submits N agent messages at once, POSTS / N times (BASE / N for the base), so that
+every commit holds N messages as in a real run at 64 connections; the figures are per
+message, and only the writer's count is comparable to a server's.
 """
 import argparse
 import asyncio
@@ -49,6 +55,17 @@ async def post_many(host, port, count):
     writer.close()
 
 
+def by_kind(out):
+    """Instructions of the callgrind files `out`.*-* (one per thread), by thread kind."""
+    kinds = {}
+    for path in glob.glob(out + ".*-*"):
+        text = open(path).read()
+        total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        kind = next((k for k, f in KINDS if f in text), "other")
+        kinds[kind] = kinds.get(kind, 0) + (int(total.group(1)) if total else 0)
+    return kinds
+
+
 def count(binary, posts, connections, workdir):
     """Runs the server under callgrind for `posts` POSTs; instructions by thread kind."""
     out = os.path.join(workdir, f"cg-{posts}")
@@ -79,20 +96,30 @@ def count(binary, posts, connections, workdir):
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=300)
-    kinds = {}
-    for path in glob.glob(out + ".*-*"):
-        text = open(path).read()
-        total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-        kind = next((k for k, f in KINDS if f in text), "other")
-        kinds[kind] = kinds.get(kind, 0) + (int(total.group(1)) if total else 0)
-    return kinds
+    return by_kind(out)
+
+
+def count_batches(binary, messages, batch, workdir):
+    """Runs the writer_batches example under callgrind; instructions by thread kind."""
+    out = os.path.join(workdir, f"cg-{messages}")
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+         f"--callgrind-out-file={out}.%p", binary, str(batch), str(messages // batch)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+        env=dict(os.environ, RUST_LOG="warn"))
+    return by_kind(out)
 
 
 def per_post(binary, args):
+    unit = args.batch or args.connections
     with tempfile.TemporaryDirectory() as workdir:
-        base = count(binary, args.base, args.connections, workdir)
-        full = count(binary, args.posts, args.connections, workdir)
-    extra = args.posts // args.connections * args.connections - args.base // args.connections * args.connections
+        if args.batch:
+            base = count_batches(binary, args.base, args.batch, workdir)
+            full = count_batches(binary, args.posts, args.batch, workdir)
+        else:
+            base = count(binary, args.base, args.connections, workdir)
+            full = count(binary, args.posts, args.connections, workdir)
+    extra = args.posts // unit * unit - args.base // unit * unit
     return {k: (full.get(k, 0) - base.get(k, 0)) / extra for k in set(base) | set(full)}
 
 
@@ -103,13 +130,20 @@ def main():
     p.add_argument("--posts", type=int, default=8000)
     p.add_argument("--base", type=int, default=2000)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--batch", type=int,
+                   help="count the writer_batches example at this group-commit size")
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is required")
     builds = [("A", args.switchboard)] + ([("B", args.against)] if args.against else [])
     results = {label: per_post(binary, args) for label, binary in builds}
     order = [k for k, _ in KINDS] + ["other"]
-    print(f"instructions per POST ({args.posts} - {args.base} POSTs, {args.connections} connections)")
+    if args.batch:
+        print(f"instructions per message ({args.posts} - {args.base} messages, "
+              f"group commits of {args.batch})")
+    else:
+        print(f"instructions per POST ({args.posts} - {args.base} POSTs, "
+              f"{args.connections} connections)")
     print("thread".ljust(16) + "".join(label.rjust(12) for label, _ in builds)
           + ("B/A".rjust(9) if args.against else ""))
     rows = order + ["all"]

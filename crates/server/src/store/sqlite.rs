@@ -2025,6 +2025,93 @@ mod tests {
         store.close().await;
     }
 
+    /// A batch on the hot path is written row for row, every value in its column; one bad
+    /// row at its end undoes the rows before it.
+    #[tokio::test]
+    async fn a_fast_batch_is_written_row_for_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        let first = match store
+            .insert_message(message(&account.id, "m0", "v"), None)
+            .await
+            .unwrap()
+        {
+            Guarded::Applied(m) => m,
+            _ => panic!("not applied"),
+        };
+        let fast = open_fast(&path, true).unwrap();
+        let rows: Vec<MessageRow> = (1..=23)
+            .map(|i: i64| MessageRow {
+                conversation_id: first.conversation_id.clone(),
+                seq: 1000 + i,
+                kind: if i % 2 == 0 { "agent" } else { "visitor" }.into(),
+                agent_id: (i % 3 == 0).then(|| format!("agent{i}")),
+                agent_name: Some(format!("name {i}")),
+                agent_userpic: (i % 5 == 0).then(|| format!("https://pic/{i}")),
+                is_pushed: i % 2 == 1,
+                is_missed: i % 3 == 1,
+                is_missed_by_visitor: i % 4 == 1,
+                is_trigger: i % 5 == 1,
+                received_from: (i % 2 == 0).then(|| format!("from {i}")),
+                created_at: 10 * i,
+                updated_at: 10 * i + 1,
+                ..message(&account.id, &format!("id{i}"), &format!("v{}", i % 4))
+            })
+            .collect();
+        let mut bad = rows.clone();
+        bad[22].seq = first.seq;
+        assert!(insert_rows_now(&fast, &bad).is_err());
+        assert!(fast.is_autocommit(), "transaction left open");
+        let count: i64 = fast
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 1, "rows of a failed batch stayed");
+
+        insert_rows_now(&fast, &rows).unwrap();
+        let mut stmt = fast
+            .prepare(
+                "SELECT seq, id, account_id, conversation_id, visitor_id, type, text, agent_id, \
+                 agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
+                 is_trigger, received_from, created_at, updated_at FROM messages \
+                 WHERE seq > 1000 ORDER BY seq",
+            )
+            .unwrap();
+        let stored: Vec<MessageRow> = stmt
+            .query_map([], |r| {
+                Ok(MessageRow {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    account_id: r.get(2)?,
+                    conversation_id: r.get(3)?,
+                    visitor_id: r.get(4)?,
+                    kind: r.get(5)?,
+                    text: r.get(6)?,
+                    agent_id: r.get(7)?,
+                    agent_name: r.get(8)?,
+                    agent_userpic: r.get(9)?,
+                    is_pushed: r.get(10)?,
+                    is_missed: r.get(11)?,
+                    is_missed_by_visitor: r.get(12)?,
+                    is_trigger: r.get(13)?,
+                    received_from: r.get(14)?,
+                    created_at: r.get(15)?,
+                    updated_at: r.get(16)?,
+                    ..MessageRow::default()
+                })
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored, rows);
+        drop(stmt);
+        drop(fast);
+        store.close().await;
+    }
+
     /// A store on `path` with its default account and one message in it; the message's id.
     async fn store_with_a_message(
         path: &Path,
