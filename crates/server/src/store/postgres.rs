@@ -2029,7 +2029,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::test_rows::{agent, message};
+    use crate::store::test_rows::{failing_jobs_in_one_batch, message};
 
     /// A database of its own for one test, on the server `SWITCHBOARD_TEST_POSTGRES` names
     /// (these tests run only when it is set); dropped at the end.
@@ -2097,74 +2097,33 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        let acc = account.id.clone();
-        store
-            .create_agent(&acc, &agent("taken", "taken@x.com", &[]))
-            .await
-            .unwrap();
-
-        // Hold the write lock elsewhere so the jobs below queue up and commit together.
-        let mut blocker = PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-        sqlx::query("SELECT seq FROM feed_head FOR UPDATE")
-            .execute(&mut blocker)
-            .await
-            .unwrap();
-
-        let mut tasks = Vec::new();
-        for i in 0..4 {
-            let (s, acc) = (store.clone(), acc.clone());
-            tasks.push(tokio::spawn(async move {
-                s.insert_message(message(&acc, &format!("m{i}"), "v"), None)
-                    .await
-                    .map(|_| ())
-            }));
-        }
-        let (s, a) = (store.clone(), acc.clone());
-        // Fails after its first statement: the agent row is written, its group is not there.
-        let half = tokio::spawn(async move {
-            s.create_agent(&a, &agent("half", "half@x.com", &["no-such-group"]))
+        // Holds the write lock elsewhere so that the jobs queue up and commit together.
+        let url = db.url.clone();
+        let hold = async move {
+            let mut blocker = PgConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+            sqlx::query("SELECT seq FROM feed_head FOR UPDATE")
+                .execute(&mut blocker)
                 .await
-                .map(|_| ())
-        });
-        let (s, a) = (store.clone(), acc.clone());
-        let duplicate = tokio::spawn(async move {
-            s.create_agent(&a, &agent("dup", "TAKEN@x.com", &[]))
-                .await
-                .map(|_| ())
-        });
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
-        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-
-        for t in tasks {
-            t.await.unwrap().expect("valid inserts commit");
-        }
-        assert!(half.await.unwrap().is_err());
-        assert!(matches!(
-            duplicate.await.unwrap(),
-            Err(StoreError::Conflict(_))
-        ));
-
-        let count = |sql: &'static str| {
-            let pool = store.pool.clone();
-            async move {
+                .unwrap();
+            blocker
+        };
+        let release = |mut blocker: PgConnection| -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+            })
+        };
+        let pool = store.pool.clone();
+        let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
+            let pool = pool.clone();
+            Box::pin(async move {
                 sqlx::query_scalar::<_, i64>(sql)
                     .fetch_one(&pool)
                     .await
                     .unwrap()
-            }
+            })
         };
-        assert_eq!(count("SELECT count(*) FROM messages").await, 4);
-        assert_eq!(
-            count("SELECT count(*) FROM agents WHERE id = 'half'").await,
-            0,
-            "half-written agent left behind"
-        );
-        assert_eq!(count("SELECT count(*) FROM agents").await, 1);
-        store.close().await;
+        failing_jobs_in_one_batch(store, hold, release, count).await;
         db.drop_now().await;
     }
 

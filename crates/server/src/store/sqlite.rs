@@ -1897,7 +1897,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::test_rows::{agent, message};
+    use crate::store::test_rows::{failing_jobs_in_one_batch, message};
 
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
     /// other jobs with them.
@@ -1910,84 +1910,39 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        let acc = account.id.clone();
-        store
-            .create_agent(&acc, &agent("taken", "taken@x.com", &[]))
-            .await
-            .unwrap();
-
-        // Hold the write lock elsewhere so the jobs below queue up and commit together.
-        let mut blocker = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut blocker)
-            .await
-            .unwrap();
-
-        let mut tasks = Vec::new();
-        for i in 0..4 {
-            let (s, acc) = (store.clone(), acc.clone());
-            tasks.push(tokio::spawn(async move {
-                s.insert_message(message(&acc, &format!("m{i}"), "v"), None)
-                    .await
-                    .map(|_| ())
-            }));
-        }
-        let (s, a) = (store.clone(), acc.clone());
-        // Fails after its first statement: the agent row is written, its group is not there.
-        let half = tokio::spawn(async move {
-            s.create_agent(&a, &agent("half", "half@x.com", &["no-such-group"]))
+        // Holds the write lock elsewhere so that the jobs queue up and commit together.
+        let url = format!("sqlite://{}", path.display());
+        let hold = async move {
+            let mut blocker = SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut blocker)
                 .await
-                .map(|_| ())
-        });
-        let (s, a) = (store.clone(), acc.clone());
-        let duplicate = tokio::spawn(async move {
-            s.create_agent(&a, &agent("dup", "TAKEN@x.com", &[]))
-                .await
-                .map(|_| ())
-        });
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
-        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-
-        for t in tasks {
-            t.await.unwrap().expect("valid inserts commit");
-        }
-        assert!(half.await.unwrap().is_err());
-        assert!(matches!(
-            duplicate.await.unwrap(),
-            Err(StoreError::Conflict(_))
-        ));
-
-        let count = |sql: &'static str| {
-            let pool = store.pool.clone();
-            async move {
+                .unwrap();
+            blocker
+        };
+        let release = |mut blocker: SqliteConnection| -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+            })
+        };
+        let pool = store.pool.clone();
+        let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
+            let pool = pool.clone();
+            Box::pin(async move {
                 sqlx::query_scalar::<_, i64>(sql)
                     .fetch_one(&pool)
                     .await
                     .unwrap()
-            }
+            })
         };
-        assert_eq!(count("SELECT count(*) FROM messages").await, 4);
-        assert_eq!(
-            count("SELECT count(*) FROM agents WHERE id = 'half'").await,
-            0,
-            "half-written agent left behind"
-        );
-        assert_eq!(count("SELECT count(*) FROM agents").await, 1);
-        store.close().await;
+        failing_jobs_in_one_batch(store, hold, release, count).await;
     }
 
-    /// The hot path's own transaction: a batch with one bad row writes nothing, leaves no
-    /// transaction open, and the connection goes on working.
-    #[tokio::test]
-    async fn a_failing_fast_insert_writes_none_of_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
+    /// A store on `path` with one message (returned), and a hot-path connection to it.
+    async fn store_with_fast_connection(
+        path: &Path,
+    ) -> (SqliteStore, MessageRow, rusqlite::Connection) {
+        let store = SqliteStore::open(path, SqliteOptions::default())
             .await
             .unwrap();
         let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
@@ -1996,14 +1951,23 @@ mod tests {
             .await
             .unwrap()
         {
-            Guarded::Applied(m) => m,
+            Guarded::Applied(m) => Arc::unwrap_or_clone(m),
             _ => panic!("not applied"),
         };
-        let fast = open_fast(&path, true).unwrap();
+        let fast = open_fast(path, true).unwrap();
+        (store, first, fast)
+    }
+
+    /// The hot path's own transaction: a batch with one bad row writes nothing, leaves no
+    /// transaction open, and the connection goes on working.
+    #[tokio::test]
+    async fn a_failing_fast_insert_writes_none_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, first, fast) = store_with_fast_connection(&dir.path().join("t.db")).await;
         let row = |id: &str, seq: i64| MessageRow {
             conversation_id: first.conversation_id.clone(),
             seq,
-            ..message(&account.id, id, "v")
+            ..message(&first.account_id, id, "v")
         };
         let count = || -> i64 {
             fast.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
@@ -2030,20 +1994,7 @@ mod tests {
     #[tokio::test]
     async fn a_fast_batch_is_written_row_for_row() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
-            .await
-            .unwrap();
-        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        let first = match store
-            .insert_message(message(&account.id, "m0", "v"), None)
-            .await
-            .unwrap()
-        {
-            Guarded::Applied(m) => m,
-            _ => panic!("not applied"),
-        };
-        let fast = open_fast(&path, true).unwrap();
+        let (store, first, fast) = store_with_fast_connection(&dir.path().join("t.db")).await;
         let rows: Vec<MessageRow> = (1..=23)
             .map(|i: i64| MessageRow {
                 conversation_id: first.conversation_id.clone(),
@@ -2059,7 +2010,7 @@ mod tests {
                 received_from: (i % 2 == 0).then(|| format!("from {i}")),
                 created_at: 10 * i,
                 updated_at: 10 * i + 1,
-                ..message(&account.id, &format!("id{i}"), &format!("v{}", i % 4))
+                ..message(&first.account_id, &format!("id{i}"), &format!("v{}", i % 4))
             })
             .collect();
         let mut bad = rows.clone();
