@@ -544,7 +544,10 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
     }
     let before_commit = started.elapsed();
-    let commit = commit(ctx).await;
+    let commit = match ctx.core.may_commit() {
+        Ok(()) => commit(ctx).await.map_err(|e| e.to_string()),
+        Err(why) => Err(why),
+    };
     tracing::debug!(
         size,
         work_us = before_commit.as_micros() as u64,
@@ -567,7 +570,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             // The chats in memory may be ahead of the database now: reload them all.
             ctx.committed = -1;
             ctx.core.rolled_back();
-            Some(e.to_string())
+            Some(e)
         }
     };
     for o in owed {

@@ -419,7 +419,10 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
     }
     let before_commit = started.elapsed();
-    let commit = ctx.exec("COMMIT").await;
+    let commit = match ctx.core.may_commit() {
+        Ok(()) => ctx.exec("COMMIT").await.map_err(|e| e.to_string()),
+        Err(why) => Err(why),
+    };
     tracing::debug!(
         size,
         work_us = before_commit.as_micros() as u64,
@@ -436,7 +439,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = ctx.exec("ROLLBACK").await;
             ctx.core.rolled_back();
-            Some(e.to_string())
+            Some(e)
         }
     };
     for o in owed {
@@ -1936,6 +1939,87 @@ mod tests {
             })
         };
         failing_jobs_in_one_batch(store, hold, release, count).await;
+    }
+
+    /// A job that fails after its savepoint is gone cannot be undone alone: the writer
+    /// rolls the whole batch back and answers every caller with an error, rather than
+    /// commit the failed job's writes with the others'.
+    #[tokio::test]
+    async fn a_failed_job_that_cannot_be_undone_fails_its_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Arc::new(
+            SqliteStore::open(&path, SqliteOptions::default())
+                .await
+                .unwrap(),
+        );
+        let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
+        // Hold the write lock elsewhere so that both jobs commit in one batch.
+        let mut blocker = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let (s, acc) = (store.clone(), account.id.clone());
+        let insert = tokio::spawn(async move {
+            s.insert_message(message(&acc, "m0", "v"), None)
+                .await
+                .map(|_| ())
+        });
+        let (s, acc) = (store.clone(), account.id.clone());
+        let broken = tokio::spawn(async move {
+            s.write_with(false, move |ctx| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO agents (id, account_id, name, created_at) \
+                         VALUES ('half', ?, 'Half', 1)",
+                    )
+                    .bind(&acc)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    // The job's savepoint, released from under it.
+                    ctx.exec("RELEASE job").await?;
+                    Err::<(), _>(StoreError::Conflict(
+                        "a job that fails after its write".into(),
+                    ))
+                })
+            })
+            .await
+        });
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+
+        assert!(
+            insert.await.unwrap().is_err(),
+            "its batch was committed with a failed job in it"
+        );
+        assert!(broken.await.unwrap().is_err());
+        let count = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            count("SELECT count(*) FROM agents WHERE id = 'half'").await,
+            0,
+            "half-written job committed"
+        );
+        assert_eq!(count("SELECT count(*) FROM messages").await, 0);
+        // The writer goes on: the next batch commits.
+        store
+            .insert_message(message(&account.id, "m1", "v"), None)
+            .await
+            .unwrap();
+        assert_eq!(count("SELECT count(*) FROM messages").await, 1);
+        store.close().await;
     }
 
     /// A store on `path` with one message (returned), and a hot-path connection to it.

@@ -99,6 +99,9 @@ pub(super) struct WriterCore {
     /// Whether an account has endpoints for an event, asked once per batch (endpoints are
     /// changed by other processes too, so this is not kept longer).
     pub(super) wanted: HashMap<(String, &'static str), bool>,
+    /// Why the current transaction must not commit: a job failed and its writes could not
+    /// be undone alone (its savepoint could not be set or rolled back to).
+    pub(super) poisoned: Option<String>,
 }
 
 impl WriterCore {
@@ -178,6 +181,12 @@ impl WriterCore {
     pub(super) fn committed(&mut self) {
         self.added.clear();
         self.chat_undo.clear();
+    }
+
+    /// Whether the current transaction may commit; if not, why (taken: the next
+    /// transaction starts clean).
+    pub(super) fn may_commit(&mut self) -> Result<(), String> {
+        self.poisoned.take().map_or(Ok(()), Err)
     }
 
     /// After a failed commit: the writer's memory as before the transaction.
@@ -540,20 +549,28 @@ where
     }
 
     /// Runs `f` between SAVEPOINT and RELEASE, rolling back to the savepoint (and the
-    /// writer's memory to where it was) if `ok` says it failed.
+    /// writer's memory to where it was) if `ok` says it failed. A failed job whose writes
+    /// cannot be undone that way poisons the transaction: the batch is rolled back whole
+    /// rather than committed with them.
     async fn in_savepoint<R, F>(&mut self, f: F, ok: fn(&R) -> bool) -> R
     where
         F: for<'c> FnOnce(&'c mut Self) -> BoxFuture<'c, R> + Send,
         R: Send,
     {
-        if let Err(e) = self.exec("SAVEPOINT job").await {
+        let savepoint = self.exec("SAVEPOINT job").await;
+        if let Err(e) = &savepoint {
             tracing::error!(error = %e, "savepoint");
         }
         let mark = self.core().mark();
         let result = f(self).await;
         if !ok(&result) {
-            if let Err(e) = self.exec("ROLLBACK TO job").await {
-                tracing::error!(error = %e, "rolling back to savepoint");
+            let undone = match savepoint {
+                Ok(()) => self.exec("ROLLBACK TO job").await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = undone {
+                tracing::error!(error = %e, "a failed job could not be rolled back alone");
+                self.core().poisoned = Some(format!("a failed job could not be undone: {e}"));
             }
             self.core().undo_to(mark);
         }
