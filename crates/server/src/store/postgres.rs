@@ -89,7 +89,6 @@ struct InsertJob {
 #[allow(clippy::large_enum_variant)]
 enum WriterMsg {
     Job(Job),
-    Atomic(Job),
     Insert(InsertJob),
     Stop(oneshot::Sender<()>),
 }
@@ -98,8 +97,6 @@ enum WriterMsg {
 #[allow(clippy::large_enum_variant)]
 enum Pending {
     Job(Job),
-    /// A job that is atomic by itself (one statement, or its own savepoint).
-    Atomic(Job),
     Insert(InsertJob),
 }
 
@@ -273,38 +270,17 @@ impl PostgresStore {
         })
     }
 
-    /// Runs `f` inside the writer's next transaction and returns its result once committed.
+    /// Runs `f` inside the writer's next transaction, in a savepoint of its own (a failed
+    /// statement aborts a whole PostgreSQL transaction, so even a job of one statement needs
+    /// one to fail alone), and returns its result once committed.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
     {
-        self.write_with(false, f).await
-    }
-
-    /// [`Self::write`] for work that is atomic by itself (a single statement, or one that
-    /// sets its own savepoint): it saves the savepoint's two round trips to the database.
-    async fn write_atomic<T, F>(&self, f: F) -> StoreResult<T>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
-    {
-        self.write_with(true, f).await
-    }
-
-    async fn write_with<T, F>(&self, atomic: bool, f: F) -> StoreResult<T>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
-    {
         let (job, rx) = writer::job(f);
-        let msg = if atomic {
-            WriterMsg::Atomic(job)
-        } else {
-            WriterMsg::Job(job)
-        };
         self.writer
-            .send(msg)
+            .send(WriterMsg::Job(job))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::Aborted)?
@@ -317,7 +293,6 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
     while stop.is_none() {
         match rx.recv().await {
             Some(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
-            Some(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
             Some(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
             Some(WriterMsg::Stop(done)) => stop = Some(done),
             None => break,
@@ -325,7 +300,6 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
         while batch.len() < max_batch && stop.is_none() {
             match rx.try_recv() {
                 Ok(WriterMsg::Job(job)) => batch.push(Pending::Job(job)),
-                Ok(WriterMsg::Atomic(job)) => batch.push(Pending::Atomic(job)),
                 Ok(WriterMsg::Insert(job)) => batch.push(Pending::Insert(job)),
                 Ok(WriterMsg::Stop(done)) => stop = Some(done),
                 Err(_) => break,
@@ -519,12 +493,6 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         match pending {
             Pending::Job(job) => {
                 // One failing job must not leave half its writes behind, nor undo the others'.
-                let done = ctx.in_savepoint(|ctx| job(ctx), |d| d.ok).await;
-                owed.push(Owed::Job(done.answer));
-            }
-            // A failed statement aborts a whole PostgreSQL transaction, so even a job that
-            // is one statement needs a savepoint to fail alone.
-            Pending::Atomic(job) => {
                 let done = ctx.in_savepoint(|ctx| job(ctx), |d| d.ok).await;
                 owed.push(Owed::Job(done.answer));
             }
@@ -1603,7 +1571,7 @@ impl Store for PostgresStore {
     }
 
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
-        self.write_atomic(move |ctx| {
+        self.write(move |ctx| {
             Box::pin(async move {
                 let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
                     .bind(before)

@@ -260,8 +260,9 @@ impl SqliteStore {
         self.write_with(false, f).await
     }
 
-    /// [`Self::write`] for work that is atomic by itself (a single statement, or one that
-    /// sets its own savepoint): it saves the savepoint's two round trips to the database.
+    /// [`Self::write`] for work that needs no savepoint: a single statement, or statements
+    /// whose partial effect is harmless if a later one fails (it saves the savepoint's two
+    /// round trips to the database).
     async fn write_atomic<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -1037,14 +1038,12 @@ async fn record_attempts_in(
     outcomes: Vec<AttemptOutcome>,
 ) -> StoreResult<Vec<EndpointHealth>> {
     let mut sql = String::with_capacity(
-        40 + outcomes.len() * (RECORD_ATTEMPT_SQL.len() + ADVANCE_QUEUE_SQL.len()),
+        outcomes.len() * (RECORD_ATTEMPT_SQL.len() + ADVANCE_QUEUE_SQL.len()),
     );
-    sql.push_str("SAVEPOINT attempts; ");
     for _ in &outcomes {
         sql.push_str(RECORD_ATTEMPT_SQL);
         sql.push_str(ADVANCE_QUEUE_SQL);
     }
-    sql.push_str("RELEASE attempts");
     let mut q = sqlx::query(&sql);
     for o in &outcomes {
         let delivered = o.error.is_none();
@@ -1073,12 +1072,7 @@ async fn record_attempts_in(
             .bind(o.event_id.clone());
         q = bind_advance_queue(q, &o.webhook_id, &o.conversation_id);
     }
-    if let Err(e) = q.execute(&mut ctx.conn).await {
-        // Leave nothing half-done: the savepoint may still be open.
-        let _ = ctx.exec("ROLLBACK TO attempts").await;
-        let _ = ctx.exec("RELEASE attempts").await;
-        return Err(e.into());
-    }
+    q.execute(&mut ctx.conn).await?;
     ctx.core.outbox_touched = true;
     let mut health = Vec::with_capacity(outcomes.len());
     for o in &outcomes {
@@ -1727,7 +1721,8 @@ impl Store for SqliteStore {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
-        self.write_atomic(move |ctx| Box::pin(record_attempts_in(ctx, outcomes)))
+        // Several statements: the writer's savepoint undoes them all if one fails.
+        self.write(move |ctx| Box::pin(record_attempts_in(ctx, outcomes)))
             .await
     }
 
@@ -1954,14 +1949,22 @@ mod tests {
                 .unwrap(),
         );
         let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        // Hold the write lock elsewhere so that both jobs commit in one batch.
-        let mut blocker = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        // Keep the writer busy with a job of its own until both writes below are queued:
+        // it then takes them as one batch.
+        let (started, running) = oneshot::channel::<()>();
+        let (go, wait) = oneshot::channel::<()>();
+        let s = store.clone();
+        let busy = tokio::spawn(async move {
+            s.write_with(false, move |_| {
+                Box::pin(async move {
+                    let _ = started.send(());
+                    let _ = wait.await;
+                    Ok(())
+                })
+            })
             .await
-            .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut blocker)
-            .await
-            .unwrap();
+        });
+        running.await.unwrap();
         let (s, acc) = (store.clone(), account.id.clone());
         let insert = tokio::spawn(async move {
             s.insert_message(message(&acc, "m0", "v"), None)
@@ -1988,10 +1991,16 @@ mod tests {
             })
             .await
         });
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
-        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        let writer = store.writer.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async move {
+            while writer.max_capacity() - writer.capacity() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both writes queued");
+        go.send(()).unwrap();
+        busy.await.unwrap().unwrap();
 
         assert!(
             insert.await.unwrap().is_err(),
