@@ -2000,7 +2000,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::test_rows::{failing_jobs_in_one_batch, message};
+    use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
     /// A database of its own for one test, on the server `SWITCHBOARD_TEST_POSTGRES` names
     /// (these tests run only when it is set); dropped at the end.
@@ -2068,22 +2068,12 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        // Holds the write lock elsewhere so that the jobs queue up and commit together.
-        let url = db.url.clone();
-        let hold = async move {
-            let mut blocker = PgConnection::connect(&url).await.unwrap();
-            sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-            sqlx::query("SELECT seq FROM feed_head FOR UPDATE")
-                .execute(&mut blocker)
-                .await
-                .unwrap();
-            blocker
-        };
-        let release = |mut blocker: PgConnection| -> BoxFuture<'static, ()> {
-            Box::pin(async move {
-                sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-            })
-        };
+        // The jobs queue up while the writer is busy, and go in one batch.
+        let (s, writer) = (store.clone(), store.writer.clone());
+        let busy = BusyWriter::start(
+            move |started, wait| Box::pin(async move { s.write(waiting_job(started, wait)).await }),
+            move || writer.max_capacity() - writer.capacity(),
+        );
         let pool = store.pool.clone();
         let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
             let pool = pool.clone();
@@ -2094,7 +2084,7 @@ mod tests {
                     .unwrap()
             })
         };
-        failing_jobs_in_one_batch(store, hold, release, count).await;
+        failing_jobs_in_one_batch(store, busy, count).await;
         db.drop_now().await;
     }
 

@@ -1895,7 +1895,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::test_rows::{failing_jobs_in_one_batch, message};
+    use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
     /// other jobs with them.
@@ -1908,21 +1908,7 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        // Holds the write lock elsewhere so that the jobs queue up and commit together.
-        let url = format!("sqlite://{}", path.display());
-        let hold = async move {
-            let mut blocker = SqliteConnection::connect(&url).await.unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut blocker)
-                .await
-                .unwrap();
-            blocker
-        };
-        let release = |mut blocker: SqliteConnection| -> BoxFuture<'static, ()> {
-            Box::pin(async move {
-                sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-            })
-        };
+        let busy = busy_writer(&store);
         let pool = store.pool.clone();
         let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
             let pool = pool.clone();
@@ -1933,7 +1919,7 @@ mod tests {
                     .unwrap()
             })
         };
-        failing_jobs_in_one_batch(store, hold, release, count).await;
+        failing_jobs_in_one_batch(store, busy, count).await;
     }
 
     /// A job that fails after its savepoint is gone cannot be undone alone: the writer
@@ -1949,22 +1935,8 @@ mod tests {
                 .unwrap(),
         );
         let (account, _) = store.ensure_default_account("a", 1).await.unwrap();
-        // Keep the writer busy with a job of its own until both writes below are queued:
-        // it then takes them as one batch.
-        let (started, running) = oneshot::channel::<()>();
-        let (go, wait) = oneshot::channel::<()>();
-        let s = store.clone();
-        let busy = tokio::spawn(async move {
-            s.write_with(false, move |_| {
-                Box::pin(async move {
-                    let _ = started.send(());
-                    let _ = wait.await;
-                    Ok(())
-                })
-            })
-            .await
-        });
-        running.await.unwrap();
+        // Both writes below queue up while the writer is busy, and go in one batch.
+        let busy = busy_writer(&store).await;
         let (s, acc) = (store.clone(), account.id.clone());
         let insert = tokio::spawn(async move {
             s.insert_message(message(&acc, "m0", "v"), None)
@@ -1991,16 +1963,7 @@ mod tests {
             })
             .await
         });
-        let writer = store.writer.clone();
-        tokio::time::timeout(std::time::Duration::from_secs(10), async move {
-            while writer.max_capacity() - writer.capacity() < 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("both writes queued");
-        go.send(()).unwrap();
-        busy.await.unwrap().unwrap();
+        busy.release_when_queued(2).await;
 
         assert!(
             insert.await.unwrap().is_err(),
@@ -2029,6 +1992,15 @@ mod tests {
             .unwrap();
         assert_eq!(count("SELECT count(*) FROM messages").await, 1);
         store.close().await;
+    }
+
+    /// Occupies the store's writer (see [`BusyWriter`]).
+    fn busy_writer(store: &Arc<SqliteStore>) -> impl std::future::Future<Output = BusyWriter> {
+        let (s, writer) = (store.clone(), store.writer.clone());
+        BusyWriter::start(
+            move |started, wait| Box::pin(async move { s.write(waiting_job(started, wait)).await }),
+            move || writer.max_capacity() - writer.capacity(),
+        )
     }
 
     /// A store on `path` with one message (returned), and a hot-path connection to it.
