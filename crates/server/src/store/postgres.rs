@@ -638,16 +638,11 @@ async fn insert_plain(
         let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
         let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
         // One statement in a savepoint: a failure undoes all of it and nothing else.
-        ctx.exec("SAVEPOINT chunk").await.ok();
-        let inserted = insert_rows(&mut ctx.conn, &rows).await;
-        let end = if inserted.is_ok() {
-            "RELEASE chunk"
-        } else {
-            "ROLLBACK TO chunk"
-        };
-        if let Err(e) = ctx.exec(end).await {
-            tracing::error!(error = %e, "ending a savepoint");
-        }
+        let inserted = ctx
+            .in_savepoint_result(move |ctx| {
+                Box::pin(async move { insert_rows(&mut ctx.conn, &rows).await })
+            })
+            .await;
         match inserted {
             Ok(()) => {
                 for (job, row) in chunk {
