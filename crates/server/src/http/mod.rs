@@ -280,6 +280,68 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// Parses a JSON object, naming the offending field on a type error.
 pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    let value = parse_json_object(raw)?;
+    if holds_nul(raw) {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidParameter,
+            "a string of the request body holds the NUL character (\\u0000), which no field \
+             may contain; remove it",
+        ));
+    }
+    Ok(value)
+}
+
+/// Whether a valid JSON text holds a NUL character in a string. PostgreSQL cannot store
+/// one, so no field may hold it on either backend. In JSON it can only be written
+/// `\u0000`, and a backslash appears only in strings: the escape is real when an odd
+/// number of backslashes leads to its `u`.
+fn holds_nul(raw: &[u8]) -> bool {
+    if !raw.contains(&b'\\') {
+        return false;
+    }
+    raw.windows(5).enumerate().any(|(at, w)| {
+        w == b"u0000" && raw[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
+    })
+}
+
+/// Answers a request whose path or query holds `%00` (the NUL character) with a 400 before
+/// routing: PostgreSQL cannot store or compare such a string, so no id, token or parameter
+/// may hold one, on either backend.
+#[derive(Clone)]
+pub struct RejectNul<S>(pub S);
+
+impl<S> tower::Service<Request> for RejectNul<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        futures::future::Either<std::future::Ready<Result<Response, Self::Error>>, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let uri = req.uri();
+        if uri.path().contains("%00") || uri.query().is_some_and(|q| q.contains("%00")) {
+            let e = ApiError::bad_request(
+                ErrorCode::InvalidParameter,
+                "the URL holds %00 (the NUL character), which no id, token or parameter may \
+                 contain",
+            );
+            return futures::future::Either::Left(std::future::ready(Ok(e.into_response())));
+        }
+        futures::future::Either::Right(self.0.call(req))
+    }
+}
+
+/// [`parse_json`] without the check for NUL characters.
+fn parse_json_object<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     let text: &[u8] = if raw.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -451,5 +513,31 @@ mod tests {
         let e = parse_json::<B>(b"[1]").unwrap_err();
         assert!(e.message.contains("JSON object"), "{}", e.message);
         assert!(parse_json::<B>(b"  ").is_ok());
+    }
+
+    #[test]
+    fn a_nul_escape_is_found_only_where_it_is_one() {
+        assert!(holds_nul(br#"{"text": "a\u0000b"}"#));
+        assert!(
+            holds_nul(br#"{"text": "a\\\u0000"}"#),
+            "backslash, then NUL"
+        );
+        assert!(
+            !holds_nul(br#"{"text": "a\\u0000b"}"#),
+            "backslash, then the letters u0000"
+        );
+        assert!(!holds_nul(br#"{"text": "u0000", "n": "\n"}"#));
+        assert!(!holds_nul(br#"{"text": "plain"}"#));
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct B {
+            text: Option<String>,
+        }
+        let e = parse_json::<B>(br#"{"text": "a\u0000b"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidParameter);
+        assert!(e.message.contains("NUL"), "{}", e.message);
+        // A malformed body is named as such first.
+        let e = parse_json::<B>(br#"{"text": "\u0000"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
     }
 }

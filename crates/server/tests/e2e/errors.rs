@@ -258,3 +258,68 @@ async fn never_a_redirect() {
         assert!(!r.status().is_redirection(), "{path}: {}", r.status());
     }
 }
+
+/// PostgreSQL cannot store or compare a string holding NUL: the server refuses it in every
+/// input, on both backends, with a 400 that says so, instead of failing on the database.
+#[tokio::test]
+async fn the_nul_character_is_refused_in_bodies_paths_and_queries() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    let sent = s.agent_says(&a, "v1", "hello").await;
+
+    for (path, body) in [
+        (
+            "/v3/conversations/messages",
+            format!(r#"{{"visitorId": "v1", "text": "a\u0000b", "agentId": "{a}"}}"#),
+        ),
+        (
+            "/v3/conversations/pushedMessages",
+            r#"{"visitorId": "v1", "text": "t", "groupId": "g\u0000"}"#.to_owned(),
+        ),
+        (
+            "/v3/conversations/agentOnlinePing",
+            r#"{"agentId": "a\u0000"}"#.to_owned(),
+        ),
+    ] {
+        let msg = s
+            .post_text(path, body)
+            .await
+            .expect_error(400, "invalid_parameter");
+        assert!(msg.contains("NUL"), "{path}: {msg}");
+    }
+    let r = s
+        .raw(
+            s.request(Method::PUT, "/v3/conversations/visitorGroup")
+                .header("api-key", KEY)
+                .header("content-type", "application/json")
+                .body(r#"{"visitorId": "v1", "groupId": "g\u0000"}"#),
+        )
+        .await;
+    r.expect_error(400, "invalid_parameter");
+    // The letters \u0000 after an escaped backslash are no NUL.
+    s.post_text(
+        "/v3/conversations/messages",
+        format!(r#"{{"visitorId": "v1", "text": "a\\u0000", "agentId": "{a}"}}"#),
+    )
+    .await
+    .ok();
+
+    for path in [
+        "/v3/conversations/messages/a%00b".to_owned(),
+        "/v3/conversations/pushedMessages/a%00b".to_owned(),
+        format!("/v3/conversations/visitors/v1/messages?before={sent}%00"),
+        "/widget/v1/w%00/messages".to_owned(),
+    ] {
+        let msg = s.get(&path).await.expect_error(400, "invalid_parameter");
+        assert!(msg.contains("%00"), "{path}: {msg}");
+    }
+    let r = s
+        .raw(
+            s.request(Method::DELETE, "/v3/conversations/messages/a%00b")
+                .header("api-key", KEY),
+        )
+        .await;
+    r.expect_error(400, "invalid_parameter");
+    // Only the message with the escaped backslash was written after the first.
+    assert_eq!(s.count("messages").await, 2);
+}
