@@ -183,7 +183,9 @@ pub async fn serve_with(
         streams: options.streams.clone(),
         trust_proxy: options.trust_proxy,
     });
-    let app = http::RejectNul(tower::util::MapRequestLayer::new(http::collapse_slashes).layer(app));
+    let app = http::DrainUnread(http::RejectNul(
+        tower::util::MapRequestLayer::new(http::collapse_slashes).layer(app),
+    ));
     let purge = tokio::spawn(purge_idempotency_keys(domain.clone()));
     let lifecycle = options
         .lifecycle_tick

@@ -242,13 +242,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::OutOfRange,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes (1 MiB)"),
-            )
-        };
+        let too_large = body_too_large;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -302,6 +296,171 @@ fn holds_nul(raw: &[u8]) -> bool {
     raw.windows(5).enumerate().any(|(at, w)| {
         w == b"u0000" && raw[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
     })
+}
+
+/// The 413 for a body over [`MAX_BODY_BYTES`].
+fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::OutOfRange,
+        format!("request body is larger than {MAX_BODY_BYTES} bytes (1 MiB)"),
+    )
+}
+
+/// Reads what the application left unread of a request body (up to [`MAX_BODY_BYTES`])
+/// before its answer goes out.
+///
+/// hyper keeps a connection open after a response only when the request's body was read to
+/// its end. A request refused before its body was needed (no API key, an unknown route or
+/// method, a bad path or query) would otherwise close its connection, without a
+/// `Connection: close` header, at times after the client had already sent its next request
+/// on it. A body that cannot be read to its end (declared or found over the limit, or not
+/// there within [`DRAIN_WAIT`]) is left alone and the answer says `Connection: close`.
+/// Bodies the application reads, as every successful request does, cost only the watch.
+#[derive(Clone)]
+pub struct DrainUnread<S>(pub S);
+
+/// How long a refused request's remaining body is waited for.
+pub const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl<S> tower::Service<Request> for DrainUnread<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<S::Future, Drained<S::Future>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use http_body::Body as _;
+        if req.body().is_end_stream() {
+            return futures::future::Either::Left(self.0.call(req));
+        }
+        let too_large = req.body().size_hint().lower() > MAX_BODY_BYTES as u64;
+        let left = Arc::new(std::sync::Mutex::new(None));
+        let req = req.map(|body| {
+            axum::body::Body::new(Watched {
+                body: Some(body),
+                left: left.clone(),
+            })
+        });
+        futures::future::Either::Right(Drained {
+            answer: self.0.call(req),
+            left,
+            too_large,
+            draining: None,
+        })
+    }
+}
+
+/// The answer of [`DrainUnread`]: the application's, once what it left unread of the
+/// body is read.
+pub struct Drained<F> {
+    answer: F,
+    left: Arc<std::sync::Mutex<Option<axum::body::Body>>>,
+    too_large: bool,
+    /// Set once the answer is there and part of the body was left unread.
+    draining: Option<futures::future::BoxFuture<'static, Response>>,
+}
+
+impl<F> std::future::Future for Drained<F>
+where
+    F: std::future::Future<Output = Result<Response, std::convert::Infallible>> + Unpin,
+{
+    type Output = Result<Response, std::convert::Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(drain) = this.draining.as_mut() {
+            return drain.as_mut().poll(cx).map(Ok);
+        }
+        let Poll::Ready(Ok(mut res)) = std::pin::Pin::new(&mut this.answer).poll(cx) else {
+            return Poll::Pending;
+        };
+        let unread = this.left.lock().ok().and_then(|mut slot| slot.take());
+        let Some(body) = unread else {
+            return Poll::Ready(Ok(res));
+        };
+        if this.too_large {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Poll::Ready(Ok(res));
+        }
+        let mut drain: futures::future::BoxFuture<'static, Response> = Box::pin(async move {
+            let read = tokio::time::timeout(
+                DRAIN_WAIT,
+                http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                    body,
+                    MAX_BODY_BYTES,
+                )),
+            )
+            .await;
+            if !read.is_ok_and(|r| r.is_ok()) {
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            res
+        });
+        let poll = drain.as_mut().poll(cx);
+        if poll.is_pending() {
+            this.draining = Some(drain);
+        }
+        poll.map(Ok)
+    }
+}
+
+/// A request body that, dropped before its end, hands what is left to [`DrainUnread`].
+struct Watched {
+    body: Option<axum::body::Body>,
+    left: Arc<std::sync::Mutex<Option<axum::body::Body>>>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        match self.body.as_mut() {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        if let Some(body) = self.body.take().filter(|b| !b.is_end_stream()) {
+            if let Ok(mut slot) = self.left.lock() {
+                *slot = Some(body);
+            }
+        }
+    }
 }
 
 /// Answers a request whose path or query holds `%00` (the NUL character) with a 400 before

@@ -323,3 +323,97 @@ async fn the_nul_character_is_refused_in_bodies_paths_and_queries() {
     // Only the message with the escaped backslash was written after the first.
     assert_eq!(s.count("messages").await, 2);
 }
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body) from `tcp`: the status
+/// and the head's lines in lower case. Fails if the server closes the connection first.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + length {
+                    let status = head[9..12].parse().unwrap();
+                    return (status, head);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.expect("reading a response");
+            assert!(
+                n > 0,
+                "the server closed the connection instead of answering"
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("no response within 10 s")
+}
+
+/// A request refused before its body was needed (unknown route, wrong method, no API key,
+/// `%00` in the URL) leaves its connection open for the next request, even when the body
+/// arrives after the head. (hyper keeps a connection only if the body was read to its end;
+/// before, it closed this one without a `Connection: close`, so the client's next request
+/// failed.) A body declared over the limit is not read, and its answer says so.
+#[tokio::test]
+async fn a_refused_request_keeps_its_connection_even_when_its_body_comes_late() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start().await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    for (request_line, extra, status) in [
+        ("POST /nope", String::new(), 404),
+        ("POST /v3/conversations/messages", String::new(), 401),
+        (
+            "POST /v3/conversations/messages?x=%00",
+            format!("api-key: {KEY}\r\n"),
+            400,
+        ),
+        ("POST /v3/openapi.json", String::new(), 405),
+        (
+            "PUT /v3/conversations/messages/%ff",
+            format!("api-key: {KEY}\r\n"),
+            404,
+        ),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "{request_line} HTTP/1.1\r\nhost: x\r\n{extra}content-type: application/json\r\n\
+             content-length: 2\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // A slow client: the body follows in a later packet, after the server could
+        // already have answered from the head alone.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tcp.write_all(b"{}").await.unwrap();
+        let (got, head) = read_response(&mut tcp).await;
+        assert_eq!(got, status, "{request_line}: {head}");
+        assert!(
+            !head.contains("connection: close"),
+            "{request_line}: {head}"
+        );
+        tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, _) = read_response(&mut tcp).await;
+        assert_eq!(
+            got, 200,
+            "{request_line}: the next request on the connection"
+        );
+    }
+
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v3/conversations/messages HTTP/1.1\r\nhost: x\r\napi-key: {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 2000000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (got, head) = read_response(&mut tcp).await;
+    assert_eq!(got, 413, "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+}
