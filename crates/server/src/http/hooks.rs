@@ -1,6 +1,6 @@
 //! Webhook endpoints and their delivery log over the API (switchboard extension).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -274,7 +274,7 @@ pub(super) async fn list_deliveries(
 pub(super) async fn get_delivery(
     State(state): State<AppState>,
     Auth(account): Auth,
-    Path((id, event_id)): Path<(String, String)>,
+    super::IdPath((id, event_id)): super::IdPath<(String, String)>,
 ) -> ApiResult<Json<WebhookDelivery>> {
     let found = state
         .domain
@@ -304,7 +304,7 @@ pub(super) async fn get_delivery(
 pub(super) async fn replay(
     State(state): State<AppState>,
     Auth(account): Auth,
-    Path((id, event_id)): Path<(String, String)>,
+    super::IdPath((id, event_id)): super::IdPath<(String, String)>,
 ) -> ApiResult<StatusCode> {
     state
         .domain

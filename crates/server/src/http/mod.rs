@@ -211,19 +211,20 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// The `{id}` of a path, percent-decoded. An undecodable id cannot exist: 404.
-pub struct IdPath(pub String);
+/// The ids of a path (`{id}`, or a tuple for several), percent-decoded. An undecodable id
+/// cannot exist: 404, as Brevo's error body rather than axum's plain-text rejection.
+pub struct IdPath<T = String>(pub T);
 
-impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for IdPath<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(ids)) => Ok(IdPath(ids)),
             Err(_) => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::DocumentNotFound,
-                "the id in the path is not valid UTF-8 once percent-decoded, so nothing by that id exists",
+                "an id in the path is not valid UTF-8 once percent-decoded, so nothing by that id exists",
             )),
         }
     }

@@ -417,3 +417,29 @@ async fn a_refused_request_keeps_its_connection_even_when_its_body_comes_late() 
     assert_eq!(got, 413, "{head}");
     assert!(head.contains("connection: close"), "{head}");
 }
+
+/// An id that is not UTF-8 once percent-decoded names nothing: every route with ids in its
+/// path answers Brevo's 404, never axum's plain-text 400 (before, the two routes with two
+/// ids, a webhook's delivery and its replay, did).
+#[tokio::test]
+async fn an_undecodable_id_in_any_path_is_a_brevo_404() {
+    let s = TestServer::start().await;
+    for (method, path) in [
+        (Method::GET, "/v3/conversations/messages/%ff"),
+        (Method::PUT, "/v3/conversations/messages/%ff"),
+        (Method::DELETE, "/v3/conversations/pushedMessages/%ff"),
+        (Method::GET, "/v3/conversations/visitors/%ff/messages"),
+        (Method::GET, "/v3/conversations/webhooks/%ff"),
+        (Method::GET, "/v3/conversations/webhooks/%ff/deliveries"),
+        (Method::GET, "/v3/conversations/webhooks/x/deliveries/%ff"),
+        (Method::GET, "/v3/conversations/webhooks/%ff/deliveries/x"),
+        (
+            Method::POST,
+            "/v3/conversations/webhooks/x/deliveries/%ff/replay",
+        ),
+    ] {
+        let r = s.call(method.clone(), path, None).await;
+        let msg = r.expect_error(404, "document_not_found");
+        assert!(msg.contains("UTF-8"), "{method} {path}: {msg}");
+    }
+}
