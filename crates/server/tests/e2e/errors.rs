@@ -443,3 +443,191 @@ async fn an_undecodable_id_in_any_path_is_a_brevo_404() {
         assert!(msg.contains("UTF-8"), "{method} {path}: {msg}");
     }
 }
+
+/// Every error code older official SDKs accept.
+const BREVO_CODES: [&str; 11] = [
+    "invalid_parameter",
+    "missing_parameter",
+    "out_of_range",
+    "document_not_found",
+    "permission_denied",
+    "duplicate_parameter",
+    "duplicate_request",
+    "method_not_allowed",
+    "unauthorized",
+    "not_acceptable",
+    "bad_request",
+];
+
+/// Random requests (methods, paths, ids, queries, headers and bodies, valid and not) over
+/// keep-alive connections: none gets a 5xx, and every error is Brevo's JSON body with a
+/// code from Brevo's list. The RNG is seeded, so a failure names the request that caused
+/// it and happens again.
+#[tokio::test]
+async fn random_requests_get_brevo_errors_and_never_a_5xx() {
+    use rand::{Rng, SeedableRng};
+    let s = TestServer::start().await;
+    let a = s.agent("A", Some("liz@getwear.com"), None, &[]).await;
+    let sent = s
+        .agent_says(&a, "kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg", "hello")
+        .await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+
+    let strings = [
+        String::new(),
+        " ".into(),
+        "x".repeat(100_001),
+        "é中😀\u{202e}<>&\"'\\/\t\n".into(),
+        "a\u{0}b".into(),
+        "\u{1}\u{1f}".into(),
+        "liz@getwear.com".into(),
+        "not-an-email".into(),
+        "kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg".into(),
+        "http://127.0.0.1:1/hook".into(),
+        sent.clone(),
+        a.clone(),
+    ];
+    let ids = [
+        "x",
+        "%ff",
+        "%2F",
+        "%C3%A9",
+        "a%20b",
+        "%ED%A0%80",
+        &sent,
+        &a,
+        "..",
+        "%00",
+    ];
+    let paths = [
+        "/v3/conversations/agentOnlinePing",
+        "/v3/conversations/messages",
+        "/v3/conversations/messages/{id}",
+        "/v3/conversations/pushedMessages",
+        "/v3/conversations/pushedMessages/{id}",
+        "/v3/conversations/visitorGroup",
+        "/v3/conversations/visitors/{id}/messages",
+        "/v3/conversations/events",
+        "/v3/conversations/webhooks",
+        "/v3/conversations/webhooks/{id}",
+        "/v3/conversations/webhooks/{id}/deliveries",
+        "/v3/conversations/webhooks/{id}/deliveries/{id}",
+        "/v3/conversations/webhooks/{id}/deliveries/{id}/replay",
+        "/widget/v1/{id}/session",
+        "/widget/v1/{id}/messages",
+        "/widget/v1/{id}/read",
+        "/v3//conversations//messages",
+        "/nope",
+    ];
+    let fields = [
+        "visitorId",
+        "text",
+        "agentId",
+        "agentEmail",
+        "agentName",
+        "receivedFrom",
+        "groupId",
+        "url",
+        "events",
+        "enabled",
+        "description",
+    ];
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+    let content_types = [
+        "application/json",
+        "application/json",
+        "text/plain",
+        "multipart/form-data",
+    ];
+    for i in 0..1500 {
+        let mut path = paths[rng.random_range(0..paths.len())].to_owned();
+        while path.contains("{id}") {
+            path = path.replacen("{id}", ids[rng.random_range(0..ids.len())], 1);
+        }
+        if rng.random_bool(0.4) {
+            let key = ["visitorId", "limit", "before", "after", "x"][rng.random_range(0..5)];
+            let value = ["", "1", "-1", "99999999999999999999", "abc", "%ff", "1.5"]
+                [rng.random_range(0..7)];
+            path = format!("{path}?{key}={value}");
+        }
+        let method = methods[rng.random_range(0..methods.len())].clone();
+        let value = |rng: &mut rand::rngs::StdRng| -> serde_json::Value {
+            match rng.random_range(0..7) {
+                0 => serde_json::Value::Null,
+                1 => json!(rng.random_bool(0.5)),
+                2 => json!([0i64, -1, 1 << 53, i64::MAX][rng.random_range(0..4)]),
+                3 => json!(1e308),
+                4 => json!([strings[rng.random_range(0..strings.len())].clone()]),
+                _ => json!(strings[rng.random_range(0..strings.len())].clone()),
+            }
+        };
+        let body: Vec<u8> = match rng.random_range(0..8) {
+            0 => Vec::new(),
+            1 => b"{".to_vec(),
+            2 => [b"[".repeat(300), b"]".repeat(300)].concat(),
+            3 => vec![0xff, 0xfe, b'{'],
+            _ => {
+                let mut o = serde_json::Map::new();
+                for _ in 0..rng.random_range(0..6) {
+                    let f = fields[rng.random_range(0..fields.len())];
+                    o.insert(f.to_owned(), value(&mut rng));
+                }
+                if rng.random_bool(0.5) {
+                    o.entry("visitorId")
+                        .or_insert(json!("kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg"));
+                    o.entry("text").or_insert(json!("hi"));
+                    o.entry("agentId").or_insert(json!(a));
+                }
+                serde_json::to_vec(&o).unwrap()
+            }
+        };
+        let mut req = s.request(method.clone(), &path);
+        if rng.random_bool(0.85) {
+            req = req.header("api-key", KEY);
+        }
+        if rng.random_bool(0.8) {
+            req = req.header(
+                "content-type",
+                content_types[rng.random_range(0..content_types.len())],
+            );
+        }
+        if rng.random_bool(0.1) {
+            req = req.header("Idempotency-Key", ["k1", "k2", ""][rng.random_range(0..3)]);
+        }
+        if method != Method::GET || rng.random_bool(0.1) {
+            req = req.body(body.clone());
+        }
+        let what = format!(
+            "request {i}: {method} {path} {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        );
+        let r = req.send().await.expect(&what);
+        let status = r.status().as_u16();
+        assert!(status < 500, "{what}: {status}");
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if content_type == "text/event-stream" {
+            continue; // a live stream: its answer never ends
+        }
+        let raw = r.text().await.expect(&what);
+        if status >= 400 {
+            assert_eq!(content_type, "application/json", "{what}: {raw}");
+            let e: serde_json::Value = serde_json::from_str(&raw).expect(&what);
+            let code = e["code"].as_str().unwrap_or_default();
+            assert!(BREVO_CODES.contains(&code), "{what}: {raw}");
+            assert!(e["message"].is_string(), "{what}: {raw}");
+            assert_eq!(e.as_object().map(|o| o.len()), Some(2), "{what}: {raw}");
+        }
+    }
+}
