@@ -243,14 +243,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let too_large = body_too_large;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-            return Err(too_large());
+            return Err(body_too_large());
         }
         let raw = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
             Ok(b) => b,
@@ -258,7 +257,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
                 while let Some(s) = source {
                     if s.is::<http_body_util::LengthLimitError>() {
-                        return Err(too_large());
+                        return Err(body_too_large());
                     }
                     source = s.source();
                 }
