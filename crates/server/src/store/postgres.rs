@@ -1997,6 +1997,19 @@ mod tests {
     use super::*;
     use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
+    /// `SELECT count(*)`-style queries on `pool`, answered as one number.
+    fn counter(pool: PgPool) -> impl Fn(&'static str) -> BoxFuture<'static, i64> {
+        move |sql| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        }
+    }
+
     /// A database of its own for one test, on the server `SWITCHBOARD_TEST_POSTGRES` names
     /// (these tests run only when it is set); dropped at the end.
     struct TempDb {
@@ -2069,16 +2082,7 @@ mod tests {
             move |started, wait| Box::pin(async move { s.write(waiting_job(started, wait)).await }),
             move || writer.max_capacity() - writer.capacity(),
         );
-        let pool = store.pool.clone();
-        let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
-            let pool = pool.clone();
-            Box::pin(async move {
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            })
-        };
+        let count = counter(store.pool.clone());
         failing_jobs_in_one_batch(store, busy, count).await;
         db.drop_now().await;
     }
@@ -2130,15 +2134,7 @@ mod tests {
         a.insert_message(visitor("m3", 3_000), None).await.unwrap();
         b.insert_message(visitor("m4", 4_000), None).await.unwrap();
 
-        let count = |sql: &'static str| {
-            let pool = a.pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            }
-        };
+        let count = counter(a.pool.clone());
         assert_eq!(count("SELECT count(*) FROM chats").await, 1, "one chat");
         assert_eq!(
             count("SELECT count(*) FROM messages").await,

@@ -1897,6 +1897,19 @@ mod tests {
     use super::*;
     use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
+    /// `SELECT count(*)`-style queries on `pool`, answered as one number.
+    fn counter(pool: SqlitePool) -> impl Fn(&'static str) -> BoxFuture<'static, i64> {
+        move |sql| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        }
+    }
+
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
     /// other jobs with them.
     #[tokio::test]
@@ -1909,16 +1922,7 @@ mod tests {
                 .unwrap(),
         );
         let busy = busy_writer(&store);
-        let pool = store.pool.clone();
-        let count = move |sql: &'static str| -> BoxFuture<'static, i64> {
-            let pool = pool.clone();
-            Box::pin(async move {
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            })
-        };
+        let count = counter(store.pool.clone());
         failing_jobs_in_one_batch(store, busy, count).await;
     }
 
@@ -1970,15 +1974,7 @@ mod tests {
             "its batch was committed with a failed job in it"
         );
         assert!(broken.await.unwrap().is_err());
-        let count = |sql: &'static str| {
-            let pool = store.pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            }
-        };
+        let count = counter(store.pool.clone());
         assert_eq!(
             count("SELECT count(*) FROM agents WHERE id = 'half'").await,
             0,
