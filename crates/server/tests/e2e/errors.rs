@@ -471,7 +471,21 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
     let sent = s
         .agent_says(&a, "kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg", "hello")
         .await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+    let widget = s.widget_id().await;
+    let (_, token) = s.new_visitor().await;
+    let (hook, _) = s
+        .webhook("http://127.0.0.1:1/hook", &["conversationFragment"])
+        .await;
+    // SWITCHBOARD_FUZZ_SEED and SWITCHBOARD_FUZZ_REQUESTS explore further by hand.
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seed = env("SWITCHBOARD_FUZZ_SEED", 20261201);
+    let requests = env("SWITCHBOARD_FUZZ_REQUESTS", 1500);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let strings = [
         String::new(),
@@ -498,26 +512,44 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
         &a,
         "..",
         "%00",
+        &widget,
+        &hook,
     ];
-    let paths = [
-        "/v3/conversations/agentOnlinePing",
-        "/v3/conversations/messages",
-        "/v3/conversations/messages/{id}",
-        "/v3/conversations/pushedMessages",
-        "/v3/conversations/pushedMessages/{id}",
-        "/v3/conversations/visitorGroup",
-        "/v3/conversations/visitors/{id}/messages",
-        "/v3/conversations/events",
-        "/v3/conversations/webhooks",
-        "/v3/conversations/webhooks/{id}",
-        "/v3/conversations/webhooks/{id}/deliveries",
-        "/v3/conversations/webhooks/{id}/deliveries/{id}",
-        "/v3/conversations/webhooks/{id}/deliveries/{id}/replay",
-        "/widget/v1/{id}/session",
-        "/widget/v1/{id}/messages",
-        "/widget/v1/{id}/read",
-        "/v3//conversations//messages",
-        "/nope",
+    // Each path with the methods its route serves, tried most of the time.
+    let paths: [(&str, &[Method]); 18] = [
+        ("/v3/conversations/agentOnlinePing", &[Method::POST]),
+        ("/v3/conversations/messages", &[Method::POST]),
+        (
+            "/v3/conversations/messages/{id}",
+            &[Method::GET, Method::PUT, Method::DELETE],
+        ),
+        ("/v3/conversations/pushedMessages", &[Method::POST]),
+        (
+            "/v3/conversations/pushedMessages/{id}",
+            &[Method::GET, Method::PUT, Method::DELETE],
+        ),
+        ("/v3/conversations/visitorGroup", &[Method::PUT]),
+        ("/v3/conversations/visitors/{id}/messages", &[Method::GET]),
+        ("/v3/conversations/events", &[Method::GET]),
+        ("/v3/conversations/webhooks", &[Method::GET, Method::POST]),
+        (
+            "/v3/conversations/webhooks/{id}",
+            &[Method::GET, Method::PUT, Method::DELETE],
+        ),
+        ("/v3/conversations/webhooks/{id}/deliveries", &[Method::GET]),
+        (
+            "/v3/conversations/webhooks/{id}/deliveries/{id}",
+            &[Method::GET],
+        ),
+        (
+            "/v3/conversations/webhooks/{id}/deliveries/{id}/replay",
+            &[Method::POST],
+        ),
+        ("/widget/v1/{widget}/session", &[Method::POST]),
+        ("/widget/v1/{widget}/messages", &[Method::GET, Method::POST]),
+        ("/widget/v1/{widget}/read", &[Method::POST]),
+        ("/v3//conversations//messages", &[Method::POST]),
+        ("/nope", &[Method::GET]),
     ];
     let fields = [
         "visitorId",
@@ -531,6 +563,13 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
         "events",
         "enabled",
         "description",
+        "token",
+        "visitorHash",
+        "name",
+        "email",
+        "pageUrl",
+        "pageTitle",
+        "messageId",
     ];
     let methods = [
         Method::GET,
@@ -546,8 +585,19 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
         "text/plain",
         "multipart/form-data",
     ];
-    for i in 0..1500 {
-        let mut path = paths[rng.random_range(0..paths.len())].to_owned();
+    // (widget path, status) -> count: the requests must reach past the extractors.
+    let mut answered = std::collections::BTreeMap::<(bool, u16), u32>::new();
+    for i in 0..requests {
+        let (template, served) = paths[rng.random_range(0..paths.len())];
+        let mut path = template.to_owned();
+        if path.contains("{widget}") {
+            let w = if rng.random_bool(0.8) {
+                widget.as_str()
+            } else {
+                ids[rng.random_range(0..ids.len())]
+            };
+            path = path.replace("{widget}", w);
+        }
         while path.contains("{id}") {
             path = path.replacen("{id}", ids[rng.random_range(0..ids.len())], 1);
         }
@@ -557,7 +607,11 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
                 [rng.random_range(0..7)];
             path = format!("{path}?{key}={value}");
         }
-        let method = methods[rng.random_range(0..methods.len())].clone();
+        let method = if rng.random_bool(0.8) {
+            served[rng.random_range(0..served.len())].clone()
+        } else {
+            methods[rng.random_range(0..methods.len())].clone()
+        };
         let value = |rng: &mut rand::rngs::StdRng| -> serde_json::Value {
             match rng.random_range(0..7) {
                 0 => serde_json::Value::Null,
@@ -598,6 +652,14 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
                 content_types[rng.random_range(0..content_types.len())],
             );
         }
+        if rng.random_bool(if path.starts_with("/widget") {
+            0.8
+        } else {
+            0.2
+        }) {
+            let bearer = [token.as_str(), token.as_str(), "x", ""][rng.random_range(0..4)];
+            req = req.header("authorization", format!("Bearer {bearer}"));
+        }
         if rng.random_bool(0.1) {
             req = req.header("Idempotency-Key", ["k1", "k2", ""][rng.random_range(0..3)]);
         }
@@ -605,12 +667,15 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
             req = req.body(body.clone());
         }
         let what = format!(
-            "request {i}: {method} {path} {}",
+            "seed {seed}, request {i}: {method} {path} {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
         );
         let r = req.send().await.expect(&what);
         let status = r.status().as_u16();
         assert!(status < 500, "{what}: {status}");
+        *answered
+            .entry((path.starts_with("/widget"), status))
+            .or_insert(0) += 1;
         let content_type = r
             .headers()
             .get("content-type")
@@ -629,5 +694,17 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
             assert!(e["message"].is_string(), "{what}: {raw}");
             assert_eq!(e.as_object().map(|o| o.len()), Some(2), "{what}: {raw}");
         }
+    }
+    eprintln!("answers by (widget path, status): {answered:?}");
+    for widget_path in [false, true] {
+        let ok: u32 = answered
+            .iter()
+            .filter(|((w, status), _)| *w == widget_path && (200..300).contains(status))
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            ok >= 10,
+            "widget path {widget_path}: {ok} successes: {answered:?}"
+        );
     }
 }
