@@ -2,7 +2,7 @@ use reqwest::Method;
 use serde_json::json;
 use switchboard_server::domain::{Text, VisitorId};
 
-use crate::harness::TestServer;
+use crate::harness::{TestServer, KEY};
 
 const ALPHABET: &str = "23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz";
 
@@ -309,7 +309,7 @@ async fn sdk_quirks_are_accepted() {
     let g = s
         .raw(
             s.request(Method::GET, &format!("/v3/conversations/messages/{id}"))
-                .header("api-key", crate::harness::KEY)
+                .header("api-key", KEY)
                 .header("content-type", "application/json")
                 .header("authorization", "Basic Og==")
                 .header("cookie", ""),
@@ -322,10 +322,128 @@ async fn sdk_quirks_are_accepted() {
     let d = s
         .raw(
             s.request(Method::DELETE, &format!("/v3/conversations/messages/{id}"))
-                .header("api-key", crate::harness::KEY)
+                .header("api-key", KEY)
                 .header("content-type", "application/json")
                 .header("content-length", "0"),
         )
         .await;
     assert_eq!(d.status, 204);
+}
+
+/// Sixteen clients at once send, edit, delete and read messages, each on messages of its
+/// own, so that group commits mix every kind of write, some sends under an
+/// Idempotency-Key and retried: afterwards every message reads back as its last
+/// acknowledged state, and the database holds exactly the acknowledged messages.
+#[tokio::test]
+async fn concurrent_sends_edits_and_deletes_end_as_acknowledged() {
+    use rand::{Rng, SeedableRng};
+    let s = TestServer::start().await;
+    let agent = s.agent("A", Some("liz@getwear.com"), None, &[]).await;
+    let client = |c: u64| {
+        let (s, agent) = (&s, &agent);
+        async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(c);
+            // Each message with its last acknowledged text, or None once deleted.
+            let mut mine: Vec<(String, Option<String>)> = Vec::new();
+            for i in 0..40 {
+                let live: Vec<usize> = (0..mine.len()).filter(|&k| mine[k].1.is_some()).collect();
+                let op = if live.is_empty() {
+                    0
+                } else {
+                    rng.random_range(0..10)
+                };
+                let pick = |rng: &mut rand::rngs::StdRng| live[rng.random_range(0..live.len())];
+                match op {
+                    0..=3 => {
+                        let text = format!("client {c} says {i}");
+                        let body = json!({
+                            "visitorId": format!("visitor-{}", c % 4),
+                            "text": text,
+                            "agentId": agent,
+                        });
+                        let key = format!("c{c}-{i}");
+                        let headers: &[(&str, &str)] = if i % 3 == 0 {
+                            &[("api-key", KEY), ("Idempotency-Key", &key)]
+                        } else {
+                            &[("api-key", KEY)]
+                        };
+                        let r = s
+                            .call_with(
+                                Method::POST,
+                                "/v3/conversations/messages",
+                                Some(body.clone()),
+                                headers,
+                            )
+                            .await;
+                        let id = r.ok()["id"].as_str().unwrap().to_owned();
+                        if headers.len() == 2 {
+                            let again = s
+                                .call_with(
+                                    Method::POST,
+                                    "/v3/conversations/messages",
+                                    Some(body),
+                                    headers,
+                                )
+                                .await;
+                            assert_eq!(
+                                again.ok()["id"],
+                                id.as_str(),
+                                "a retry is the same message"
+                            );
+                        }
+                        mine.push((id, Some(text)));
+                    }
+                    4..=6 => {
+                        let k = pick(&mut rng);
+                        let text = format!("client {c} edits {i}");
+                        let r = s
+                            .call(
+                                Method::PUT,
+                                &format!("/v3/conversations/messages/{}", mine[k].0),
+                                Some(json!({ "text": text })),
+                            )
+                            .await;
+                        assert_eq!(r.ok()["text"], text.as_str());
+                        mine[k].1 = Some(text);
+                    }
+                    7 | 8 => {
+                        let k = pick(&mut rng);
+                        let path = format!("/v3/conversations/messages/{}", mine[k].0);
+                        let r = s.call(Method::DELETE, &path, None).await;
+                        assert_eq!(r.status, 204, "{}", r.raw);
+                        mine[k].1 = None;
+                    }
+                    _ => {
+                        let k = pick(&mut rng);
+                        let r = s
+                            .get(&format!("/v3/conversations/messages/{}", mine[k].0))
+                            .await;
+                        assert_eq!(r.ok()["text"], mine[k].1.as_deref().unwrap());
+                    }
+                }
+            }
+            mine
+        }
+    };
+    let all: Vec<(String, Option<String>)> = futures::future::join_all((0..16).map(client))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let live = all.iter().filter(|(_, text)| text.is_some()).count();
+    assert!(live > 50 && all.len() > live, "{live} of {}", all.len());
+    for (id, text) in &all {
+        let r = s.get(&format!("/v3/conversations/messages/{id}")).await;
+        match text {
+            Some(text) => assert_eq!(r.ok()["text"], text.as_str(), "{id}"),
+            None => {
+                r.expect_error(404, "document_not_found");
+            }
+        }
+    }
+    assert_eq!(
+        s.count("messages WHERE deleted_at IS NULL").await,
+        live as i64
+    );
+    assert_eq!(s.count("messages").await, all.len() as i64);
 }
