@@ -233,6 +233,26 @@ async fn sigterm_stops_cleanly_on(storage: &TestDb) {
 /// Every message that got a 200 is there after SIGKILL and a restart.
 #[tokio::test]
 async fn acknowledged_writes_survive_sigkill() {
+    acknowledged_writes_survive(Stop::Kill).await;
+}
+
+/// SIGTERM under load: requests in flight get their answer (never a 5xx), the server
+/// exits with success, and every message that got a 200 is there after a restart.
+#[tokio::test]
+async fn acknowledged_writes_survive_sigterm_under_load() {
+    acknowledged_writes_survive(Stop::Term).await;
+}
+
+/// How [`acknowledged_writes_survive`] stops the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+/// Sixteen writers POST until the server is stopped after 400 acknowledged writes; then
+/// every acknowledged message must survive a restart.
+async fn acknowledged_writes_survive(stop: Stop) {
     let storage = TestDb::new().await;
     let db = storage.path.clone();
     let (mut child, url, _) = serve(&db, Some("k")).await;
@@ -274,7 +294,22 @@ async fn acknowledged_writes_survive_sigkill() {
             None => break,
         }
     }
-    child.kill().await.expect("SIGKILL");
+    match stop {
+        Stop::Kill => child.kill().await.expect("SIGKILL"),
+        Stop::Term => {
+            let pid = child.id().expect("pid").to_string();
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+                .await
+                .expect("exits after SIGTERM")
+                .unwrap();
+            assert!(status.success(), "{status:?}");
+        }
+    }
     while let Some(a) = rx.recv().await {
         acked.push(a);
     }
