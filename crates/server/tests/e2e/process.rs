@@ -187,6 +187,21 @@ async fn cli_manages_accounts_keys_agents_and_groups() {
     child.kill().await.unwrap();
 }
 
+/// Sends SIGTERM to the server; it must exit with success within 30 s.
+async fn sigterm_and_wait(child: &mut Child) {
+    let pid = child.id().expect("pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// SIGTERM ends the server with success, on the selected backend; an SQLite file is left
 /// checkpointed, which is checked on SQLite whatever the backend.
 #[tokio::test]
@@ -212,17 +227,7 @@ async fn sigterm_stops_cleanly_on(storage: &TestDb) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    sigterm_and_wait(&mut child).await;
     // A clean close checkpoints the WAL away.
     if let Some(dir) = storage.dir() {
         let wal = dir.join("s.db-wal");
@@ -296,19 +301,7 @@ async fn acknowledged_writes_survive(stop: Stop) {
     }
     match stop {
         Stop::Kill => child.kill().await.expect("SIGKILL"),
-        Stop::Term => {
-            let pid = child.id().expect("pid").to_string();
-            let sent = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap();
-            assert!(sent.success());
-            let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-                .await
-                .expect("exits after SIGTERM")
-                .unwrap();
-            assert!(status.success(), "{status:?}");
-        }
+        Stop::Term => sigterm_and_wait(&mut child).await,
     }
     while let Some(a) = rx.recv().await {
         acked.push(a);
