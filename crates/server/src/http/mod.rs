@@ -29,6 +29,9 @@ mod v3;
 pub use v3::to_wire;
 mod widget;
 
+/// `Retry-After` of an answer to a storage failure, in seconds.
+const STORAGE_RETRY_AFTER_SECS: u64 = 1;
+
 /// Largest request body accepted (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -167,14 +170,17 @@ impl From<DomainError> for ApiError {
                 return e;
             }
             DomainError::Store(inner) => {
-                // Nothing was committed (the store answers only after a commit), so a 5xx
-                // here is safe for SDKs that retry.
+                // Nothing was committed (the store answers only after a commit), so a
+                // retryable status is safe. 503 with Retry-After: the older official SDKs
+                // retry GET, PUT and DELETE only on that; the current ones on any 5xx.
                 tracing::error!(error = %inner, source = ?std::error::Error::source(inner), "storage failure");
-                return ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
                     C::BadRequest,
-                    "internal error: the request was not applied; it is safe to retry",
+                    "storage unavailable: the request was not applied; it is safe to retry",
                 );
+                e.retry_after = Some(STORAGE_RETRY_AFTER_SECS);
+                return e;
             }
         };
         ApiError::new(status, code, e.to_string())

@@ -603,8 +603,12 @@ async fn insert_guarded(
 /// Rows per multi-row INSERT (one array per column, so the statement does not grow).
 const INSERT_CHUNK: usize = 256;
 
-/// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
-/// rows are retried one by one so that one bad row fails alone.
+/// The plain inserts of a batch. Per chunk, every job's preparation (its conversation,
+/// created on first contact; its seq; its chat) and one multi-row INSERT run in one
+/// savepoint, which also keeps a failed statement from aborting the whole transaction. If
+/// anything in a chunk fails, the savepoint is rolled back and its jobs run one by one,
+/// each in a savepoint of its own, so that one bad job fails alone and leaves nothing
+/// behind (no visitor or conversation without the message that made them).
 async fn insert_plain(
     ctx: &mut WriterCtx,
     jobs: Vec<InsertJob>,
@@ -613,50 +617,36 @@ async fn insert_plain(
     StoreResult<Guarded<Arc<MessageRow>>>,
 )> {
     let mut out = Vec::with_capacity(jobs.len());
-    let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let row = job.row.clone();
-        // A failed statement aborts the whole transaction: what may touch the database
-        // (a new visitor, a new chat) gets a savepoint, so that it fails alone.
-        let touches_db = ctx
-            .core
-            .plain_conversation(&row.account_id, &row.visitor_id, row.is_pushed)
-            .is_none();
-        let prepared = if touches_db {
-            ctx.in_savepoint_result(move |ctx| Box::pin(prepare_insert(ctx, row)))
-                .await
-        } else {
-            prepare_insert(ctx, row).await
-        };
-        match prepared {
-            Ok(row) => ready.push((job, row)),
-            Err(e) => out.push((job.reply, Err(e))),
-        }
-    }
-    let mut rest = ready.into_iter().peekable();
+    let mut rest = jobs.into_iter().peekable();
     while rest.peek().is_some() {
-        let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
-        let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
-        // One statement in a savepoint: a failure undoes all of it and nothing else.
-        let inserted = ctx
+        let chunk: Vec<InsertJob> = rest.by_ref().take(INSERT_CHUNK).collect();
+        let rows: Vec<MessageRow> = chunk.iter().map(|j| j.row.clone()).collect();
+        let attempt = ctx
             .in_savepoint_result(move |ctx| {
-                Box::pin(async move { insert_rows(&mut ctx.conn, &rows).await })
+                Box::pin(async move {
+                    let mut ready = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        ready.push(prepare_insert(ctx, row).await?);
+                    }
+                    insert_rows(&mut ctx.conn, &ready).await?;
+                    Ok(ready)
+                })
             })
             .await;
-        match inserted {
-            Ok(()) => {
-                for (job, row) in chunk {
+        match attempt {
+            Ok(ready) => {
+                for (job, row) in chunk.into_iter().zip(ready) {
                     let row = ctx.core.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
-                for (job, row) in chunk {
+                tracing::warn!(error = %e, rows = chunk.len(), "a chunk of inserts failed; inserting one by one");
+                for InsertJob { row, reply, .. } in chunk {
                     let result = ctx
                         .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
                         .await;
-                    out.push((job.reply, result));
+                    out.push((reply, result));
                 }
             }
         }

@@ -46,6 +46,7 @@ pub(super) enum ChatUndo {
 pub(super) struct Mark {
     pub(super) events: usize,
     pub(super) chat_undo: usize,
+    pub(super) added: usize,
 }
 
 pub(super) const MESSAGE_COLUMNS: &str =

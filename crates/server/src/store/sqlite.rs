@@ -507,8 +507,11 @@ async fn insert_guarded(
 /// Rows per multi-row INSERT (17 parameters each; SQLite allows 32,766 per statement).
 const INSERT_CHUNK: usize = 256;
 
-/// The plain inserts of a batch: one multi-row INSERT per chunk. If a chunk fails, its
-/// rows are retried one by one so that one bad row fails alone.
+/// The plain inserts of a batch. Per chunk, every job's preparation (its conversation,
+/// created on first contact; its seq and id; its chat) and one multi-row INSERT run in one
+/// savepoint. If anything in a chunk fails, the savepoint is rolled back and its jobs run
+/// one by one, each in a savepoint of its own, so that one bad job fails alone and leaves
+/// nothing behind (no visitor or conversation without the message that made them).
 async fn insert_plain(
     ctx: &mut WriterCtx,
     jobs: Vec<InsertJob>,
@@ -517,50 +520,54 @@ async fn insert_plain(
     StoreResult<Guarded<Arc<MessageRow>>>,
 )> {
     let mut out = Vec::with_capacity(jobs.len());
-    let mut ready: Vec<(InsertJob, MessageRow)> = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let mut row = job.row.clone();
-        match ctx
-            .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
-            .await
-        {
-            Ok(c) => {
-                row.conversation_id = c;
-                row.seq = ctx.core.take_seq();
-                row.id = ctx.ids.encode(row.seq);
-                match ctx.track_chat(&row).await {
-                    Ok(()) => ready.push((job, row)),
-                    Err(e) => out.push((job.reply, Err(e))),
-                }
-            }
-            Err(e) => out.push((job.reply, Err(e.into()))),
-        }
-    }
-    let mut rest = ready.into_iter().peekable();
+    let mut rest = jobs.into_iter().peekable();
     while rest.peek().is_some() {
-        let chunk: Vec<(InsertJob, MessageRow)> = rest.by_ref().take(INSERT_CHUNK).collect();
-        let rows: Vec<MessageRow> = chunk.iter().map(|(_, r)| r.clone()).collect();
-        // One statement is atomic: a failure undoes all of it and nothing else.
-        let inserted = insert_rows(&mut ctx.conn, &rows).await;
-        match inserted {
-            Ok(()) => {
-                for (job, row) in chunk {
+        let chunk: Vec<InsertJob> = rest.by_ref().take(INSERT_CHUNK).collect();
+        let rows: Vec<MessageRow> = chunk.iter().map(|j| j.row.clone()).collect();
+        let attempt = ctx
+            .in_savepoint_result(move |ctx| {
+                Box::pin(async move {
+                    let mut ready = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        ready.push(prepare_insert(ctx, row).await?);
+                    }
+                    insert_rows(&mut ctx.conn, &ready).await?;
+                    Ok(ready)
+                })
+            })
+            .await;
+        match attempt {
+            Ok(ready) => {
+                for (job, row) in chunk.into_iter().zip(ready) {
                     let row = ctx.core.message_created(row);
                     out.push((job.reply, Ok(Guarded::Applied(row))));
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, rows = chunk.len(), "multi-row insert failed; inserting one by one");
-                for (job, row) in chunk {
+                tracing::warn!(error = %e, rows = chunk.len(), "a chunk of inserts failed; inserting one by one");
+                for InsertJob { row, reply, .. } in chunk {
                     let result = ctx
                         .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
                         .await;
-                    out.push((job.reply, result));
+                    out.push((reply, result));
                 }
             }
         }
     }
     out
+}
+
+/// Gives a new message its conversation (creating visitor and conversation on first
+/// contact), seq and id, and notes it in its chat (starting one if it is the first of a
+/// chat).
+async fn prepare_insert(ctx: &mut WriterCtx, mut row: MessageRow) -> StoreResult<MessageRow> {
+    row.conversation_id = ctx
+        .conversation_for(&row.account_id, &row.visitor_id, row.created_at)
+        .await?;
+    row.seq = ctx.core.take_seq();
+    row.id = ctx.ids.encode(row.seq);
+    ctx.track_chat(&row).await?;
+    Ok(row)
 }
 
 /// The VFS of a store's connections. With `synchronous = FULL` SQLite syncs the WAL at

@@ -117,12 +117,21 @@ impl WriterCore {
         Mark {
             events: self.events.len(),
             chat_undo: self.chat_undo.len(),
+            added: self.added.len(),
         }
     }
 
     /// Forgets what the failed part of a transaction did to the writer's memory.
     pub(super) fn undo_to(&mut self, mark: Mark) {
         self.events.truncate(mark.events);
+        // A conversation the undone part found or created may be gone from the database:
+        // forget it, or the next message to that visitor would name a conversation that
+        // does not exist (the writer's connection checks no foreign keys).
+        if self.added.len() > mark.added {
+            for key in self.added.drain(mark.added..) {
+                self.conversations.remove(&key);
+            }
+        }
         while self.chat_undo.len() > mark.chat_undo {
             match self.chat_undo.pop() {
                 Some(ChatUndo::Opened(conversation)) => {
@@ -191,12 +200,10 @@ impl WriterCore {
 
     /// After a failed commit: the writer's memory as before the transaction.
     pub(super) fn rolled_back(&mut self) {
-        for key in self.added.drain(..) {
-            self.conversations.remove(&key);
-        }
         self.undo_to(Mark {
             events: 0,
             chat_undo: 0,
+            added: 0,
         });
     }
 }

@@ -1,6 +1,7 @@
 use reqwest::Method;
 use serde_json::json;
 
+use crate::db::Conn;
 use crate::harness::{TestServer, KEY};
 
 #[tokio::test]
@@ -707,4 +708,60 @@ async fn random_requests_get_brevo_errors_and_never_a_5xx() {
             "widget path {widget_path}: {ok} successes: {answered:?}"
         );
     }
+}
+
+/// A storage failure (here a trigger that makes every insert of a message fail) answers 503
+/// with `Retry-After` and Brevo's body, on the one-statement path (a known conversation)
+/// and on the general one (a new visitor), leaves nothing half-written, and the same
+/// request succeeds once the cause is gone.
+#[tokio::test]
+async fn a_storage_failure_is_a_retryable_503_that_wrote_nothing() {
+    let s = TestServer::start().await;
+    let a = s.agent("A", None, None, &[]).await;
+    s.agent_says(&a, "known", "first").await;
+    let mut conn = Conn::open_writable(&s.db).await;
+    let (install, remove) = match conn {
+        Conn::Sqlite(_) => (
+            "CREATE TRIGGER fail_inserts BEFORE INSERT ON messages \
+             BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END",
+            "DROP TRIGGER fail_inserts",
+        ),
+        Conn::Postgres(_) => (
+            "CREATE FUNCTION fail_inserts() RETURNS trigger AS $$ \
+             BEGIN RAISE EXCEPTION 'the disk is on fire'; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER fail_inserts BEFORE INSERT ON messages \
+             FOR EACH ROW EXECUTE FUNCTION fail_inserts()",
+            "DROP TRIGGER fail_inserts ON messages; DROP FUNCTION fail_inserts()",
+        ),
+    };
+    conn.execute(install).await;
+    for visitor in ["known", "new"] {
+        let body = json!({"visitorId": visitor, "text": "hello", "agentId": a});
+        let r = s.post("/v3/conversations/messages", body).await;
+        let msg = r.expect_error(503, "bad_request");
+        assert!(msg.contains("safe to retry"), "{msg}");
+        assert_eq!(r.headers["retry-after"], "1", "{visitor}");
+    }
+    assert_eq!(s.count("messages").await, 1);
+    assert_eq!(
+        s.count("conversations").await,
+        1,
+        "no conversation for the new visitor"
+    );
+    assert_eq!(s.count("visitors").await, 1, "no new visitor");
+
+    conn.execute(remove).await;
+    conn.close().await;
+    for visitor in ["known", "new"] {
+        let body = json!({"visitorId": visitor, "text": "hello", "agentId": a});
+        s.post("/v3/conversations/messages", body).await.ok();
+    }
+    assert_eq!(s.count("messages").await, 3);
+    // The new visitor's conversation exists now, and its message names it.
+    assert_eq!(s.count("visitors").await, 2);
+    assert_eq!(
+        s.count("messages m JOIN conversations c ON c.id = m.conversation_id")
+            .await,
+        3
+    );
 }
