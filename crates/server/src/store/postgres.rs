@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
 use super::shared::*;
-use super::writer::{self, Answer, Writer, WriterCore, WriterMap};
+use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -76,14 +76,6 @@ impl Default for PostgresOptions {
 }
 
 type Job = writer::Job<WriterCtx>;
-
-/// A new message: the hot path, coalesced with the other inserts of its batch into one
-/// multi-row INSERT when it carries no idempotency key.
-struct InsertJob {
-    row: MessageRow,
-    idem: Option<IdempotencyRecord>,
-    reply: oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
-}
 
 // Moved once through a channel or a Vec: boxing would add an allocation per message.
 #[allow(clippy::large_enum_variant)]
@@ -507,7 +499,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
     }
     if !plain.is_empty() {
-        for (reply, result) in insert_plain(ctx, plain).await {
+        for (reply, result) in ctx.insert_plain(plain).await {
             owed.push(Owed::Insert(reply, result));
         }
     }
@@ -598,60 +590,6 @@ async fn insert_guarded(
         ctx.idem_save(&m.account_id, rec).await?;
     }
     Ok(Guarded::Applied(m))
-}
-
-/// Rows per multi-row INSERT (one array per column, so the statement does not grow).
-const INSERT_CHUNK: usize = 256;
-
-/// The plain inserts of a batch. Per chunk, every job's preparation (its conversation,
-/// created on first contact; its seq; its chat) and one multi-row INSERT run in one
-/// savepoint, which also keeps a failed statement from aborting the whole transaction. If
-/// anything in a chunk fails, the savepoint is rolled back and its jobs run one by one,
-/// each in a savepoint of its own, so that one bad job fails alone and leaves nothing
-/// behind (no visitor or conversation without the message that made them).
-async fn insert_plain(
-    ctx: &mut WriterCtx,
-    jobs: Vec<InsertJob>,
-) -> Vec<(
-    oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
-    StoreResult<Guarded<Arc<MessageRow>>>,
-)> {
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut rest = jobs.into_iter().peekable();
-    while rest.peek().is_some() {
-        let chunk: Vec<InsertJob> = rest.by_ref().take(INSERT_CHUNK).collect();
-        let rows: Vec<MessageRow> = chunk.iter().map(|j| j.row.clone()).collect();
-        let attempt = ctx
-            .in_savepoint_result(move |ctx| {
-                Box::pin(async move {
-                    let mut ready = Vec::with_capacity(rows.len());
-                    for row in rows {
-                        ready.push(prepare_insert(ctx, row).await?);
-                    }
-                    insert_rows(&mut ctx.conn, &ready).await?;
-                    Ok(ready)
-                })
-            })
-            .await;
-        match attempt {
-            Ok(ready) => {
-                for (job, row) in chunk.into_iter().zip(ready) {
-                    let row = ctx.core.message_created(row);
-                    out.push((job.reply, Ok(Guarded::Applied(row))));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, rows = chunk.len(), "a chunk of inserts failed; inserting one by one");
-                for InsertJob { row, reply, .. } in chunk {
-                    let result = ctx
-                        .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
-                        .await;
-                    out.push((reply, result));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Gives a new message its conversation (creating visitor and conversation on first contact)
@@ -790,6 +728,22 @@ impl Writer for WriterCtx {
 
     fn parts(&mut self) -> (&mut PgConnection, &mut WriterCore) {
         (&mut self.conn, &mut self.core)
+    }
+
+    fn prepare_insert(&mut self, row: MessageRow) -> BoxFuture<'_, StoreResult<MessageRow>> {
+        Box::pin(prepare_insert(self, row))
+    }
+
+    fn insert_rows<'a>(&'a mut self, rows: &'a [MessageRow]) -> BoxFuture<'a, StoreResult<()>> {
+        insert_rows(&mut self.conn, rows)
+    }
+
+    fn insert_guarded(
+        &mut self,
+        row: MessageRow,
+        idem: Option<IdempotencyRecord>,
+    ) -> BoxFuture<'_, StoreResult<Guarded<Arc<MessageRow>>>> {
+        Box::pin(insert_guarded(self, row, idem))
     }
 
     fn insert_event<'a>(

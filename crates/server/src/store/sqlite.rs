@@ -26,7 +26,7 @@ use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
 use super::shared::*;
-use super::writer::{self, Answer, Writer, WriterCore, WriterMap};
+use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -72,14 +72,6 @@ impl Default for SqliteOptions {
 }
 
 type Job = writer::Job<WriterCtx>;
-
-/// A new message: the hot path. Without an idempotency key it is written together with
-/// the other inserts of its batch (see `run_batch_inner`).
-struct InsertJob {
-    row: MessageRow,
-    idem: Option<IdempotencyRecord>,
-    reply: oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
-}
 
 // Moved once through a channel or a Vec: boxing would add an allocation per message.
 #[allow(clippy::large_enum_variant)]
@@ -415,7 +407,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         }
     }
     if !plain.is_empty() {
-        for (reply, result) in insert_plain(ctx, plain).await {
+        for (reply, result) in ctx.insert_plain(plain).await {
             owed.push(Owed::Insert(reply, result));
         }
     }
@@ -502,59 +494,6 @@ async fn insert_guarded(
         ctx.idem_save(&m.account_id, rec).await?;
     }
     Ok(Guarded::Applied(m))
-}
-
-/// Rows per multi-row INSERT (17 parameters each; SQLite allows 32,766 per statement).
-const INSERT_CHUNK: usize = 256;
-
-/// The plain inserts of a batch. Per chunk, every job's preparation (its conversation,
-/// created on first contact; its seq and id; its chat) and one multi-row INSERT run in one
-/// savepoint. If anything in a chunk fails, the savepoint is rolled back and its jobs run
-/// one by one, each in a savepoint of its own, so that one bad job fails alone and leaves
-/// nothing behind (no visitor or conversation without the message that made them).
-async fn insert_plain(
-    ctx: &mut WriterCtx,
-    jobs: Vec<InsertJob>,
-) -> Vec<(
-    oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
-    StoreResult<Guarded<Arc<MessageRow>>>,
-)> {
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut rest = jobs.into_iter().peekable();
-    while rest.peek().is_some() {
-        let chunk: Vec<InsertJob> = rest.by_ref().take(INSERT_CHUNK).collect();
-        let rows: Vec<MessageRow> = chunk.iter().map(|j| j.row.clone()).collect();
-        let attempt = ctx
-            .in_savepoint_result(move |ctx| {
-                Box::pin(async move {
-                    let mut ready = Vec::with_capacity(rows.len());
-                    for row in rows {
-                        ready.push(prepare_insert(ctx, row).await?);
-                    }
-                    insert_rows(&mut ctx.conn, &ready).await?;
-                    Ok(ready)
-                })
-            })
-            .await;
-        match attempt {
-            Ok(ready) => {
-                for (job, row) in chunk.into_iter().zip(ready) {
-                    let row = ctx.core.message_created(row);
-                    out.push((job.reply, Ok(Guarded::Applied(row))));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, rows = chunk.len(), "a chunk of inserts failed; inserting one by one");
-                for InsertJob { row, reply, .. } in chunk {
-                    let result = ctx
-                        .in_savepoint_result(move |ctx| Box::pin(insert_guarded(ctx, row, None)))
-                        .await;
-                    out.push((reply, result));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Gives a new message its conversation (creating visitor and conversation on first
@@ -829,6 +768,22 @@ impl Writer for WriterCtx {
 
     fn parts(&mut self) -> (&mut SqliteConnection, &mut WriterCore) {
         (&mut self.conn, &mut self.core)
+    }
+
+    fn prepare_insert(&mut self, row: MessageRow) -> BoxFuture<'_, StoreResult<MessageRow>> {
+        Box::pin(prepare_insert(self, row))
+    }
+
+    fn insert_rows<'a>(&'a mut self, rows: &'a [MessageRow]) -> BoxFuture<'a, StoreResult<()>> {
+        insert_rows(&mut self.conn, rows)
+    }
+
+    fn insert_guarded(
+        &mut self,
+        row: MessageRow,
+        idem: Option<IdempotencyRecord>,
+    ) -> BoxFuture<'_, StoreResult<Guarded<Arc<MessageRow>>>> {
+        Box::pin(insert_guarded(self, row, idem))
     }
 
     fn insert_event<'a>(

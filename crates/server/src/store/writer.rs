@@ -208,6 +208,23 @@ impl WriterCore {
     }
 }
 
+/// A new message for the writer, answered once its batch has committed.
+pub(super) struct InsertJob {
+    pub(super) row: MessageRow,
+    pub(super) idem: Option<IdempotencyRecord>,
+    pub(super) reply: oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+}
+
+/// Rows per multi-row INSERT: on SQLite 17 parameters each (it allows 32,766 per
+/// statement); PostgreSQL binds one array per column, so its statement does not grow.
+pub(super) const INSERT_CHUNK: usize = 256;
+
+/// What [`Writer::insert_plain`] owes each caller.
+pub(super) type InsertAnswer = (
+    oneshot::Sender<StoreResult<Guarded<Arc<MessageRow>>>>,
+    StoreResult<Guarded<Arc<MessageRow>>>,
+);
+
 /// A backend's writer: its connection, its [`WriterCore`], and the three statements whose
 /// SQL differs between the databases. The provided methods are the rest of the writer's
 /// work on chats, savepoints, idempotency records and replayed deliveries, the same on
@@ -270,6 +287,67 @@ where
         webhook_id: &'a str,
         conversation_id: &'a str,
     ) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Gives a new message its conversation (creating visitor and conversation on first
+    /// contact), its seq (and id, where the backend derives ids from it), and notes it in
+    /// its chat (starting one if it is the first of a chat).
+    fn prepare_insert(&mut self, row: MessageRow) -> BoxFuture<'_, StoreResult<MessageRow>>;
+
+    /// Inserts messages whose conversation and seq are set, in one statement.
+    fn insert_rows<'a>(&'a mut self, rows: &'a [MessageRow]) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Inserts one message from scratch (prepared here), under its idempotency key if it
+    /// has one; meant to run in a savepoint.
+    fn insert_guarded(
+        &mut self,
+        row: MessageRow,
+        idem: Option<IdempotencyRecord>,
+    ) -> BoxFuture<'_, StoreResult<Guarded<Arc<MessageRow>>>>;
+
+    /// The plain inserts of a batch. Per chunk, every job's preparation and one multi-row
+    /// INSERT run in one savepoint (which on PostgreSQL also keeps a failed statement from
+    /// aborting the whole transaction). If anything in a chunk fails, the savepoint is
+    /// rolled back and its jobs run one by one, each in a savepoint of its own, so that one
+    /// bad job fails alone and leaves nothing behind (no visitor or conversation without
+    /// the message that made them).
+    async fn insert_plain(&mut self, jobs: Vec<InsertJob>) -> Vec<InsertAnswer> {
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut rest = jobs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<InsertJob> = rest.by_ref().take(INSERT_CHUNK).collect();
+            let rows: Vec<MessageRow> = chunk.iter().map(|j| j.row.clone()).collect();
+            let attempt = self
+                .in_savepoint_result(move |ctx| {
+                    Box::pin(async move {
+                        let mut ready = Vec::with_capacity(rows.len());
+                        for row in rows {
+                            ready.push(ctx.prepare_insert(row).await?);
+                        }
+                        ctx.insert_rows(&ready).await?;
+                        Ok(ready)
+                    })
+                })
+                .await;
+            match attempt {
+                Ok(ready) => {
+                    for (job, row) in chunk.into_iter().zip(ready) {
+                        let row = self.core().message_created(row);
+                        out.push((job.reply, Ok(Guarded::Applied(row))));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = chunk.len(), "a chunk of inserts failed; inserting one by one");
+                    for InsertJob { row, reply, .. } in chunk {
+                        let result = self
+                            .in_savepoint_result(move |ctx| ctx.insert_guarded(row, None))
+                            .await;
+                        out.push((reply, result));
+                    }
+                }
+            }
+        }
+        out
+    }
 
     /// Runs one statement without parameters.
     async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
