@@ -225,10 +225,11 @@ pub(super) type InsertAnswer = (
     StoreResult<Guarded<Arc<MessageRow>>>,
 );
 
-/// A backend's writer: its connection, its [`WriterCore`], and the three statements whose
-/// SQL differs between the databases. The provided methods are the rest of the writer's
-/// work on chats, savepoints, idempotency records and replayed deliveries, the same on
-/// both.
+/// A backend's writer: its connection, its [`WriterCore`], and what differs between the
+/// databases: three statements (events, webhook events, delivery queues) and the three
+/// steps of inserting a message (preparing it, inserting rows, inserting one alone). The
+/// provided methods are the rest of the writer's work on plain inserts, chats, savepoints,
+/// idempotency records and replayed deliveries, the same on both.
 ///
 /// The bounds are what sqlx needs to run these statements on the backend's database;
 /// sqlx's SQLite and PostgreSQL drivers meet them all.

@@ -161,7 +161,8 @@ impl Conn {
         Self::connect(db, true).await
     }
 
-    /// A connection for changing data behind a stopped server's back.
+    /// A connection for changing the database behind the server's back: its data while it
+    /// is stopped, or its schema (a trigger, say) while it runs.
     pub async fn open_writable(db: &Path) -> Self {
         Self::connect(db, false).await
     }
