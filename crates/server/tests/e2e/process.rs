@@ -43,6 +43,13 @@ async fn serve_with(
     api_key: Option<&str>,
     flags: &[&str],
 ) -> (Child, String, Vec<String>) {
+    let mut cmd = serve_command(db, api_key, flags);
+    cmd.stderr(Stdio::inherit());
+    start(cmd).await
+}
+
+/// The command line of [`serve_with`], logging at `warn`.
+fn serve_command(db: &Path, api_key: Option<&str>, flags: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
         .arg("--listen")
@@ -55,9 +62,14 @@ async fn serve_with(
     if let Some(k) = api_key {
         cmd.env("SWITCHBOARD_API_KEY", k);
     }
+    cmd
+}
+
+/// Spawns `cmd` and waits for its listening line: the child, its URL and the stdout lines
+/// printed before that line.
+async fn start(mut cmd: Command) -> (Child, String, Vec<String>) {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn");
@@ -233,6 +245,68 @@ async fn sigterm_stops_cleanly_on(storage: &TestDb) {
         let wal = dir.join("s.db-wal");
         assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
     }
+}
+
+/// At `RUST_LOG=info` (the default) every answered request is logged with its method,
+/// path and status; at `warn` none is.
+#[tokio::test]
+async fn requests_are_logged_at_info_and_not_at_warn() {
+    let storage = TestDb::new().await;
+    let info = logged_lines(&storage.path, "info").await;
+    let answered: Vec<&String> = info
+        .iter()
+        .filter(|l| l.contains("tower_http::trace::on_response"))
+        .collect();
+    for (method, path, status) in [
+        ("GET", "/health", 200),
+        ("POST", "/v3/conversations/messages", 200),
+        ("POST", "/v3/conversations/messages", 401),
+    ] {
+        let line: Value = answered
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+            .find(|l: &Value| {
+                l["span"]["method"] == method
+                    && l["span"]["path"] == path
+                    && l["fields"]["status"] == status
+            })
+            .unwrap_or_else(|| panic!("no log line for {method} {path} {status} in {info:#?}"));
+        assert_eq!(line["level"], "INFO", "{line}");
+    }
+    let warn = logged_lines(&storage.path, "warn").await;
+    assert!(warn.iter().all(|l| !l.contains("on_response")), "{warn:#?}");
+}
+
+/// Runs `switchboard serve` with `RUST_LOG=level` and JSON logs, sends `GET /health`, a
+/// POST with the right key and one with a wrong key, stops it; what it logged, line by line.
+async fn logged_lines(db: &Path, level: &str) -> Vec<String> {
+    let mut cmd = serve_command(db, Some("k"), &[]);
+    cmd.env("RUST_LOG", level)
+        .env("SWITCHBOARD_LOG_FORMAT", "json")
+        .stderr(Stdio::piped());
+    let (mut child, url, _) = start(cmd).await;
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    for (key, status) in [("k", 200), ("wrong", 401)] {
+        let r = http
+            .post(format!("{url}/v3/conversations/messages"))
+            .header("api-key", key)
+            .json(
+                &json!({"visitorId": "v", "text": "t", "agentEmail": "a@x.com", "agentName": "A"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
+    let mut stderr = child.stderr.take().expect("stderr");
+    sigterm_and_wait(&mut child).await;
+    let mut logged = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logged)
+        .await
+        .unwrap();
+    logged.lines().map(str::to_owned).collect()
 }
 
 /// Every message that got a 200 is there after SIGKILL and a restart.
