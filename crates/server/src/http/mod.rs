@@ -339,7 +339,10 @@ fn body_too_large() -> ApiError {
 /// `Connection: close` header, at times after the client had already sent its next request
 /// on it. A body that cannot be read to its end (declared or found over the limit, or not
 /// there within [`DRAIN_WAIT`]) is left alone and the answer says `Connection: close`.
-/// Bodies the application reads, as every successful request does, cost only the watch.
+/// So is the body of a request that sent `Expect: 100-continue`: its client waits for a
+/// `100 Continue` before sending the body, and reading it would ask for an upload whose
+/// answer is already known. Bodies the application reads, as every successful request
+/// does, cost only the watch.
 #[derive(Clone)]
 pub struct DrainUnread<S>(pub S);
 
@@ -367,7 +370,12 @@ where
         if req.body().is_end_stream() {
             return futures::future::Either::Left(self.0.call(req));
         }
-        let too_large = req.body().size_hint().lower() > MAX_BODY_BYTES as u64;
+        // Not read, not drained: hyper then skips the `100 Continue` and closes.
+        let leave_unread = req.body().size_hint().lower() > MAX_BODY_BYTES as u64
+            || req
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let left = Arc::new(std::sync::Mutex::new(None));
         let req = req.map(|body| {
             axum::body::Body::new(Watched {
@@ -378,7 +386,7 @@ where
         futures::future::Either::Right(Drained {
             answer: self.0.call(req),
             left,
-            too_large,
+            leave_unread,
             draining: None,
         })
     }
@@ -389,7 +397,8 @@ where
 pub struct Drained<F> {
     answer: F,
     left: Arc<std::sync::Mutex<Option<axum::body::Body>>>,
-    too_large: bool,
+    /// What the application left of the body is not to be read (see [`DrainUnread`]).
+    leave_unread: bool,
     /// Set once the answer is there and part of the body was left unread.
     draining: Option<futures::future::BoxFuture<'static, Response>>,
 }
@@ -416,7 +425,7 @@ where
         let Some(body) = unread else {
             return Poll::Ready(Ok(res));
         };
-        if this.too_large {
+        if this.leave_unread {
             res.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Poll::Ready(Ok(res));

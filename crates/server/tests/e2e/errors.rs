@@ -419,6 +419,61 @@ async fn a_refused_request_keeps_its_connection_even_when_its_body_comes_late() 
     assert!(head.contains("connection: close"), "{head}");
 }
 
+/// A request sent with `Expect: 100-continue` and refused before its body was needed gets
+/// its answer at once, without a `100 Continue`, so its client never uploads the body; the
+/// answer says `Connection: close` and the connection closes. A request whose body is needed
+/// gets the `100 Continue`, then its answer, and keeps its connection.
+#[tokio::test]
+async fn expect_100_continue_asks_only_for_a_body_that_is_needed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    for (request_line, extra, status) in [
+        ("POST /v3/conversations/messages", String::new(), 401),
+        ("POST /nope", format!("api-key: {KEY}\r\n"), 404),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "{request_line} HTTP/1.1\r\nhost: x\r\n{extra}content-type: application/json\r\n\
+             content-length: 500000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let (got, head) = read_response(&mut tcp).await;
+        assert_eq!(got, status, "{request_line}: {head}");
+        assert!(head.contains("connection: close"), "{request_line}: {head}");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the connection closes after the answer");
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "{request_line}: {rest:?}"
+        );
+    }
+
+    let body = br#"{"visitorId":"v100","text":"t","agentEmail":"a@x.com","agentName":"A"}"#;
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v3/conversations/messages HTTP/1.1\r\nhost: x\r\napi-key: {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (got, head) = read_response(&mut tcp).await;
+    assert_eq!(got, 100, "{head}");
+    tcp.write_all(body).await.unwrap();
+    let (got, head) = read_response(&mut tcp).await;
+    assert_eq!(got, 200, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut tcp).await.0, 200);
+}
+
 /// An id that is not UTF-8 once percent-decoded names nothing: every route with ids in its
 /// path answers Brevo's 404, never axum's plain-text 400 (before, the two routes with two
 /// ids, a webhook's delivery and its replay, did).
