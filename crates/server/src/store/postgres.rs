@@ -45,7 +45,8 @@ const AGENTS_CHANNEL: &str = "switchboard_agents";
 pub struct PostgresOptions {
     /// Most writes committed in one transaction.
     pub max_batch: usize,
-    /// Connections for reads (the writer and the listener have their own).
+    /// Connections for reads (the writer and the listener have their own); half of them
+    /// (at least one) read messages by id, the rest are sqlx's pool for everything else.
     pub read_connections: u32,
     /// How long to wait for a connection at start-up and from the pool.
     pub connect_timeout: Duration,
@@ -125,6 +126,8 @@ struct LocalCommit {
 /// PostgreSQL implementation of [`Store`].
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections for reading a message by id, the hottest read.
+    hot: HotReads,
     writer: mpsc::Sender<WriterMsg>,
     agents: Arc<AgentCache>,
     head: Arc<AtomicI64>,
@@ -146,6 +149,109 @@ pub fn redact(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Connections of their own for the hottest read, a message by id, used without sqlx's
+/// pool. The pool pings a connection before handing it out and again when it comes back:
+/// two round trips to PostgreSQL around a read that takes one. Here a connection goes back
+/// to the idle list only after a read that completed, and one found dead (PostgreSQL
+/// restarted, or ended it) is dropped and the read tried again, on the next idle connection
+/// or a new one; reads are safe to repeat.
+struct HotReads {
+    connect: PgConnectOptions,
+    connect_timeout: Duration,
+    idle: std::sync::Mutex<Vec<PgConnection>>,
+    permits: tokio::sync::Semaphore,
+    size: u32,
+}
+
+impl HotReads {
+    fn new(connect: PgConnectOptions, size: u32, connect_timeout: Duration) -> Self {
+        let size = size.max(1);
+        Self {
+            connect,
+            connect_timeout,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(size as usize),
+            size,
+        }
+    }
+
+    /// Most connections open at once.
+    fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// A connection for one read: an idle one, or a new one when none is idle. Waits while
+    /// all are in use.
+    async fn acquire(&self) -> StoreResult<HotConn<'_>> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?;
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let (conn, reused) = match idle {
+            Some(conn) => (conn, true),
+            None => {
+                let conn = tokio::time::timeout(self.connect_timeout, self.connect.connect())
+                    .await
+                    .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+                (conn, false)
+            }
+        };
+        Ok(HotConn {
+            conn,
+            reused,
+            hot: self,
+            _permit: permit,
+        })
+    }
+
+    /// Closes the idle connections (a read still running closes its own when dropped).
+    async fn close(&self) {
+        self.permits.close();
+        let idle = self.idle.lock().map(|mut idle| std::mem::take(&mut *idle));
+        for conn in idle.unwrap_or_default() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// A connection of [`HotReads`], closed when dropped unless [`HotConn::release`]d after a
+/// read that completed (a dropped read may have left it mid-protocol).
+struct HotConn<'a> {
+    conn: PgConnection,
+    /// It was idle before: it may have died meanwhile, unlike a new one.
+    reused: bool,
+    hot: &'a HotReads,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl HotConn<'_> {
+    /// Back to the idle list.
+    fn release(self) {
+        if let Ok(mut idle) = self.hot.idle.lock() {
+            idle.push(self.conn);
+        }
+    }
+
+    /// Whether a read that failed with `e` should be tried again on another connection.
+    fn lost(&self, e: &sqlx::Error) -> bool {
+        self.reused && connection_lost(e)
+    }
+}
+
+/// Whether `e` says the connection is gone rather than the statement failed: an I/O or
+/// protocol error, or PostgreSQL's connection exceptions (class 08) and shutdowns (57P).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
     }
 }
 
@@ -173,8 +279,13 @@ impl PostgresStore {
             .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
         // Several instances may start at once: the migrator takes an advisory lock.
         MIGRATOR.run(&mut conn).await?;
+        let hot = HotReads::new(
+            connect.clone(),
+            options.read_connections.max(2) / 2,
+            options.connect_timeout,
+        );
         let pool = PgPoolOptions::new()
-            .max_connections(options.read_connections.max(2))
+            .max_connections(options.read_connections.max(2) - hot.size())
             .min_connections(1)
             .acquire_timeout(options.connect_timeout)
             .connect_with(connect.clone())
@@ -250,6 +361,7 @@ impl PostgresStore {
         ));
         Ok(Self {
             pool,
+            hot,
             writer: tx,
             agents,
             head,
@@ -1449,15 +1561,31 @@ impl Store for PostgresStore {
 
     async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
         // No cache: another instance may change the message at any time.
-        let row: Option<MessageRow> = sqlx::query_as(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"
-        ))
-        .bind(id)
-        .bind(account_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row)
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages \
+                 WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"
+            )
+        });
+        loop {
+            let mut conn = self.hot.acquire().await?;
+            let read = sqlx::query_as::<_, MessageRow>(SQL.as_str())
+                .bind(id)
+                .bind(account_id)
+                .fetch_optional(&mut conn.conn)
+                .await;
+            match read {
+                Ok(row) => {
+                    conn.release();
+                    return Ok(row);
+                }
+                // A connection PostgreSQL ended while it was idle: read again on another.
+                Err(e) if conn.lost(&e) => {
+                    tracing::debug!(error = %e, "a read connection was lost; reading again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn update_message_text(
@@ -1798,6 +1926,7 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        self.hot.close().await;
         let (tx, rx) = oneshot::channel();
         if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
             let _ = rx.await;

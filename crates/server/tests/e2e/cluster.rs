@@ -1238,3 +1238,67 @@ async fn sigkill_of_one_instance_loses_nothing() {
     );
     cl.assert_no_panic();
 }
+
+/// PostgreSQL ending every connection of an instance (a restart, a failover, an
+/// administrator's `pg_terminate_backend`) fails none of the reads of a message that follow:
+/// the connections kept for them are found dead, replaced, and the read made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_of_a_message_survive_postgresql_ending_the_connections() {
+    let Some(admin) = admin_url("reads_of_a_message_survive_postgresql_ending_the_connections")
+    else {
+        return;
+    };
+    let db = Database::create(&admin).await;
+    let node = Node::start("A", &db.url, &[]).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client");
+    let r = http
+        .post(format!("{}/v3/conversations/messages", node.url))
+        .header("api-key", KEY)
+        .json(&json!({"visitorId": "v1", "text": "hello", "agentEmail": AGENT_EMAIL, "agentName": "Julia"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 200);
+    let id = r.json::<Value>().await.expect("JSON")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let url = format!("{}/v3/conversations/messages/{id}", node.url);
+    // Sixteen reads at once, so that several read connections are open and then idle.
+    let read_all = || async {
+        let reads = (0..16).map(|_| async {
+            let r = http
+                .get(&url)
+                .header("api-key", KEY)
+                .send()
+                .await
+                .expect("GET");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        });
+        futures::future::join_all(reads).await
+    };
+    for (status, body) in read_all().await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let ended = db
+        .rows(
+            "SELECT pg_terminate_backend(pid)::text FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name = 'switchboard'",
+        )
+        .await;
+    assert!(
+        ended.iter().filter(|r| r[0] == "true").count() >= 2,
+        "{ended:?}"
+    );
+    for round in 0..3 {
+        for (status, body) in read_all().await {
+            assert_eq!(status, 200, "round {round}: {body}");
+        }
+    }
+    drop(node);
+}
