@@ -2137,6 +2137,54 @@ mod tests {
         }
     }
 
+    /// A read connection goes back to the idle list only when released after a completed
+    /// read; one dropped (a read dropped midway) is closed, and the next read gets a new
+    /// one. At most `size` are lent at once.
+    #[tokio::test]
+    async fn hot_reads_keep_only_connections_whose_read_completed() {
+        let Some(db) = TempDb::create().await else {
+            return;
+        };
+        let hot = HotReads::new(
+            PgConnectOptions::from_str(&db.url).unwrap(),
+            1,
+            Duration::from_secs(10),
+        );
+        let first = hot.acquire().await.unwrap();
+        assert!(!first.reused);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), hot.acquire()).await;
+        assert!(
+            waiting.is_err(),
+            "a second connection was lent beyond the size"
+        );
+        first.release();
+        let mut again = hot.acquire().await.unwrap();
+        assert!(again.reused, "a released connection is reused");
+        let one: i64 = sqlx::query_scalar("SELECT 1::bigint")
+            .fetch_one(&mut again.conn)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        drop(again);
+        let next = hot.acquire().await.unwrap();
+        assert!(!next.reused, "a dropped connection is not reused");
+        drop(next);
+        hot.close().await;
+        assert!(hot.acquire().await.is_err(), "closed");
+        db.drop_now().await;
+    }
+
+    #[test]
+    fn lost_connections_are_told_from_failed_statements() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert!(connection_lost(&io));
+        assert!(connection_lost(&sqlx::Error::Protocol(
+            "unexpected message".into()
+        )));
+        assert!(!connection_lost(&sqlx::Error::RowNotFound));
+        assert!(!connection_lost(&sqlx::Error::PoolTimedOut));
+    }
+
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the
     /// other jobs with them.
     #[tokio::test]
