@@ -285,6 +285,14 @@ async fn logged_lines(db: &Path, level: &str) -> Vec<String> {
         .env("SWITCHBOARD_LOG_FORMAT", "json")
         .stderr(Stdio::piped());
     let (mut child, url, _) = start(cmd).await;
+    // Read as it comes, so that a full pipe never holds the server up.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let logged = tokio::spawn(async move {
+        let mut logged = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logged)
+            .await
+            .map(|_| logged)
+    });
     let http = reqwest::Client::new();
     let health = http.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -300,12 +308,8 @@ async fn logged_lines(db: &Path, level: &str) -> Vec<String> {
             .unwrap();
         assert_eq!(r.status(), status);
     }
-    let mut stderr = child.stderr.take().expect("stderr");
     sigterm_and_wait(&mut child).await;
-    let mut logged = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logged)
-        .await
-        .unwrap();
+    let logged = logged.await.unwrap().expect("read stderr");
     logged.lines().map(str::to_owned).collect()
 }
 
