@@ -14,7 +14,7 @@ use switchboard_bench::child::Server;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use tokio::net::TcpStream;
@@ -62,6 +62,19 @@ struct Cli {
     /// commit, measured in every round on SQLite).
     #[arg(long)]
     no_reference: bool,
+    /// What the GET scenario reads: a message by id, or the latest page of a visitor's ten
+    /// messages (two reads of the database: the visitor, then the page).
+    #[arg(long, value_enum, default_value_t = Read::Message)]
+    read: Read,
+}
+
+/// What the GET scenario reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Read {
+    /// `GET /v3/conversations/messages/{id}`.
+    Message,
+    /// `GET /v3/conversations/visitors/{visitorId}/messages?limit=10`.
+    VisitorMessages,
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,32 +254,60 @@ impl Target {
         }
         let addrs: Vec<String> = instances.iter().map(|s| s.addr.clone()).collect();
         let pids: Vec<u32> = instances.iter().filter_map(|s| s.pid()).collect();
-        let seed = request(&addrs[0], Scenario {
-            name: "seed",
-            method: http::Method::POST,
-            path: "/v3/conversations/messages".into(),
-            body: Some(Bytes::from_static(
+        // The visitor whose messages are listed has ten (a full page) and no more: POSTs go
+        // to another visitor.
+        let (seeds, seed_body): (usize, &'static [u8]) = match cli.read {
+            Read::Message => (
+                1,
                 br#"{"visitorId":"kZMvWhf8npAu3H6qd57w2Hv6nh6rnxvg","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz"}"#,
-            )),
-            api_key: Some(KEY.into()),
-        })
-        .await?;
-        let id = serde_json::from_slice::<serde_json::Value>(&seed)?["id"]
-            .as_str()
-            .context("seed message id")?
-            .to_owned();
-        Ok(Self {
-            label,
-            instances,
-            addrs,
-            pids,
-            get: Scenario {
+            ),
+            Read::VisitorMessages => (
+                10,
+                br#"{"visitorId":"p2Fq9YbWnL4xT7sKd3Hv6RcM8uJzA5eG","text":"Hello! How can I help you?","agentEmail":"liz@getwear.com","agentName":"Liz"}"#,
+            ),
+        };
+        let mut id = String::new();
+        for _ in 0..seeds {
+            let seed = request(
+                &addrs[0],
+                Scenario {
+                    name: "seed",
+                    method: http::Method::POST,
+                    path: "/v3/conversations/messages".into(),
+                    body: Some(Bytes::from_static(seed_body)),
+                    api_key: Some(KEY.into()),
+                },
+            )
+            .await?;
+            id = serde_json::from_slice::<serde_json::Value>(&seed)?["id"]
+                .as_str()
+                .context("seed message id")?
+                .to_owned();
+        }
+        let get = match cli.read {
+            Read::Message => Scenario {
                 name: "switchboard GET message by id",
                 method: http::Method::GET,
                 path: format!("/v3/conversations/messages/{id}"),
                 body: None,
                 api_key: Some(KEY.into()),
             },
+            Read::VisitorMessages => Scenario {
+                name: "switchboard GET visitor's messages",
+                method: http::Method::GET,
+                path:
+                    "/v3/conversations/visitors/p2Fq9YbWnL4xT7sKd3Hv6RcM8uJzA5eG/messages?limit=10"
+                        .into(),
+                body: None,
+                api_key: Some(KEY.into()),
+            },
+        };
+        Ok(Self {
+            label,
+            instances,
+            addrs,
+            pids,
+            get,
             post: Scenario {
                 name: "switchboard POST message (durable)",
                 method: http::Method::POST,

@@ -94,8 +94,9 @@ pub struct ServeArgs {
     /// the webhook timeout plus 5 s if lower.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_LEASE", default_value_t = 15.0)]
     pub webhook_lease: f64,
-    /// Connections to PostgreSQL for reads and webhook claims, half of them kept for reading
-    /// messages by id (the writer and the listener have one each besides).
+    /// Connections to PostgreSQL for reads and webhook claims: a quarter (at least one) for
+    /// webhook claims and the feed, the rest for reads (the writer and the listener have one
+    /// each besides).
     #[arg(long, env = "SWITCHBOARD_PG_CONNECTIONS", default_value_t = 16)]
     pub pg_connections: u32,
     /// Seconds a PostgreSQL statement may run before the server cancels it (0: no limit).

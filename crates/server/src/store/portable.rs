@@ -1,4 +1,4 @@
-//! What both backends do with the same SQL, written once: reads on the backend's pool,
+//! What both backends do with the same SQL, written once: reads on the backend's reader,
 //! and writes that need nothing of the writer but its connection.
 //!
 //! The SQL numbers its parameters (`$1`), which sqlx's SQLite driver binds by number just
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use super::cache::{email_key, AgentBy, AgentCache};
 use super::shared::*;
@@ -20,8 +20,12 @@ use super::*;
 pub(super) trait SqlBackend: Send + Sync + 'static {
     /// The database behind the pool.
     type Db: Database;
-    /// The pool that serves reads.
-    fn pool(&self) -> &Pool<Self::Db>;
+    /// What serves reads (on PostgreSQL not sqlx's pool, see `HotReads`).
+    type Reader<'a>: Executor<'a, Database = Self::Db> + Copy
+    where
+        Self: 'a;
+    /// The executor for reads.
+    fn reader(&self) -> Self::Reader<'_>;
     /// The backend's cache of agents.
     fn agents(&self) -> &AgentCache;
     /// Runs `f` on the writer's connection inside the writer's transaction, answering
@@ -156,7 +160,7 @@ where
         Ok(sqlx::query_as(
             "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",
         )
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -164,7 +168,7 @@ where
         Ok(
             sqlx::query_as("SELECT id, name, is_default, created_at FROM accounts WHERE id = $1")
                 .bind(id)
-                .fetch_optional(self.pool())
+                .fetch_optional(self.reader())
                 .await?,
         )
     }
@@ -174,7 +178,7 @@ where
             "SELECT account_id, key_hash FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(key_hash)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -184,7 +188,7 @@ where
              WHERE account_id = $1 ORDER BY created_at, id",
         )
         .bind(account_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -195,7 +199,7 @@ where
             ))
             .bind(account_id)
             .bind(id)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.reader())
             .await
         };
         Ok(self
@@ -216,7 +220,7 @@ where
             ))
             .bind(account_id)
             .bind(email_key.as_ref())
-            .fetch_optional(self.pool())
+            .fetch_optional(self.reader())
             .await
         };
         Ok(self
@@ -230,13 +234,13 @@ where
             "SELECT {AGENT_COLUMNS} FROM agents WHERE account_id = $1 ORDER BY created_at, id"
         ))
         .bind(account_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?;
         let members: Vec<(String, String)> = sqlx::query_as(
             "SELECT agent_id, group_id FROM group_members WHERE account_id = $1 ORDER BY group_id",
         )
         .bind(account_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?;
         let mut groups: HashMap<String, Vec<String>> = HashMap::new();
         for (agent, group) in members {
@@ -267,7 +271,7 @@ where
                 .bind(g)
                 .bind(account_id)
                 .bind(now)
-                .fetch_optional(self.pool())
+                .fetch_optional(self.reader())
                 .await?
             }
             None => {
@@ -277,7 +281,7 @@ where
                 ))
                 .bind(account_id)
                 .bind(now)
-                .fetch_optional(self.pool())
+                .fetch_optional(self.reader())
                 .await?
             }
         };
@@ -290,7 +294,7 @@ where
         )
         .bind(account_id)
         .bind(id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -300,7 +304,7 @@ where
              ORDER BY created_at, id",
         )
         .bind(account_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -334,7 +338,7 @@ where
         if let Some(seq) = bound {
             query = query.bind(seq);
         }
-        let mut rows = query.bind(fetch).fetch_all(self.pool()).await?;
+        let mut rows = query.bind(fetch).fetch_all(self.reader()).await?;
         let has_more = rows.len() > limit as usize;
         rows.truncate(limit as usize);
         if !matches!(window, Window::After(_)) {
@@ -348,7 +352,7 @@ where
             "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = $1",
         )
         .bind(widget_id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -360,7 +364,7 @@ where
         ))
         .bind(account_id)
         .bind(visitor_id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -369,7 +373,7 @@ where
             "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 ORDER BY created_at, id"
         ))
         .bind(account_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -379,7 +383,7 @@ where
         ))
         .bind(account_id)
         .bind(id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -397,7 +401,7 @@ where
         .bind(account_id)
         .bind(webhook_id)
         .bind(event_id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?)
     }
 
@@ -415,7 +419,7 @@ where
         .bind(account_id)
         .bind(webhook_id)
         .bind(event_id)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -434,7 +438,7 @@ where
         .bind(visitor_id)
         .bind(from_seq)
         .bind(to_seq)
-        .fetch_all(self.pool())
+        .fetch_all(self.reader())
         .await?)
     }
 
@@ -444,7 +448,7 @@ where
         ))
         .bind(account_id)
         .bind(chat_id)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.reader())
         .await?;
         Ok(row.map(ChatInfo::from))
     }

@@ -24,8 +24,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult, PgRow,
+    PgStatement, PgTypeInfo,
+};
+use sqlx::{ConnectOptions, Connection, Either, Execute, Executor, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
@@ -45,8 +51,9 @@ const AGENTS_CHANNEL: &str = "switchboard_agents";
 pub struct PostgresOptions {
     /// Most writes committed in one transaction.
     pub max_batch: usize,
-    /// Connections for reads (the writer and the listener have their own); half of them
-    /// (at least one) read messages by id, the rest are sqlx's pool for everything else.
+    /// Connections for reads and webhook claims (the writer and the listener have their
+    /// own): a quarter (at least one) are sqlx's pool, for webhook claims, the feed reader
+    /// and the writes made outside the writer; the rest serve reads, without sqlx's pings (see `HotReads`).
     pub read_connections: u32,
     /// How long to wait for a connection at start-up and from the pool.
     pub connect_timeout: Duration,
@@ -125,8 +132,10 @@ struct LocalCommit {
 
 /// PostgreSQL implementation of [`Store`].
 pub struct PostgresStore {
+    /// For webhook claims, the feed reader, the listener and the few writes made outside
+    /// the writer.
     pool: PgPool,
-    /// Connections for reading a message by id, the hottest read.
+    /// For reads.
     hot: HotReads,
     writer: mpsc::Sender<WriterMsg>,
     agents: Arc<AgentCache>,
@@ -152,13 +161,13 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Connections of their own for the hottest read, a message by id, used without sqlx's
-/// pool. The pool pings a connection before handing it out and again when it comes back:
-/// two round trips to PostgreSQL around a read that takes one. Here a connection goes back
-/// to the idle list only after a read that completed, and one found dead (PostgreSQL
-/// restarted, or ended it) is dropped and the read tried again, on the next idle connection
-/// or a new one; reads are safe to repeat.
-struct HotReads {
+/// The connections that serve reads, without sqlx's pool: the pool pings a connection
+/// before handing it out and again when it comes back, two round trips to PostgreSQL
+/// around a read that takes one. Here a connection goes back to the idle list only after a
+/// statement that completed, and a statement that fails on an idle connection found dead
+/// (PostgreSQL restarted, or ended it) is run again, on the next idle connection or a new
+/// one. So only reads go through it (an [`Executor`]): they are safe to repeat.
+pub(super) struct HotReads {
     connect: PgConnectOptions,
     connect_timeout: Duration,
     idle: std::sync::Mutex<Vec<PgConnection>>,
@@ -185,19 +194,19 @@ impl HotReads {
 
     /// A connection for one read: an idle one, or a new one when none is idle. Waits while
     /// all are in use.
-    async fn acquire(&self) -> StoreResult<HotConn<'_>> {
+    async fn acquire(&self) -> Result<HotConn<'_>, sqlx::Error> {
         let permit = self
             .permits
             .acquire()
             .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?;
+            .map_err(|_| sqlx::Error::PoolClosed)?;
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let (conn, reused) = match idle {
             Some(conn) => (conn, true),
             None => {
                 let conn = tokio::time::timeout(self.connect_timeout, self.connect.connect())
                     .await
-                    .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
                 (conn, false)
             }
         };
@@ -237,9 +246,156 @@ impl HotConn<'_> {
         }
     }
 
-    /// Whether a read that failed with `e` should be tried again on another connection.
-    fn lost(&self, e: &sqlx::Error) -> bool {
-        self.reused && connection_lost(e)
+    /// What became of a statement run on this connection: `Some` to answer it (after a
+    /// success the connection goes back to the idle list; after a failure it is closed, as
+    /// the statement may have left it mid-protocol), `None` to run the statement again on
+    /// another connection because this one, idle until now, was found dead.
+    fn settle<T>(self, result: Result<T, sqlx::Error>) -> Option<Result<T, sqlx::Error>> {
+        match result {
+            Ok(value) => {
+                self.release();
+                Some(Ok(value))
+            }
+            Err(e) if self.reused && connection_lost(&e) => {
+                tracing::debug!(error = %e, "a read connection was lost; reading again");
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+/// Runs `$run` (an expression using the connection `$conn`, awaited here) on a connection
+/// of `$hot`, and again on another while the one it ran on turns out to have died idle.
+/// Ends after at most as many tries as there were idle connections: a new connection's
+/// failure is answered.
+macro_rules! on_hot_connection {
+    ($hot:expr, |$conn:ident| $run:expr) => {
+        loop {
+            let mut hot = $hot.acquire().await?;
+            let result = {
+                let $conn = &mut hot.conn;
+                $run.await
+            };
+            if let Some(done) = hot.settle(result) {
+                break done;
+            }
+        }
+    };
+}
+
+/// A query's SQL and arguments, run again on another connection when the first was found
+/// dead: the arguments are taken out of the query once and cloned for each try.
+struct Again<'q> {
+    sql: &'q str,
+    arguments: Option<PgArguments>,
+    persistent: bool,
+}
+
+impl<'q> Again<'q> {
+    fn from<E: Execute<'q, Postgres>>(mut query: E) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            sql: query.sql(),
+            arguments: query.take_arguments().map_err(sqlx::Error::Encode)?,
+            persistent: query.persistent(),
+        })
+    }
+
+    fn again(&self) -> Self {
+        Self {
+            sql: self.sql,
+            arguments: self.arguments.clone(),
+            persistent: self.persistent,
+        }
+    }
+}
+
+impl<'q> Execute<'q, Postgres> for Again<'q> {
+    fn sql(&self) -> &'q str {
+        self.sql
+    }
+
+    fn statement(&self) -> Option<&PgStatement<'q>> {
+        None
+    }
+
+    fn take_arguments(&mut self) -> Result<Option<PgArguments>, BoxDynError> {
+        Ok(self.arguments.take())
+    }
+
+    fn persistent(&self) -> bool {
+        self.persistent
+    }
+}
+
+impl<'c> Executor<'c> for &'c HotReads {
+    type Database = Postgres;
+
+    // The rows are collected before the first is handed out, so that a statement that
+    // fails on a dead connection can run again without having answered anything yet. The
+    // reads here are all bounded (single rows and pages).
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let query = Again::from(query);
+        futures::stream::once(async move {
+            let query = query?;
+            on_hot_connection!(self, |conn| conn
+                .fetch_many(query.again())
+                .try_collect::<Vec<_>>())
+        })
+        .map_ok(|steps| futures::stream::iter(steps.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let query = Again::from(query);
+        Box::pin(async move {
+            let query = query?;
+            on_hot_connection!(self, |conn| conn.fetch_optional(query.again()))
+        })
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [PgTypeInfo],
+    ) -> BoxFuture<'e, Result<PgStatement<'q>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        Box::pin(async move { on_hot_connection!(self, |conn| conn.prepare_with(sql, parameters)) })
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        Box::pin(async move { on_hot_connection!(self, |conn| conn.describe(sql)) })
+    }
+}
+
+impl std::fmt::Debug for HotReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotReads")
+            .field("size", &self.size)
+            .finish()
     }
 }
 
@@ -279,13 +435,14 @@ impl PostgresStore {
             .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
         // Several instances may start at once: the migrator takes an advisory lock.
         MIGRATOR.run(&mut conn).await?;
+        let connections = options.read_connections.max(2);
         let hot = HotReads::new(
             connect.clone(),
-            options.read_connections.max(2) / 2,
+            connections - (connections / 4).max(1),
             options.connect_timeout,
         );
         let pool = PgPoolOptions::new()
-            .max_connections(options.read_connections.max(2) - hot.size())
+            .max_connections(connections - hot.size())
             .min_connections(1)
             .acquire_timeout(options.connect_timeout)
             .connect_with(connect.clone())
@@ -1174,9 +1331,9 @@ async fn insert_agent(
 }
 
 /// Up to `limit` feed entries after `after`, oldest first: of one account (and visitor) if
-/// given, else of every account (the feed reader's view).
-async fn read_feed(
-    pool: &PgPool,
+/// given, else of every account (the feed reader's view, on the pool).
+async fn read_feed<'e>(
+    on: impl Executor<'e, Database = Postgres> + Copy,
     account_id: Option<&str>,
     visitor_id: Option<&str>,
     after: i64,
@@ -1205,7 +1362,7 @@ async fn read_feed(
         .bind(visitor_id)
         .bind(after)
         .bind(limit)
-        .fetch_all(pool)
+        .fetch_all(on)
         .await?;
     let chat_ids: Vec<String> = rows.iter().filter_map(|r| r.fchat.clone()).collect();
     let mut chats: HashMap<String, ChatInfo> = HashMap::new();
@@ -1214,7 +1371,7 @@ async fn read_feed(
             "SELECT {CHAT_COLUMNS} FROM chats WHERE id = ANY($1)"
         ))
         .bind(&chat_ids)
-        .fetch_all(pool)
+        .fetch_all(on)
         .await?;
         for c in found {
             chats.insert(c.id.clone(), c.into());
@@ -1362,8 +1519,10 @@ async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: A
 impl super::portable::SqlBackend for PostgresStore {
     type Db = sqlx::Postgres;
 
-    fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
-        &self.pool
+    type Reader<'a> = &'a HotReads;
+
+    fn reader(&self) -> &HotReads {
+        &self.hot
     }
 
     fn agents(&self) -> &AgentCache {
@@ -1567,25 +1726,11 @@ impl Store for PostgresStore {
                  WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"
             )
         });
-        loop {
-            let mut conn = self.hot.acquire().await?;
-            let read = sqlx::query_as::<_, MessageRow>(SQL.as_str())
-                .bind(id)
-                .bind(account_id)
-                .fetch_optional(&mut conn.conn)
-                .await;
-            match read {
-                Ok(row) => {
-                    conn.release();
-                    return Ok(row);
-                }
-                // A connection PostgreSQL ended while it was idle: read again on another.
-                Err(e) if conn.lost(&e) => {
-                    tracing::debug!(error = %e, "a read connection was lost; reading again");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Ok(sqlx::query_as(SQL.as_str())
+            .bind(id)
+            .bind(account_id)
+            .fetch_optional(&self.hot)
+            .await?)
     }
 
     async fn update_message_text(
@@ -1616,7 +1761,7 @@ impl Store for PostgresStore {
             sqlx::query_scalar("SELECT 1::bigint FROM visitors WHERE account_id = $1 AND id = $2")
                 .bind(account_id)
                 .bind(visitor_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.hot)
                 .await?;
         Ok(found.is_some())
     }
@@ -1632,7 +1777,7 @@ impl Store for PostgresStore {
             )
             .bind(id)
             .bind(account_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.hot)
             .await?,
         )
     }
@@ -1723,7 +1868,7 @@ impl Store for PostgresStore {
         let until: Option<i64> =
             sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = $1")
                 .bind(account_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.hot)
                 .await?;
         Ok(until.unwrap_or(0) > now)
     }
@@ -1736,7 +1881,7 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<FeedEvent>> {
         read_feed(
-            &self.pool,
+            &self.hot,
             Some(account_id),
             visitor_id,
             after,
@@ -1871,7 +2016,7 @@ impl Store for PostgresStore {
             "SELECT min(greatest(q.next_attempt_at, q.claimed_until)) FROM webhook_queues q \
              JOIN webhooks w ON w.id = q.webhook_id WHERE w.enabled",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.hot)
         .await?)
     }
 
@@ -1903,7 +2048,7 @@ impl Store for PostgresStore {
         .bind(webhook_id)
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.hot)
         .await?)
     }
 
@@ -2170,6 +2315,68 @@ mod tests {
         drop(next);
         hot.close().await;
         assert!(hot.acquire().await.is_err(), "closed");
+        db.drop_now().await;
+    }
+
+    /// Reads through the read connections as an `Executor`: rows and arguments as on any
+    /// connection, a read made again after PostgreSQL ended the idle connections, and a
+    /// failing statement answered (not tried again) with its connection closed.
+    #[tokio::test]
+    async fn reads_run_again_on_a_new_connection_when_the_idle_ones_were_ended() {
+        let Some(db) = TempDb::create().await else {
+            return;
+        };
+        let connect = PgConnectOptions::from_str(&db.url)
+            .unwrap()
+            .application_name("hot-reads-test");
+        let hot = HotReads::new(connect, 2, Duration::from_secs(10));
+        let squares = || {
+            sqlx::query_scalar::<_, i64>("SELECT n * n FROM generate_series(1, $1::bigint) n")
+                .bind(5_i64)
+                .fetch_all(&hot)
+        };
+        assert_eq!(squares().await.unwrap(), [1, 4, 9, 16, 25]);
+        // Both connections open, then idle.
+        let (first, second) = (hot.acquire().await.unwrap(), hot.acquire().await.unwrap());
+        first.release();
+        second.release();
+        assert_eq!(hot.idle.lock().unwrap().len(), 2);
+
+        let mut admin = PgConnection::connect(&db.url).await.unwrap();
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'hot-reads-test'",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(ended, [true, true]);
+        // Both idle connections are dead: the read fails on them, then runs on a new one.
+        let one: Option<i64> = sqlx::query_scalar("SELECT $1::bigint")
+            .bind(7_i64)
+            .fetch_optional(&hot)
+            .await
+            .unwrap();
+        assert_eq!(one, Some(7));
+        assert_eq!(
+            hot.idle.lock().unwrap().len(),
+            1,
+            "only the new connection is kept"
+        );
+
+        let failed = sqlx::query_scalar::<_, i64>("SELECT 1 / 0")
+            .fetch_one(&hot)
+            .await
+            .unwrap_err();
+        assert!(!connection_lost(&failed), "{failed}");
+        assert_eq!(
+            hot.idle.lock().unwrap().len(),
+            0,
+            "a failed read's connection is closed"
+        );
+        assert_eq!(squares().await.unwrap().len(), 5);
+        hot.close().await;
+        let _ = admin.close().await;
         db.drop_now().await;
     }
 

@@ -1116,7 +1116,9 @@ async fn insert_agent(
 impl super::portable::SqlBackend for SqliteStore {
     type Db = sqlx::Sqlite;
 
-    fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
+    type Reader<'a> = &'a sqlx::Pool<sqlx::Sqlite>;
+
+    fn reader(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
     }
 

@@ -1243,9 +1243,8 @@ async fn sigkill_of_one_instance_loses_nothing() {
 /// administrator's `pg_terminate_backend`) fails none of the reads of a message that follow:
 /// the connections kept for them are found dead, replaced, and the read made again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reads_of_a_message_survive_postgresql_ending_the_connections() {
-    let Some(admin) = admin_url("reads_of_a_message_survive_postgresql_ending_the_connections")
-    else {
+async fn reads_survive_postgresql_ending_the_connections() {
+    let Some(admin) = admin_url("reads_survive_postgresql_ending_the_connections") else {
         return;
     };
     let db = Database::create(&admin).await;
@@ -1266,18 +1265,27 @@ async fn reads_of_a_message_survive_postgresql_ending_the_connections() {
         .as_str()
         .expect("id")
         .to_owned();
-    let url = format!("{}/v3/conversations/messages/{id}", node.url);
+    // A message by id, and the visitor's messages (two reads: the visitor, then the page).
+    let urls = [
+        format!("{}/v3/conversations/messages/{id}", node.url),
+        format!("{}/v3/conversations/visitors/v1/messages", node.url),
+    ];
     // Sixteen reads at once, so that several read connections are open and then idle.
     let read_all = || async {
-        let reads = (0..16).map(|_| async {
+        let (http, urls, id) = (&http, &urls, &id);
+        let reads = (0..16).map(|i| async move {
             let r = http
-                .get(&url)
+                .get(&urls[i % 2])
                 .header("api-key", KEY)
                 .send()
                 .await
                 .expect("GET");
             let status = r.status().as_u16();
-            (status, r.text().await.unwrap_or_default())
+            let body = r.text().await.unwrap_or_default();
+            if status == 200 {
+                assert!(body.contains(id.as_str()), "{body}");
+            }
+            (status, body)
         });
         futures::future::join_all(reads).await
     };
