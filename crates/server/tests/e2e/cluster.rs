@@ -102,6 +102,8 @@ struct Node {
     child: Child,
     /// Its stderr lines (also echoed to the test's stderr, prefixed with the name).
     log: Arc<Mutex<Vec<String>>>,
+    /// The task reading stderr into `log`, done once the process has exited.
+    log_reader: tokio::task::JoinHandle<()>,
 }
 
 impl Node {
@@ -120,7 +122,7 @@ impl Node {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut errors = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let sink = log.clone();
-        tokio::spawn(async move {
+        let log_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = errors.next_line().await {
                 eprintln!("[{name}] {line}");
                 sink.lock().unwrap().push(line);
@@ -144,7 +146,20 @@ impl Node {
             url,
             child,
             log,
+            log_reader,
         }
+    }
+
+    /// SIGKILL, and everything it wrote to stderr.
+    async fn kill_and_read_log(mut self) -> Vec<String> {
+        self.kill().await;
+        let reader = std::mem::replace(&mut self.log_reader, tokio::spawn(async {}));
+        tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("stderr ends with the process")
+            .expect("log reader");
+        let log = self.log.lock().unwrap().clone();
+        log
     }
 
     /// SIGKILL, and waits until it is gone.
@@ -1239,9 +1254,33 @@ async fn sigkill_of_one_instance_loses_nothing() {
     cl.assert_no_panic();
 }
 
+/// A PostgreSQL server that runs no autovacuum (so no `ANALYZE` either) is named in the
+/// log at start-up; one that runs it is not. The test servers of this project have it off.
+#[tokio::test]
+async fn postgresql_without_autovacuum_is_named_in_the_log() {
+    let Some(admin) = admin_url("postgresql_without_autovacuum_is_named_in_the_log") else {
+        return;
+    };
+    let db = Database::create(&admin).await;
+    let off = db
+        .rows(
+            "SELECT (current_setting('autovacuum') <> 'on' \
+             OR current_setting('track_counts') <> 'on')::text",
+        )
+        .await;
+    let off = off[0][0] == "true";
+    let log = Node::start("A", &db.url, &[])
+        .await
+        .kill_and_read_log()
+        .await;
+    let warned = log.iter().any(|l| l.contains("runs no autovacuum"));
+    assert_eq!(warned, off, "autovacuum off: {off}; log: {log:#?}");
+}
+
 /// PostgreSQL ending every connection of an instance (a restart, a failover, an
-/// administrator's `pg_terminate_backend`) fails none of the reads of a message that follow:
-/// the connections kept for them are found dead, replaced, and the read made again.
+/// administrator's `pg_terminate_backend`) fails none of the reads that follow (a message,
+/// a visitor's messages): the connections kept for them are found dead, replaced, and the
+/// read made again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_survive_postgresql_ending_the_connections() {
     let Some(admin) = admin_url("reads_survive_postgresql_ending_the_connections") else {
