@@ -18,7 +18,7 @@ use super::*;
 
 /// A backend built on sqlx: it gets [`Portable`] from here.
 pub(super) trait SqlBackend: Send + Sync + 'static {
-    /// The database behind the pool.
+    /// The sqlx database of the backend.
     type Db: Database;
     /// What serves reads (on PostgreSQL not sqlx's pool, see `HotReads`).
     type Reader<'a>: Executor<'a, Database = Self::Db> + Copy
