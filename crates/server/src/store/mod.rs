@@ -12,6 +12,7 @@ use async_trait::async_trait;
 mod cache;
 mod portable;
 pub mod postgres;
+mod reads;
 mod shared;
 pub mod sqlite;
 mod writer;

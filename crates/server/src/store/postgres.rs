@@ -24,17 +24,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
-use sqlx::error::BoxDynError;
-use sqlx::postgres::{
-    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult, PgRow,
-    PgStatement, PgTypeInfo,
-};
-use sqlx::{ConnectOptions, Connection, Either, Execute, Executor, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
+use super::reads::HotReads;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
@@ -137,7 +132,7 @@ pub struct PostgresStore {
     /// the writer.
     pool: PgPool,
     /// For reads.
-    hot: HotReads,
+    hot: HotReads<Postgres>,
     writer: mpsc::Sender<WriterMsg>,
     agents: Arc<AgentCache>,
     head: Arc<AtomicI64>,
@@ -162,244 +157,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// The connections that serve reads, without sqlx's pool: the pool pings a connection
-/// before handing it out and again when it comes back, two round trips to PostgreSQL
-/// around a read that takes one. Here a connection goes back to the idle list only after a
-/// statement that completed, and a statement that fails on an idle connection found dead
-/// (PostgreSQL restarted, or ended it) is run again, on the next idle connection or a new
-/// one. So only reads go through it (an [`Executor`]): they are safe to repeat.
-pub(super) struct HotReads {
-    connect: PgConnectOptions,
-    connect_timeout: Duration,
-    idle: std::sync::Mutex<Vec<PgConnection>>,
-    permits: tokio::sync::Semaphore,
-    size: u32,
-}
-
-impl HotReads {
-    fn new(connect: PgConnectOptions, size: u32, connect_timeout: Duration) -> Self {
-        let size = size.max(1);
-        Self {
-            connect,
-            connect_timeout,
-            idle: std::sync::Mutex::new(Vec::new()),
-            permits: tokio::sync::Semaphore::new(size as usize),
-            size,
-        }
-    }
-
-    /// Most connections open at once.
-    fn size(&self) -> u32 {
-        self.size
-    }
-
-    /// A connection for one read: an idle one, or a new one when none is idle. Waits while
-    /// all are in use.
-    async fn acquire(&self) -> Result<HotConn<'_>, sqlx::Error> {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let (conn, reused) = match idle {
-            Some(conn) => (conn, true),
-            None => {
-                let conn = tokio::time::timeout(self.connect_timeout, self.connect.connect())
-                    .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                (conn, false)
-            }
-        };
-        Ok(HotConn {
-            conn,
-            reused,
-            hot: self,
-            _permit: permit,
-        })
-    }
-
-    /// Closes the idle connections (a read still running closes its own when dropped).
-    async fn close(&self) {
-        self.permits.close();
-        let idle = self.idle.lock().map(|mut idle| std::mem::take(&mut *idle));
-        for conn in idle.unwrap_or_default() {
-            let _ = conn.close().await;
-        }
-    }
-}
-
-/// A connection of [`HotReads`], closed when dropped unless [`HotConn::release`]d after a
-/// read that completed (a dropped read may have left it mid-protocol).
-struct HotConn<'a> {
-    conn: PgConnection,
-    /// It was idle before: it may have died meanwhile, unlike a new one.
-    reused: bool,
-    hot: &'a HotReads,
-    _permit: tokio::sync::SemaphorePermit<'a>,
-}
-
-impl HotConn<'_> {
-    /// Back to the idle list.
-    fn release(self) {
-        if let Ok(mut idle) = self.hot.idle.lock() {
-            idle.push(self.conn);
-        }
-    }
-
-    /// What became of a statement run on this connection: `Some` to answer it (after a
-    /// success the connection goes back to the idle list; after a failure it is closed, as
-    /// the statement may have left it mid-protocol), `None` to run the statement again on
-    /// another connection because this one, idle until now, was found dead.
-    fn settle<T>(self, result: Result<T, sqlx::Error>) -> Option<Result<T, sqlx::Error>> {
-        match result {
-            Ok(value) => {
-                self.release();
-                Some(Ok(value))
-            }
-            Err(e) if self.reused && connection_lost(&e) => {
-                tracing::debug!(error = %e, "a read connection was lost; reading again");
-                None
-            }
-            Err(e) => Some(Err(e)),
-        }
-    }
-}
-
-/// Runs `$run` (an expression using the connection `$conn`, awaited here) on a connection
-/// of `$hot`, and again on another while the one it ran on turns out to have died idle.
-/// Ends after at most as many tries as there were idle connections: a new connection's
-/// failure is answered.
-macro_rules! on_hot_connection {
-    ($hot:expr, |$conn:ident| $run:expr) => {
-        loop {
-            let mut hot = $hot.acquire().await?;
-            let result = {
-                let $conn = &mut hot.conn;
-                $run.await
-            };
-            if let Some(done) = hot.settle(result) {
-                break done;
-            }
-        }
-    };
-}
-
-/// A query's SQL and arguments, run again on another connection when the first was found
-/// dead: the arguments are taken out of the query once and cloned for each try.
-struct Again<'q> {
-    sql: &'q str,
-    arguments: Option<PgArguments>,
-    persistent: bool,
-}
-
-impl<'q> Again<'q> {
-    fn from<E: Execute<'q, Postgres>>(mut query: E) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            sql: query.sql(),
-            arguments: query.take_arguments().map_err(sqlx::Error::Encode)?,
-            persistent: query.persistent(),
-        })
-    }
-
-    fn again(&self) -> Self {
-        Self {
-            sql: self.sql,
-            arguments: self.arguments.clone(),
-            persistent: self.persistent,
-        }
-    }
-}
-
-impl<'q> Execute<'q, Postgres> for Again<'q> {
-    fn sql(&self) -> &'q str {
-        self.sql
-    }
-
-    fn statement(&self) -> Option<&PgStatement<'q>> {
-        None
-    }
-
-    fn take_arguments(&mut self) -> Result<Option<PgArguments>, BoxDynError> {
-        Ok(self.arguments.take())
-    }
-
-    fn persistent(&self) -> bool {
-        self.persistent
-    }
-}
-
-impl<'c> Executor<'c> for &'c HotReads {
-    type Database = Postgres;
-
-    // The rows are collected before the first is handed out, so that a statement that
-    // fails on a dead connection can run again without having answered anything yet. The
-    // reads here are all bounded (single rows and pages).
-    fn fetch_many<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let query = Again::from(query);
-        futures::stream::once(async move {
-            let query = query?;
-            on_hot_connection!(self, |conn| conn
-                .fetch_many(query.again())
-                .try_collect::<Vec<_>>())
-        })
-        .map_ok(|steps| futures::stream::iter(steps.into_iter().map(Ok)))
-        .try_flatten()
-        .boxed()
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let query = Again::from(query);
-        Box::pin(async move {
-            let query = query?;
-            on_hot_connection!(self, |conn| conn.fetch_optional(query.again()))
-        })
-    }
-
-    fn prepare_with<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, Result<PgStatement<'q>, sqlx::Error>>
-    where
-        'c: 'e,
-    {
-        Box::pin(async move { on_hot_connection!(self, |conn| conn.prepare_with(sql, parameters)) })
-    }
-
-    fn describe<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>>
-    where
-        'c: 'e,
-    {
-        Box::pin(async move { on_hot_connection!(self, |conn| conn.describe(sql)) })
-    }
-}
-
-impl std::fmt::Debug for HotReads {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HotReads")
-            .field("size", &self.size)
-            .finish()
-    }
-}
-
 /// Says so in the log when the server does not run autovacuum: without its `ANALYZE`, the
 /// planner has no statistics of the tables and, once they are large, may pick plans that
 /// read every row (a visitor's latest messages by a bitmap scan of all of them and a sort:
@@ -418,18 +175,6 @@ async fn warn_without_autovacuum(conn: &mut PgConnection) {
                  slow down as the tables grow (docs/postgres.md)"
             );
         }
-    }
-}
-
-/// Whether `e` says the connection is gone rather than the statement failed: an I/O or
-/// protocol error, or PostgreSQL's connection exceptions (class 08) and shutdowns (57P).
-fn connection_lost(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-        _ => false,
     }
 }
 
@@ -459,7 +204,7 @@ impl PostgresStore {
         MIGRATOR.run(&mut conn).await?;
         warn_without_autovacuum(&mut conn).await;
         let connections = options.read_connections.max(2);
-        let hot = HotReads::new(
+        let hot = HotReads::<Postgres>::new(
             connect.clone(),
             connections - (connections / 4).max(1),
             options.connect_timeout,
@@ -1542,9 +1287,9 @@ async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: A
 impl super::portable::SqlBackend for PostgresStore {
     type Db = sqlx::Postgres;
 
-    type Reader<'a> = &'a HotReads;
+    type Reader<'a> = &'a HotReads<Postgres>;
 
-    fn reader(&self) -> &HotReads {
+    fn reader(&self) -> &HotReads<Postgres> {
         &self.hot
     }
 
@@ -2236,6 +1981,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
+    use crate::store::reads::connection_lost;
     use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
     /// `SELECT count(*)`-style queries on `pool`, answered as one number.
@@ -2313,7 +2059,7 @@ mod tests {
         let Some(db) = TempDb::create().await else {
             return;
         };
-        let hot = HotReads::new(
+        let hot = HotReads::<Postgres>::new(
             PgConnectOptions::from_str(&db.url).unwrap(),
             1,
             Duration::from_secs(10),
@@ -2352,7 +2098,7 @@ mod tests {
         let connect = PgConnectOptions::from_str(&db.url)
             .unwrap()
             .application_name("hot-reads-test");
-        let hot = HotReads::new(connect, 2, Duration::from_secs(10));
+        let hot = HotReads::<Postgres>::new(connect, 2, Duration::from_secs(10));
         let squares = || {
             sqlx::query_scalar::<_, i64>("SELECT n * n FROM generate_series(1, $1::bigint) n")
                 .bind(5_i64)
@@ -2363,7 +2109,7 @@ mod tests {
         let (first, second) = (hot.acquire().await.unwrap(), hot.acquire().await.unwrap());
         first.release();
         second.release();
-        assert_eq!(hot.idle.lock().unwrap().len(), 2);
+        assert_eq!(hot.idle_count(), 2);
 
         let mut admin = PgConnection::connect(&db.url).await.unwrap();
         let ended: Vec<bool> = sqlx::query_scalar(
@@ -2381,37 +2127,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(one, Some(7));
-        assert_eq!(
-            hot.idle.lock().unwrap().len(),
-            1,
-            "only the new connection is kept"
-        );
+        assert_eq!(hot.idle_count(), 1, "only the new connection is kept");
 
         let failed = sqlx::query_scalar::<_, i64>("SELECT 1 / 0")
             .fetch_one(&hot)
             .await
             .unwrap_err();
         assert!(!connection_lost(&failed), "{failed}");
-        assert_eq!(
-            hot.idle.lock().unwrap().len(),
-            0,
-            "a failed read's connection is closed"
-        );
+        assert_eq!(hot.idle_count(), 0, "a failed read's connection is closed");
         assert_eq!(squares().await.unwrap().len(), 5);
         hot.close().await;
         let _ = admin.close().await;
         db.drop_now().await;
-    }
-
-    #[test]
-    fn lost_connections_are_told_from_failed_statements() {
-        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-        assert!(connection_lost(&io));
-        assert!(connection_lost(&sqlx::Error::Protocol(
-            "unexpected message".into()
-        )));
-        assert!(!connection_lost(&sqlx::Error::RowNotFound));
-        assert!(!connection_lost(&sqlx::Error::PoolTimedOut));
     }
 
     /// Jobs that fail inside a group commit leave nothing behind and take nothing of the

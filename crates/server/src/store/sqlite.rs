@@ -15,21 +15,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
+use super::reads::HotReads;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long opening a read connection may take (a file; it waits only on locks, as long
+/// as the busy timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tuning of the SQLite backend.
 #[derive(Debug, Clone)]
@@ -115,7 +117,7 @@ struct WriterCtx {
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
-    pool: SqlitePool,
+    reads: HotReads<Sqlite>,
     writer: mpsc::Sender<WriterMsg>,
     /// The checkpointer thread, stopped and waited for by `close`.
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
@@ -164,11 +166,8 @@ impl SqliteStore {
             .await?;
         let ids = SeqIds::new(key);
 
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.read_connections.max(1))
-            .min_connections(1)
-            .connect_with(connect)
-            .await?;
+        let reads =
+            HotReads::<Sqlite>::new(connect, options.read_connections.max(1), CONNECT_TIMEOUT);
 
         let (tx, rx) = mpsc::channel(8192);
         // Webhook events take their positions from the same counter (so that deliveries
@@ -230,7 +229,7 @@ impl SqliteStore {
             None => None,
         };
         Ok(Self {
-            pool,
+            reads,
             writer: tx,
             checkpointer: std::sync::Mutex::new(checkpointer),
             messages: MessageCache::new(options.message_cache),
@@ -1116,10 +1115,10 @@ async fn insert_agent(
 impl super::portable::SqlBackend for SqliteStore {
     type Db = sqlx::Sqlite;
 
-    type Reader<'a> = &'a sqlx::Pool<sqlx::Sqlite>;
+    type Reader<'a> = &'a HotReads<Sqlite>;
 
-    fn reader(&self) -> &sqlx::Pool<sqlx::Sqlite> {
-        &self.pool
+    fn reader(&self) -> &HotReads<Sqlite> {
+        &self.reads
     }
 
     fn agents(&self) -> &AgentCache {
@@ -1326,7 +1325,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(id)
         .bind(account_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         if let Some(r) = &row {
             self.messages.fill(generation, r);
@@ -1362,7 +1361,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT 1 FROM visitors WHERE account_id = ? AND id = ?")
                 .bind(account_id)
                 .bind(visitor_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?;
         Ok(found.is_some())
     }
@@ -1379,7 +1378,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(id)
         .bind(account_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?)
     }
 
@@ -1473,7 +1472,7 @@ impl Store for SqliteStore {
         let until: Option<i64> =
             sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = ?")
                 .bind(account_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reads)
                 .await?;
         let until = until.unwrap_or(0);
         self.presence.put(account_id, until);
@@ -1523,7 +1522,7 @@ impl Store for SqliteStore {
             .bind(after)
             .bind(limit)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         let chat_ids: Vec<&str> = rows.iter().filter_map(|r| r.fchat.as_deref()).collect();
         let mut chats: HashMap<String, ChatInfo> = HashMap::new();
@@ -1536,7 +1535,7 @@ impl Store for SqliteStore {
                 sep.push_bind(*id);
             }
             sep.push_unseparated(")");
-            let found: Vec<ChatRow> = qb.build_query_as().fetch_all(&self.pool).await?;
+            let found: Vec<ChatRow> = qb.build_query_as().fetch_all(&self.reads).await?;
             for c in found {
                 chats.insert(c.id.clone(), c.into());
             }
@@ -1628,7 +1627,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(busy_json)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows.into_iter().map(DueRow::into_due).collect())
     }
@@ -1674,7 +1673,7 @@ impl Store for SqliteStore {
             "SELECT min(q.next_attempt_at) FROM webhook_queues q \
              JOIN webhooks w ON w.id = q.webhook_id WHERE w.enabled = 1",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?)
     }
 
@@ -1707,7 +1706,7 @@ impl Store for SqliteStore {
         .bind(webhook_id)
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?)
     }
 
@@ -1746,7 +1745,7 @@ impl Store for SqliteStore {
             drop(stop);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        self.pool.close().await;
+        self.reads.close().await;
     }
 }
 
@@ -1861,13 +1860,14 @@ mod tests {
     use super::*;
     use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
-    /// `SELECT count(*)`-style queries on `pool`, answered as one number.
-    fn counter(pool: SqlitePool) -> impl Fn(&'static str) -> BoxFuture<'static, i64> {
+    /// `SELECT count(*)`-style queries on the store's read connections, answered as one
+    /// number.
+    fn counter(store: Arc<SqliteStore>) -> impl Fn(&'static str) -> BoxFuture<'static, i64> {
         move |sql| {
-            let pool = pool.clone();
+            let store = store.clone();
             Box::pin(async move {
                 sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&pool)
+                    .fetch_one(&store.reads)
                     .await
                     .unwrap()
             })
@@ -1886,7 +1886,7 @@ mod tests {
                 .unwrap(),
         );
         let busy = busy_writer(&store);
-        let count = counter(store.pool.clone());
+        let count = counter(store.clone());
         failing_jobs_in_one_batch(store, busy, count).await;
     }
 
@@ -1938,7 +1938,7 @@ mod tests {
             "its batch was committed with a failed job in it"
         );
         assert!(broken.await.unwrap().is_err());
-        let count = counter(store.pool.clone());
+        let count = counter(store.clone());
         assert_eq!(
             count("SELECT count(*) FROM agents WHERE id = 'half'").await,
             0,
@@ -2318,7 +2318,7 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(store.ids.decode(&new), Some(seq));
-        let pool = &store.pool;
+        let pool = &store.reads;
         let aliases: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids")
             .fetch_one(pool)
             .await
