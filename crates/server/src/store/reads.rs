@@ -278,7 +278,60 @@ pub(super) fn connection_lost(e: &sqlx::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::Sqlite;
+
     use super::*;
+
+    /// On SQLite (no server needed): rows and arguments as on a connection, a connection
+    /// reused after a read that completed, closed after one that failed, and none lent
+    /// beyond the size or after close.
+    #[tokio::test]
+    async fn reads_reuse_only_connections_whose_statement_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let connect = SqliteConnectOptions::from_str("sqlite://")
+            .unwrap()
+            .filename(dir.path().join("r.db"))
+            .create_if_missing(true);
+        let reads = HotReads::<Sqlite>::new(connect, 1, Duration::from_secs(10));
+        let rows: Vec<i64> = sqlx::query_scalar(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             SELECT i * i FROM n",
+        )
+        .bind(4_i64)
+        .fetch_all(&reads)
+        .await
+        .unwrap();
+        assert_eq!(rows, [1, 4, 9, 16]);
+        assert_eq!(reads.idle_count(), 1);
+        let held = reads.acquire().await.unwrap();
+        assert!(held.reused, "the idle connection is lent again");
+        assert!(
+            futures::FutureExt::now_or_never(reads.acquire()).is_none(),
+            "a second connection was lent beyond the size"
+        );
+        held.release();
+        let failed = sqlx::query_scalar::<_, i64>("SELECT * FROM missing")
+            .fetch_one(&reads)
+            .await
+            .unwrap_err();
+        assert!(!connection_lost(&failed), "{failed}");
+        assert_eq!(
+            reads.idle_count(),
+            0,
+            "a failed read's connection is closed"
+        );
+        let one: Option<i64> = sqlx::query_scalar("SELECT ?1")
+            .bind(7_i64)
+            .fetch_optional(&reads)
+            .await
+            .unwrap();
+        assert_eq!(one, Some(7));
+        reads.close().await;
+        assert!(reads.acquire().await.is_err(), "closed");
+    }
 
     #[test]
     fn lost_connections_are_told_from_failed_statements() {
