@@ -20,7 +20,7 @@ use super::*;
 pub(super) trait SqlBackend: Send + Sync + 'static {
     /// The sqlx database of the backend.
     type Db: Database;
-    /// What serves reads (on PostgreSQL not sqlx's pool, see `HotReads`).
+    /// What serves reads (on PostgreSQL not sqlx's pool, see `ReadConnections`).
     type Reader<'a>: Executor<'a, Database = Self::Db> + Copy
     where
         Self: 'a;

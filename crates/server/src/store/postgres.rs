@@ -29,7 +29,7 @@ use sqlx::{ConnectOptions, Connection, Executor, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
-use super::reads::HotReads;
+use super::reads::ReadConnections;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
@@ -49,7 +49,7 @@ pub struct PostgresOptions {
     /// Connections for reads and webhook claims (the writer and the listener have their
     /// own): a quarter (at least one) are sqlx's pool, for webhook claims, the feed reader
     /// and the writes made outside the writer; the rest serve reads, without sqlx's pings
-    /// (see `HotReads`).
+    /// (see `ReadConnections`).
     pub read_connections: u32,
     /// How long to wait for a connection at start-up and from the pool.
     pub connect_timeout: Duration,
@@ -132,7 +132,7 @@ pub struct PostgresStore {
     /// the writer.
     pool: PgPool,
     /// For reads.
-    hot: HotReads<Postgres>,
+    reads: ReadConnections<Postgres>,
     writer: mpsc::Sender<WriterMsg>,
     agents: Arc<AgentCache>,
     head: Arc<AtomicI64>,
@@ -204,13 +204,13 @@ impl PostgresStore {
         MIGRATOR.run(&mut conn).await?;
         warn_without_autovacuum(&mut conn).await;
         let connections = options.read_connections.max(2);
-        let hot = HotReads::<Postgres>::new(
+        let reads = ReadConnections::<Postgres>::new(
             connect.clone(),
             connections - (connections / 4).max(1),
             options.connect_timeout,
         );
         let pool = PgPoolOptions::new()
-            .max_connections(connections - hot.size())
+            .max_connections(connections - reads.size())
             .min_connections(1)
             .acquire_timeout(options.connect_timeout)
             .connect_with(connect.clone())
@@ -286,7 +286,7 @@ impl PostgresStore {
         ));
         Ok(Self {
             pool,
-            hot,
+            reads,
             writer: tx,
             agents,
             head,
@@ -1287,10 +1287,10 @@ async fn listen(pool: PgPool, remote: tokio::sync::watch::Sender<i64>, agents: A
 impl super::portable::SqlBackend for PostgresStore {
     type Db = sqlx::Postgres;
 
-    type Reader<'a> = &'a HotReads<Postgres>;
+    type Reader<'a> = &'a ReadConnections<Postgres>;
 
-    fn reader(&self) -> &HotReads<Postgres> {
-        &self.hot
+    fn reader(&self) -> &ReadConnections<Postgres> {
+        &self.reads
     }
 
     fn agents(&self) -> &AgentCache {
@@ -1497,7 +1497,7 @@ impl Store for PostgresStore {
         Ok(sqlx::query_as(SQL.as_str())
             .bind(id)
             .bind(account_id)
-            .fetch_optional(&self.hot)
+            .fetch_optional(&self.reads)
             .await?)
     }
 
@@ -1529,7 +1529,7 @@ impl Store for PostgresStore {
             sqlx::query_scalar("SELECT 1::bigint FROM visitors WHERE account_id = $1 AND id = $2")
                 .bind(account_id)
                 .bind(visitor_id)
-                .fetch_optional(&self.hot)
+                .fetch_optional(&self.reads)
                 .await?;
         Ok(found.is_some())
     }
@@ -1545,7 +1545,7 @@ impl Store for PostgresStore {
             )
             .bind(id)
             .bind(account_id)
-            .fetch_optional(&self.hot)
+            .fetch_optional(&self.reads)
             .await?,
         )
     }
@@ -1636,7 +1636,7 @@ impl Store for PostgresStore {
         let until: Option<i64> =
             sqlx::query_scalar("SELECT max(online_until) FROM agents WHERE account_id = $1")
                 .bind(account_id)
-                .fetch_one(&self.hot)
+                .fetch_one(&self.reads)
                 .await?;
         Ok(until.unwrap_or(0) > now)
     }
@@ -1649,7 +1649,7 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<FeedEvent>> {
         read_feed(
-            &self.hot,
+            &self.reads,
             Some(account_id),
             visitor_id,
             after,
@@ -1784,7 +1784,7 @@ impl Store for PostgresStore {
             "SELECT min(greatest(q.next_attempt_at, q.claimed_until)) FROM webhook_queues q \
              JOIN webhooks w ON w.id = q.webhook_id WHERE w.enabled",
         )
-        .fetch_one(&self.hot)
+        .fetch_one(&self.reads)
         .await?)
     }
 
@@ -1816,7 +1816,7 @@ impl Store for PostgresStore {
         .bind(webhook_id)
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.hot)
+        .fetch_all(&self.reads)
         .await?)
     }
 
@@ -1839,7 +1839,7 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
-        self.hot.close().await;
+        self.reads.close().await;
         let (tx, rx) = oneshot::channel();
         if self.writer.send(WriterMsg::Stop(tx)).await.is_ok() {
             let _ = rx.await;
@@ -2051,42 +2051,6 @@ mod tests {
         }
     }
 
-    /// A read connection goes back to the idle list only when released after a completed
-    /// read; one dropped (a read dropped midway) is closed, and the next read gets a new
-    /// one. At most `size` are lent at once.
-    #[tokio::test]
-    async fn hot_reads_keep_only_connections_whose_read_completed() {
-        let Some(db) = TempDb::create().await else {
-            return;
-        };
-        let hot = HotReads::<Postgres>::new(
-            PgConnectOptions::from_str(&db.url).unwrap(),
-            1,
-            Duration::from_secs(10),
-        );
-        let first = hot.acquire().await.unwrap();
-        assert!(!first.reused);
-        assert!(
-            futures::FutureExt::now_or_never(hot.acquire()).is_none(),
-            "a second connection was lent beyond the size"
-        );
-        first.release();
-        let mut again = hot.acquire().await.unwrap();
-        assert!(again.reused, "a released connection is reused");
-        let one: i64 = sqlx::query_scalar("SELECT 1::bigint")
-            .fetch_one(&mut again.conn)
-            .await
-            .unwrap();
-        assert_eq!(one, 1);
-        drop(again);
-        let next = hot.acquire().await.unwrap();
-        assert!(!next.reused, "a dropped connection is not reused");
-        drop(next);
-        hot.close().await;
-        assert!(hot.acquire().await.is_err(), "closed");
-        db.drop_now().await;
-    }
-
     /// Reads through the read connections as an `Executor`: rows and arguments as on any
     /// connection, a read made again after PostgreSQL ended the idle connections, and a
     /// failing statement answered (not tried again) with its connection closed.
@@ -2097,24 +2061,27 @@ mod tests {
         };
         let connect = PgConnectOptions::from_str(&db.url)
             .unwrap()
-            .application_name("hot-reads-test");
-        let hot = HotReads::<Postgres>::new(connect, 2, Duration::from_secs(10));
+            .application_name("read-connections-test");
+        let reads = ReadConnections::<Postgres>::new(connect, 2, Duration::from_secs(10));
         let squares = || {
             sqlx::query_scalar::<_, i64>("SELECT n * n FROM generate_series(1, $1::bigint) n")
                 .bind(5_i64)
-                .fetch_all(&hot)
+                .fetch_all(&reads)
         };
         assert_eq!(squares().await.unwrap(), [1, 4, 9, 16, 25]);
         // Both connections open, then idle.
-        let (first, second) = (hot.acquire().await.unwrap(), hot.acquire().await.unwrap());
+        let (first, second) = (
+            reads.acquire().await.unwrap(),
+            reads.acquire().await.unwrap(),
+        );
         first.release();
         second.release();
-        assert_eq!(hot.idle_count(), 2);
+        assert_eq!(reads.idle_count(), 2);
 
         let mut admin = PgConnection::connect(&db.url).await.unwrap();
         let ended: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'hot-reads-test'",
+             WHERE datname = current_database() AND application_name = 'read-connections-test'",
         )
         .fetch_all(&mut admin)
         .await
@@ -2123,20 +2090,24 @@ mod tests {
         // Both idle connections are dead: the read fails on them, then runs on a new one.
         let one: Option<i64> = sqlx::query_scalar("SELECT $1::bigint")
             .bind(7_i64)
-            .fetch_optional(&hot)
+            .fetch_optional(&reads)
             .await
             .unwrap();
         assert_eq!(one, Some(7));
-        assert_eq!(hot.idle_count(), 1, "only the new connection is kept");
+        assert_eq!(reads.idle_count(), 1, "only the new connection is kept");
 
         let failed = sqlx::query_scalar::<_, i64>("SELECT 1 / 0")
-            .fetch_one(&hot)
+            .fetch_one(&reads)
             .await
             .unwrap_err();
         assert!(!connection_lost(&failed), "{failed}");
-        assert_eq!(hot.idle_count(), 0, "a failed read's connection is closed");
+        assert_eq!(
+            reads.idle_count(),
+            0,
+            "a failed read's connection is closed"
+        );
         assert_eq!(squares().await.unwrap().len(), 5);
-        hot.close().await;
+        reads.close().await;
         let _ = admin.close().await;
         db.drop_now().await;
     }

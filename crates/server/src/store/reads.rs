@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions, Connection, Database, Either, Execute, Executor};
 /// fails on an idle connection found dead (PostgreSQL restarted, or ended it) is run again,
 /// on the next idle connection or a new one. So only reads go through it (an
 /// [`Executor`]): they are safe to repeat.
-pub(super) struct HotReads<DB: Database> {
+pub(super) struct ReadConnections<DB: Database> {
     connect: <DB::Connection as Connection>::Options,
     connect_timeout: Duration,
     idle: std::sync::Mutex<Vec<DB::Connection>>,
@@ -23,7 +23,7 @@ pub(super) struct HotReads<DB: Database> {
     size: u32,
 }
 
-impl<DB: Database> HotReads<DB> {
+impl<DB: Database> ReadConnections<DB> {
     pub(super) fn new(
         connect: <DB::Connection as Connection>::Options,
         size: u32,
@@ -52,7 +52,7 @@ impl<DB: Database> HotReads<DB> {
 
     /// A connection for one read: an idle one, or a new one when none is idle. Waits while
     /// all are in use.
-    pub(super) async fn acquire(&self) -> Result<HotConn<'_, DB>, sqlx::Error> {
+    pub(super) async fn acquire(&self) -> Result<ReadConn<'_, DB>, sqlx::Error> {
         let permit = self
             .permits
             .acquire()
@@ -68,10 +68,10 @@ impl<DB: Database> HotReads<DB> {
                 (conn, false)
             }
         };
-        Ok(HotConn {
+        Ok(ReadConn {
             conn,
             reused,
-            hot: self,
+            reads: self,
             _permit: permit,
         })
     }
@@ -86,20 +86,20 @@ impl<DB: Database> HotReads<DB> {
     }
 }
 
-/// A connection of [`HotReads`], closed when dropped unless [`HotConn::release`]d after a
+/// A connection of [`ReadConnections`], closed when dropped unless [`ReadConn::release`]d after a
 /// read that completed (a dropped read may have left it mid-protocol).
-pub(super) struct HotConn<'a, DB: Database> {
+pub(super) struct ReadConn<'a, DB: Database> {
     pub(super) conn: DB::Connection,
     /// It was idle before: it may have died meanwhile, unlike a new one.
     pub(super) reused: bool,
-    hot: &'a HotReads<DB>,
+    reads: &'a ReadConnections<DB>,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
-impl<DB: Database> HotConn<'_, DB> {
+impl<DB: Database> ReadConn<'_, DB> {
     /// Back to the idle list.
     pub(super) fn release(self) {
-        if let Ok(mut idle) = self.hot.idle.lock() {
+        if let Ok(mut idle) = self.reads.idle.lock() {
             idle.push(self.conn);
         }
     }
@@ -124,18 +124,18 @@ impl<DB: Database> HotConn<'_, DB> {
 }
 
 /// Runs `$run` (an expression using the connection `$conn`, awaited here) on a connection
-/// of `$hot`, and again on another while the one it ran on turns out to have died idle.
+/// of `$reads`, and again on another while the one it ran on turns out to have died idle.
 /// Ends after at most as many tries as there were idle connections: a new connection's
 /// failure is answered.
-macro_rules! on_hot_connection {
-    ($hot:expr, |$conn:ident| $run:expr) => {
+macro_rules! on_read_connection {
+    ($reads:expr, |$conn:ident| $run:expr) => {
         loop {
-            let mut hot = $hot.acquire().await?;
+            let mut lent = $reads.acquire().await?;
             let result = {
-                let $conn = &mut hot.conn;
+                let $conn = &mut lent.conn;
                 $run.await
             };
-            if let Some(done) = hot.settle(result) {
+            if let Some(done) = lent.settle(result) {
                 break done;
             }
         }
@@ -189,7 +189,7 @@ impl<'q, DB: Database> Execute<'q, DB> for Again<'q, DB> {
     }
 }
 
-impl<'c, DB: Database> Executor<'c> for &'c HotReads<DB>
+impl<'c, DB: Database> Executor<'c> for &'c ReadConnections<DB>
 where
     for<'e> &'e mut DB::Connection: Executor<'e, Database = DB>,
     for<'q> DB::Arguments<'q>: Clone,
@@ -210,7 +210,7 @@ where
         let query = Again::from(query);
         futures::stream::once(async move {
             let query = query?;
-            on_hot_connection!(self, |conn| conn
+            on_read_connection!(self, |conn| conn
                 .fetch_many(query.again())
                 .try_collect::<Vec<_>>())
         })
@@ -230,7 +230,7 @@ where
         let query = Again::from(query);
         Box::pin(async move {
             let query = query?;
-            on_hot_connection!(self, |conn| conn.fetch_optional(query.again()))
+            on_read_connection!(self, |conn| conn.fetch_optional(query.again()))
         })
     }
 
@@ -242,7 +242,9 @@ where
     where
         'c: 'e,
     {
-        Box::pin(async move { on_hot_connection!(self, |conn| conn.prepare_with(sql, parameters)) })
+        Box::pin(
+            async move { on_read_connection!(self, |conn| conn.prepare_with(sql, parameters)) },
+        )
     }
 
     fn describe<'e, 'q: 'e>(
@@ -252,13 +254,13 @@ where
     where
         'c: 'e,
     {
-        Box::pin(async move { on_hot_connection!(self, |conn| conn.describe(sql)) })
+        Box::pin(async move { on_read_connection!(self, |conn| conn.describe(sql)) })
     }
 }
 
-impl<DB: Database> std::fmt::Debug for HotReads<DB> {
+impl<DB: Database> std::fmt::Debug for ReadConnections<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HotReads")
+        f.debug_struct("ReadConnections")
             .field("size", &self.size)
             .finish()
     }
@@ -286,8 +288,8 @@ mod tests {
     use super::*;
 
     /// On SQLite (no server needed): rows and arguments as on a connection, a connection
-    /// reused after a read that completed, closed after one that failed, and none lent
-    /// beyond the size or after close.
+    /// reused after a read that completed, closed when dropped without release or after a
+    /// read that failed, and none lent beyond the size or after close.
     #[tokio::test]
     async fn reads_reuse_only_connections_whose_statement_completed() {
         let dir = tempfile::tempdir().unwrap();
@@ -295,7 +297,7 @@ mod tests {
             .unwrap()
             .filename(dir.path().join("r.db"))
             .create_if_missing(true);
-        let reads = HotReads::<Sqlite>::new(connect, 1, Duration::from_secs(10));
+        let reads = ReadConnections::<Sqlite>::new(connect, 1, Duration::from_secs(10));
         let rows: Vec<i64> = sqlx::query_scalar(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
              SELECT i * i FROM n",
@@ -313,6 +315,12 @@ mod tests {
             "a second connection was lent beyond the size"
         );
         held.release();
+        let dropped = reads.acquire().await.unwrap();
+        drop(dropped);
+        assert_eq!(reads.idle_count(), 0, "a connection not released is closed");
+        let fresh = reads.acquire().await.unwrap();
+        assert!(!fresh.reused, "a dropped connection is not lent again");
+        fresh.release();
         let failed = sqlx::query_scalar::<_, i64>("SELECT * FROM missing")
             .fetch_one(&reads)
             .await

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
-use super::reads::HotReads;
+use super::reads::ReadConnections;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
 use super::*;
@@ -117,7 +117,7 @@ struct WriterCtx {
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
-    reads: HotReads<Sqlite>,
+    reads: ReadConnections<Sqlite>,
     writer: mpsc::Sender<WriterMsg>,
     /// The checkpointer thread, stopped and waited for by `close`.
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
@@ -166,8 +166,11 @@ impl SqliteStore {
             .await?;
         let ids = SeqIds::new(key);
 
-        let reads =
-            HotReads::<Sqlite>::new(connect, options.read_connections.max(1), CONNECT_TIMEOUT);
+        let reads = ReadConnections::<Sqlite>::new(
+            connect,
+            options.read_connections.max(1),
+            CONNECT_TIMEOUT,
+        );
 
         let (tx, rx) = mpsc::channel(8192);
         // Webhook events take their positions from the same counter (so that deliveries
@@ -1115,9 +1118,9 @@ async fn insert_agent(
 impl super::portable::SqlBackend for SqliteStore {
     type Db = sqlx::Sqlite;
 
-    type Reader<'a> = &'a HotReads<Sqlite>;
+    type Reader<'a> = &'a ReadConnections<Sqlite>;
 
-    fn reader(&self) -> &HotReads<Sqlite> {
+    fn reader(&self) -> &ReadConnections<Sqlite> {
         &self.reads
     }
 

@@ -153,8 +153,7 @@ impl Node {
     /// SIGKILL, and everything it wrote to stderr.
     async fn kill_and_read_log(mut self) -> Vec<String> {
         self.kill().await;
-        let reader = std::mem::replace(&mut self.log_reader, tokio::spawn(async {}));
-        tokio::time::timeout(WAIT, reader)
+        tokio::time::timeout(WAIT, self.log_reader)
             .await
             .expect("stderr ends with the process")
             .expect("log reader");
