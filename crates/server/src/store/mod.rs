@@ -10,6 +10,7 @@
 use async_trait::async_trait;
 
 mod cache;
+mod inline_reads;
 mod portable;
 pub mod postgres;
 mod reads;
@@ -43,6 +44,12 @@ pub enum StoreError {
     /// A migration failed at start-up.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A read on one of SQLite's synchronous connections failed.
+    #[error("reading the database: {0}")]
+    Read(#[from] rusqlite::Error),
+    /// The store was closed (the server is shutting down).
+    #[error("the store is closed")]
+    Closed,
 }
 
 /// Result type of the storage layer.
@@ -603,15 +610,6 @@ pub trait Portable: Send + Sync + 'static {
     async fn group(&self, account_id: &str, id: &str) -> StoreResult<Option<GroupRow>>;
     /// All groups of an account.
     async fn list_groups(&self, account_id: &str) -> StoreResult<Vec<GroupRow>>;
-    /// Up to `limit` live messages of a visitor in `window`, oldest first, and whether more
-    /// lie beyond them in the window's direction.
-    async fn list_messages(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        window: Window,
-        limit: u32,
-    ) -> StoreResult<(Vec<MessageRow>, bool)>;
     /// The account owning a widget id.
     async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>>;
     /// One visitor.
@@ -744,6 +742,15 @@ pub trait Store: Portable + Send + Sync + 'static {
         pushed: bool,
         now: i64,
     ) -> StoreResult<MessageChange>;
+    /// Up to `limit` live messages of a visitor in `window`, oldest first, and whether more
+    /// lie beyond them in the window's direction.
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)>;
     /// Whether a visitor exists.
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool>;
     /// The sequence number and visitor of a message, deleted ones included (they still

@@ -308,45 +308,6 @@ where
         .await?)
     }
 
-    async fn list_messages(
-        &self,
-        account_id: &str,
-        visitor_id: &str,
-        window: Window,
-        limit: u32,
-    ) -> StoreResult<(Vec<MessageRow>, bool)> {
-        // One row more than asked tells whether there is more.
-        let fetch = i64::from(limit) + 1;
-        let base = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
-             AND deleted_at IS NULL"
-        );
-        let (sql, bound) = match window {
-            Window::Latest => (format!("{base} ORDER BY seq DESC LIMIT $3"), None),
-            Window::Before(seq) => (
-                format!("{base} AND seq < $3 ORDER BY seq DESC LIMIT $4"),
-                Some(seq),
-            ),
-            Window::After(seq) => (
-                format!("{base} AND seq > $3 ORDER BY seq ASC LIMIT $4"),
-                Some(seq),
-            ),
-        };
-        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
-            .bind(account_id)
-            .bind(visitor_id);
-        if let Some(seq) = bound {
-            query = query.bind(seq);
-        }
-        let mut rows = query.bind(fetch).fetch_all(self.reader()).await?;
-        let has_more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        if !matches!(window, Window::After(_)) {
-            rows.reverse();
-        }
-        Ok((rows, has_more))
-    }
-
     async fn widget_account(&self, widget_id: &str) -> StoreResult<Option<WidgetAccount>> {
         Ok(sqlx::query_as(
             "SELECT id AS account_id, widget_id, identity_key FROM accounts WHERE widget_id = $1",

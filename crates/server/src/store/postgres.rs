@@ -1524,6 +1524,25 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)> {
+        let (sql, seq) = page_of_messages(window);
+        let mut query = sqlx::query_as(sql).bind(account_id).bind(visitor_id);
+        if let Some(seq) = seq {
+            query = query.bind(seq);
+        }
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.reads)
+            .await?;
+        Ok(finish_page(rows, window, limit))
+    }
+
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT 1::bigint FROM visitors WHERE account_id = $1 AND id = $2")

@@ -1,7 +1,9 @@
 //! What both backends' writers share: the open-chat state they keep in memory, the row
 //! types read back from either database, and the column lists (the same SQL on both).
 
-use super::{ChatInfo, DueDelivery, MessageRow, OutboxEvent, StoreError, WebhookRow};
+use std::sync::LazyLock;
+
+use super::{ChatInfo, DueDelivery, MessageRow, OutboxEvent, StoreError, WebhookRow, Window};
 
 /// An open chat as the writer tracks it.
 #[derive(Debug, Clone)]
@@ -53,6 +55,44 @@ pub(super) const MESSAGE_COLUMNS: &str =
     "seq, id, account_id, conversation_id, visitor_id, type, text, \
      agent_id, agent_name, agent_userpic, is_pushed, is_missed, is_missed_by_visitor, \
      is_trigger, received_from, created_at, updated_at, deleted_at";
+
+/// The SQL of a page of a visitor's live messages in `window`, and the window's seq. The
+/// same on both backends: `$1` the account, `$2` the visitor, then that seq if there is
+/// one, then how many rows. Read one row more than the page: [`finish_page`] tells from it
+/// whether there are more.
+pub(super) fn page_of_messages(window: Window) -> (&'static str, Option<i64>) {
+    static SQL: LazyLock<[String; 3]> = LazyLock::new(|| {
+        let base = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND visitor_id = $2 \
+             AND deleted_at IS NULL"
+        );
+        [
+            format!("{base} ORDER BY seq DESC LIMIT $3"),
+            format!("{base} AND seq < $3 ORDER BY seq DESC LIMIT $4"),
+            format!("{base} AND seq > $3 ORDER BY seq ASC LIMIT $4"),
+        ]
+    });
+    match window {
+        Window::Latest => (&SQL[0], None),
+        Window::Before(seq) => (&SQL[1], Some(seq)),
+        Window::After(seq) => (&SQL[2], Some(seq)),
+    }
+}
+
+/// A page of `limit` messages, oldest first, from the rows [`page_of_messages`] read, and
+/// whether there are more in the window's direction.
+pub(super) fn finish_page(
+    mut rows: Vec<MessageRow>,
+    window: Window,
+    limit: u32,
+) -> (Vec<MessageRow>, bool) {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    if !matches!(window, Window::After(_)) {
+        rows.reverse();
+    }
+    (rows, has_more)
+}
 
 /// [`MESSAGE_COLUMNS`] of the table aliased `m`, for joins (all NULL when nothing joined).
 pub(super) const MESSAGE_COLUMNS_M: &str =

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use rusqlite::{params, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, Sqlite};
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
+use super::inline_reads::{message_from_row, InlineReads};
 use super::reads::ReadConnections;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
@@ -117,6 +119,9 @@ struct WriterCtx {
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
+    /// The reads made often (a message, a visitor's page), on the caller's thread.
+    inline: InlineReads,
+    /// The other reads.
     reads: ReadConnections<Sqlite>,
     writer: mpsc::Sender<WriterMsg>,
     /// The checkpointer thread, stopped and waited for by `close`.
@@ -232,6 +237,7 @@ impl SqliteStore {
             None => None,
         };
         Ok(Self {
+            inline: InlineReads::new(path, options.read_connections as usize),
             reads,
             writer: tx,
             checkpointer: std::sync::Mutex::new(checkpointer),
@@ -1316,20 +1322,24 @@ impl Store for SqliteStore {
     }
 
     async fn message(&self, account_id: &str, id: &str) -> StoreResult<Option<MessageRow>> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages \
+                 WHERE {BY_ID} AND account_id = ? AND deleted_at IS NULL"
+            )
+        });
         let generation = match self.messages.get(account_id, id) {
             Ok(hit) => return Ok(hit.map(|m| (*m).clone())),
             Err(generation) => generation,
         };
-        let row: Option<MessageRow> = sqlx::query_as(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE {BY_ID} AND account_id = ? AND deleted_at IS NULL"
-        ))
-        .bind(self.ids.decode(id))
-        .bind(id)
-        .bind(id)
-        .bind(account_id)
-        .fetch_optional(&self.reads)
-        .await?;
+        let row = self.inline.read(|c| {
+            c.prepare_cached(&SQL)?
+                .query_row(
+                    params![self.ids.decode(id), id, id, account_id],
+                    message_from_row,
+                )
+                .optional()
+        })?;
         if let Some(r) = &row {
             self.messages.fill(generation, r);
         }
@@ -1359,14 +1369,36 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn list_messages(
+        &self,
+        account_id: &str,
+        visitor_id: &str,
+        window: Window,
+        limit: u32,
+    ) -> StoreResult<(Vec<MessageRow>, bool)> {
+        let (sql, seq) = page_of_messages(window);
+        let rows = self.inline.read(|c| {
+            let mut statement = c.prepare_cached(sql)?;
+            let fetch = i64::from(limit) + 1;
+            let rows = match seq {
+                Some(seq) => statement.query_map(
+                    params![account_id, visitor_id, seq, fetch],
+                    message_from_row,
+                )?,
+                None => {
+                    statement.query_map(params![account_id, visitor_id, fetch], message_from_row)?
+                }
+            };
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(finish_page(rows, window, limit))
+    }
+
     async fn visitor_exists(&self, account_id: &str, visitor_id: &str) -> StoreResult<bool> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM visitors WHERE account_id = ? AND id = ?")
-                .bind(account_id)
-                .bind(visitor_id)
-                .fetch_optional(&self.reads)
-                .await?;
-        Ok(found.is_some())
+        self.inline.read(|c| {
+            c.prepare_cached("SELECT 1 FROM visitors WHERE account_id = ? AND id = ?")?
+                .exists(params![account_id, visitor_id])
+        })
     }
 
     async fn message_position(
@@ -1374,15 +1406,16 @@ impl Store for SqliteStore {
         account_id: &str,
         id: &str,
     ) -> StoreResult<Option<(i64, String)>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT seq, visitor_id FROM messages WHERE {BY_ID} AND account_id = ?"
-        ))
-        .bind(self.ids.decode(id))
-        .bind(id)
-        .bind(id)
-        .bind(account_id)
-        .fetch_optional(&self.reads)
-        .await?)
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!("SELECT seq, visitor_id FROM messages WHERE {BY_ID} AND account_id = ?")
+        });
+        self.inline.read(|c| {
+            c.prepare_cached(&SQL)?
+                .query_row(params![self.ids.decode(id), id, id, account_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+        })
     }
 
     async fn purge_idempotency_keys(&self, before: i64) -> StoreResult<u64> {
@@ -1748,6 +1781,7 @@ impl Store for SqliteStore {
             drop(stop);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        self.inline.close();
         self.reads.close().await;
     }
 }
@@ -2110,6 +2144,83 @@ mod tests {
         }
     }
 
+    /// The inline reads decode every column of a message as sqlx does, set or unset, and
+    /// serve the reads of messages: by id, their positions, a visitor's pages.
+    #[tokio::test]
+    async fn inline_reads_decode_messages_as_sqlx_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, account, plain) = store_with_a_message(&path, SqliteOptions::default()).await;
+        let full = MessageRow {
+            agent_id: Some("ag".into()),
+            agent_name: Some("Ann".into()),
+            agent_userpic: Some("https://example.com/ann.png".into()),
+            is_pushed: true,
+            is_missed: true,
+            is_missed_by_visitor: true,
+            is_trigger: true,
+            received_from: Some("crm".into()),
+            created_at: 7,
+            updated_at: 8,
+            ..message(&account, "m1", "v")
+        };
+        let full = insert(&store, full).await;
+        let deleted = insert(&store, message(&account, "m2", "v")).await;
+        let gone = store.delete_message(&account, &deleted, false, 9).await;
+        assert!(matches!(gone.unwrap(), MessageChange::Done(_)));
+
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages ORDER BY seq");
+        let mut conn = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let by_sqlx: Vec<MessageRow> = sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        let inline = store
+            .inline
+            .read(|c| {
+                c.prepare(&sql)?
+                    .query_map([], message_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap();
+        assert_eq!(inline, by_sqlx);
+        assert_eq!(inline.len(), 3);
+        assert_eq!(inline[1].id, full);
+        assert_eq!(
+            inline[1].agent_userpic.as_deref(),
+            Some("https://example.com/ann.png")
+        );
+        assert!(inline[1].is_trigger && inline[1].is_missed_by_visitor);
+        assert_eq!(inline[2].deleted_at, Some(9));
+
+        let read = store.message(&account, &full).await.unwrap();
+        assert_eq!(read.as_ref(), Some(&inline[1]));
+        assert_eq!(store.message(&account, &deleted).await.unwrap(), None);
+        assert_eq!(store.message("other", &full).await.unwrap(), None);
+        let position = store.message_position(&account, &deleted).await.unwrap();
+        assert_eq!(position, Some((inline[2].seq, "v".to_owned())));
+        let (page, more) = store
+            .list_messages(&account, "v", Window::Latest, 1)
+            .await
+            .unwrap();
+        assert_eq!((page, more), (vec![inline[1].clone()], true));
+        let (page, more) = store
+            .list_messages(&account, "v", Window::Before(inline[1].seq), 5)
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|m| &m.id).collect::<Vec<_>>(), [&plain]);
+        assert!(!more);
+        let (page, _) = store
+            .list_messages(&account, "v", Window::After(inline[0].seq), 5)
+            .await
+            .unwrap();
+        assert_eq!(page, [inline[1].clone()], "the deleted message is left out");
+        assert!(store.visitor_exists(&account, "v").await.unwrap());
+        assert!(!store.visitor_exists(&account, "w").await.unwrap());
+        assert!(!store.visitor_exists("other", "v").await.unwrap());
+        store.close().await;
+    }
+
     /// The WAL shim holds frames until SQLite syncs them, which only `synchronous=FULL`
     /// does at every commit: `--sync=normal` opens on SQLite's default VFS, and what it
     /// writes is there for a store on the shim that opens the file next.
@@ -2146,7 +2257,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let wal = dir.path().join("t.db-wal");
-        let (store, _, _) = store_with_a_message(&path, SqliteOptions::default()).await;
+        let (store, account, id) = store_with_a_message(&path, SqliteOptions::default()).await;
+        // A read by id opens an inline connection (the message cache fills on reads).
+        assert!(store.message(&account, &id).await.unwrap().is_some());
+        assert_eq!(store.inline.idle_count(), 1);
         assert!(wal.exists(), "no WAL while the store is open");
         store.close().await;
         assert!(!wal.exists(), "a connection was still open after close");
