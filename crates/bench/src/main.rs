@@ -55,7 +55,7 @@ struct Cli {
     instances: usize,
     /// A second switchboard binary to measure in the same rounds, on a database of its
     /// own, for before/after comparisons on a noisy machine: each round runs bare, then
-    /// both builds (taking turns going first), and prints POST of B against A.
+    /// both builds (taking turns going first), and prints GET and POST of B against A.
     #[arg(long)]
     against: Option<PathBuf>,
     /// Leave out the reference (a minimal axum + SQLite server with one writer doing group
@@ -546,9 +546,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if labels.len() > 1 {
         // Build B against build A, round by round (the same bare run divides both).
+        let get: Vec<f64> = rounds.iter().map(|s| 100.0 * s[3].rps / s[1].rps).collect();
         let post: Vec<f64> = rounds.iter().map(|s| 100.0 * s[4].rps / s[2].rps).collect();
         println!(
-            "POST B/A: median {:.0}% (rounds: {})",
+            "GET B/A: median {:.0}% (rounds: {})   POST B/A: median {:.0}% (rounds: {})",
+            median(&get),
+            list(&get),
             median(&post),
             list(&post)
         );
