@@ -94,25 +94,31 @@ impl InlineReads {
 /// A message from a row of [`MESSAGE_COLUMNS`](super::shared::MESSAGE_COLUMNS), by position
 /// in that list.
 pub(super) fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
+    message_at(r, 0)
+}
+
+/// A message from the columns of [`MESSAGE_COLUMNS`](super::shared::MESSAGE_COLUMNS) that
+/// start at position `at` of a row.
+pub(super) fn message_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<MessageRow> {
     Ok(MessageRow {
-        seq: r.get(0)?,
-        id: r.get(1)?,
-        account_id: r.get(2)?,
-        conversation_id: r.get(3)?,
-        visitor_id: r.get(4)?,
-        kind: r.get(5)?,
-        text: r.get(6)?,
-        agent_id: r.get(7)?,
-        agent_name: r.get(8)?,
-        agent_userpic: r.get(9)?,
-        is_pushed: r.get(10)?,
-        is_missed: r.get(11)?,
-        is_missed_by_visitor: r.get(12)?,
-        is_trigger: r.get(13)?,
-        received_from: r.get(14)?,
-        created_at: r.get(15)?,
-        updated_at: r.get(16)?,
-        deleted_at: r.get(17)?,
+        seq: r.get(at)?,
+        id: r.get(at + 1)?,
+        account_id: r.get(at + 2)?,
+        conversation_id: r.get(at + 3)?,
+        visitor_id: r.get(at + 4)?,
+        kind: r.get(at + 5)?,
+        text: r.get(at + 6)?,
+        agent_id: r.get(at + 7)?,
+        agent_name: r.get(at + 8)?,
+        agent_userpic: r.get(at + 9)?,
+        is_pushed: r.get(at + 10)?,
+        is_missed: r.get(at + 11)?,
+        is_missed_by_visitor: r.get(at + 12)?,
+        is_trigger: r.get(at + 13)?,
+        received_from: r.get(at + 14)?,
+        created_at: r.get(at + 15)?,
+        updated_at: r.get(at + 16)?,
+        deleted_at: r.get(at + 17)?,
     })
 }
 

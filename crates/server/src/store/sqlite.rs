@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ids::SeqIds;
 
 use super::cache::{email_key, AgentCache, MessageCache};
-use super::inline_reads::{message_from_row, InlineReads};
+use super::inline_reads::{message_at, message_from_row, InlineReads};
 use super::reads::ReadConnections;
 use super::shared::*;
 use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
@@ -1061,24 +1061,63 @@ struct FeedRow {
     message: Option<MessageRow>,
 }
 
-impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for FeedRow {
-    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
-        let id: Option<String> = row.try_get("id")?;
-        let message = match id {
-            Some(_) => Some(MessageRow::from_row(row)?),
-            None => None,
-        };
+impl FeedRow {
+    /// The feed SQL's row: five columns of the event, then [`MESSAGE_COLUMNS_M`] (null when
+    /// the event concerns no message).
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        const MESSAGE: usize = 5;
+        let id: Option<String> = r.get(MESSAGE + 1)?;
         Ok(FeedRow {
-            fseq: row.try_get("fseq")?,
-            fkind: row.try_get("fkind")?,
-            fconversation: row.try_get("fconversation")?,
-            fvisitor: row.try_get("fvisitor")?,
-            fchat: row.try_get("fchat")?,
-            message,
+            fseq: r.get(0)?,
+            fkind: r.get(1)?,
+            fconversation: r.get(2)?,
+            fvisitor: r.get(3)?,
+            fchat: r.get(4)?,
+            message: id.map(|_| message_at(r, MESSAGE)).transpose()?,
         })
     }
 }
+
+/// A chat from a row of [`CHAT_COLUMNS`], by position.
+fn chat_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRow> {
+    Ok(ChatRow {
+        id: r.get(0)?,
+        start_seq: r.get(1)?,
+        started_at: r.get(2)?,
+        ended_at: r.get(3)?,
+        no_agent_online: r.get(4)?,
+        start_page_url: r.get(5)?,
+        start_page_title: r.get(6)?,
+    })
+}
+
+static CHAT_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?"));
+
+/// The feed's SQL for an account (`[0]`) or for one visitor of it (`[1]`).
+static FEED_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+    [false, true].map(|one_visitor| {
+        let (visitor_m, visitor_e) = if one_visitor {
+            ("AND m.visitor_id = ?", "AND e.visitor_id = ?")
+        } else {
+            ("", "")
+        };
+        let cols = MESSAGE_COLUMNS_M;
+        // Each branch is cut at `limit` first, so the union never sorts more than twice that.
+        format!(
+            "SELECT * FROM (SELECT m.seq AS fseq, 'messageCreated' AS fkind, \
+               m.conversation_id AS fconversation, m.visitor_id AS fvisitor, NULL AS fchat, {cols} \
+               FROM messages m WHERE m.account_id = ? {visitor_m} AND m.seq > ? \
+               ORDER BY m.seq LIMIT ?) \
+             UNION ALL \
+             SELECT * FROM (SELECT e.seq AS fseq, e.kind AS fkind, e.conversation_id, e.visitor_id, \
+               e.chat_id, {cols} \
+               FROM events e LEFT JOIN messages m ON m.seq = e.message_seq \
+               WHERE e.account_id = ? {visitor_e} AND e.seq > ? ORDER BY e.seq LIMIT ?) \
+             ORDER BY fseq LIMIT ?"
+        )
+    })
+});
 
 async fn insert_agent(
     conn: &mut SqliteConnection,
@@ -1522,60 +1561,32 @@ impl Store for SqliteStore {
         after: i64,
         limit: u32,
     ) -> StoreResult<Vec<FeedEvent>> {
-        let visitor_filter_m = if visitor_id.is_some() {
-            "AND m.visitor_id = ?"
-        } else {
-            ""
-        };
-        let visitor_filter_e = if visitor_id.is_some() {
-            "AND e.visitor_id = ?"
-        } else {
-            ""
-        };
-        let cols = MESSAGE_COLUMNS_M;
-        // Each branch is cut at `limit` first, so the union never sorts more than twice that.
-        let sql = format!(
-            "SELECT * FROM (SELECT m.seq AS fseq, 'messageCreated' AS fkind, \
-               m.conversation_id AS fconversation, m.visitor_id AS fvisitor, NULL AS fchat, {cols} \
-               FROM messages m WHERE m.account_id = ? {visitor_filter_m} AND m.seq > ? \
-               ORDER BY m.seq LIMIT ?) \
-             UNION ALL \
-             SELECT * FROM (SELECT e.seq AS fseq, e.kind AS fkind, e.conversation_id, e.visitor_id, \
-               e.chat_id, {cols} \
-               FROM events e LEFT JOIN messages m ON m.seq = e.message_seq \
-               WHERE e.account_id = ? {visitor_filter_e} AND e.seq > ? ORDER BY e.seq LIMIT ?) \
-             ORDER BY fseq LIMIT ?"
-        );
-        let mut q = sqlx::query_as::<_, FeedRow>(&sql).bind(account_id);
-        if let Some(v) = visitor_id {
-            q = q.bind(v);
-        }
-        q = q.bind(after).bind(limit).bind(account_id);
-        if let Some(v) = visitor_id {
-            q = q.bind(v);
-        }
-        let rows = q
-            .bind(after)
-            .bind(limit)
-            .bind(limit)
-            .fetch_all(&self.reads)
-            .await?;
-        let chat_ids: Vec<&str> = rows.iter().filter_map(|r| r.fchat.as_deref()).collect();
-        let mut chats: HashMap<String, ChatInfo> = HashMap::new();
-        if !chat_ids.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                "SELECT {CHAT_COLUMNS} FROM chats WHERE id IN ("
-            ));
-            let mut sep = qb.separated(", ");
-            for id in &chat_ids {
-                sep.push_bind(*id);
+        let limit = i64::from(limit);
+        let (rows, chats) = self.inline.read(|c| {
+            let mut statement = c.prepare_cached(&FEED_SQL[usize::from(visitor_id.is_some())])?;
+            let rows = match visitor_id {
+                None => statement.query_map(
+                    params![account_id, after, limit, account_id, after, limit, limit],
+                    FeedRow::from_row,
+                )?,
+                Some(v) => statement.query_map(
+                    params![account_id, v, after, limit, account_id, v, after, limit, limit],
+                    FeedRow::from_row,
+                )?,
             }
-            sep.push_unseparated(")");
-            let found: Vec<ChatRow> = qb.build_query_as().fetch_all(&self.reads).await?;
-            for c in found {
-                chats.insert(c.id.clone(), c.into());
+            .collect::<rusqlite::Result<Vec<FeedRow>>>()?;
+            // The chats that events of the page name, each read once.
+            let mut chats: HashMap<String, ChatInfo> = HashMap::new();
+            let mut by_id = c.prepare_cached(&CHAT_BY_ID)?;
+            for id in rows.iter().filter_map(|r| r.fchat.as_deref()) {
+                if !chats.contains_key(id) {
+                    if let Some(chat) = by_id.query_row([id], chat_from_row).optional()? {
+                        chats.insert(chat.id.clone(), chat.into());
+                    }
+                }
             }
-        }
+            Ok((rows, chats))
+        })?;
         Ok(rows
             .into_iter()
             .filter_map(|r| {

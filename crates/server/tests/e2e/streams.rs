@@ -358,17 +358,20 @@ async fn the_account_stream_carries_visitor_messages_and_resumes_by_last_event_i
     let mut sse = Sse::open(&s, &[]).await;
 
     let m = s.visitor_says(&token, "I need help").await;
-    let (id1, name, data) = sse.next().await;
+    let created = sse.next().await;
+    let (id1, name, data) = &created;
     assert_eq!(name, "messageCreated");
     assert_eq!(data["message"]["id"], m.ok()["id"]);
     assert_eq!(data["message"]["type"], "visitor");
     assert_eq!(data["visitorId"], visitor.as_str());
-    assert_eq!(data["cursor"].as_i64().unwrap().to_string(), id1);
-    let (_, name, data) = sse.next().await;
+    assert_eq!(&data["cursor"].as_i64().unwrap().to_string(), id1);
+    let started = sse.next().await;
+    let (_, name, data) = &started;
     assert_eq!(name, "conversationStarted");
     assert_eq!(data["isNoAvailableAgent"], true);
     assert_eq!(data["message"]["id"], m.ok()["id"]);
     assert!(data["conversationId"].is_string());
+    assert!(data["chatId"].is_string());
 
     let reply = s.agent_says(&agent, &visitor, "On it").await;
     let (id2, name, data) = sse.next().await;
@@ -401,6 +404,12 @@ async fn the_account_stream_carries_visitor_messages_and_resumes_by_last_event_i
     let live = s.agent_says(&agent, &visitor, "live").await;
     let (_, _, data) = sse.next().await;
     assert_eq!(data["message"]["id"], live.as_str());
+
+    // Replayed from the start, the first events (read back from the database, the chat's
+    // with it) are what the live stream carried.
+    let mut sse = Sse::open(&s, &[("last-event-id", "0")]).await;
+    assert_eq!(sse.next().await, created);
+    assert_eq!(sse.next().await, started);
 
     // Another account's stream sees none of this; a bad key is refused.
     let r = s
