@@ -119,9 +119,10 @@ struct WriterCtx {
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
-    /// The reads made often (a message, a visitor's page), on the caller's thread.
+    /// The reads made often (a message, a visitor's page, a stream's replay), on the
+    /// caller's thread.
     inline: InlineReads,
-    /// The other reads.
+    /// Every other read (agents, groups, visitors, webhooks, deliveries).
     reads: ReadConnections<Sqlite>,
     writer: mpsc::Sender<WriterMsg>,
     /// The checkpointer thread, stopped and waited for by `close`.
