@@ -13,6 +13,8 @@ mod messages;
 mod openapi;
 mod process;
 mod pushed;
+#[cfg(target_os = "linux")]
+mod storage_full;
 mod streams;
 mod visitor_group;
 mod webhooks;

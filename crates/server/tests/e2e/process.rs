@@ -67,7 +67,7 @@ fn serve_command(db: &Path, api_key: Option<&str>, flags: &[&str]) -> Command {
 
 /// Spawns `cmd` and waits for its listening line: the child, its URL and the stdout lines
 /// printed before that line.
-async fn start(mut cmd: Command) -> (Child, String, Vec<String>) {
+pub(crate) async fn start(mut cmd: Command) -> (Child, String, Vec<String>) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -200,7 +200,7 @@ async fn cli_manages_accounts_keys_agents_and_groups() {
 }
 
 /// Sends SIGTERM to the server; it must exit with success within 30 s.
-async fn sigterm_and_wait(child: &mut Child) {
+pub(crate) async fn sigterm_and_wait(child: &mut Child) {
     let pid = child.id().expect("pid").to_string();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid])
