@@ -240,6 +240,11 @@ impl Batchers {
 /// cap and read again next time.
 const CLAIM_BATCH: usize = 64;
 
+/// The first and the longest pause before recording an attempt again after the store
+/// refused it (a full disk, a database that takes no writes).
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(250);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Delivers webhooks until `shutdown` turns true.
 pub async fn run(
     domain: Arc<Domain>,
@@ -293,16 +298,17 @@ pub async fn run(
                         claimed += 1;
                         let key = (d.webhook.id.clone(), d.event.conversation_id.clone());
                         in_flight.push(key.clone());
-                        let (domain, client, config, done, cache, batchers) = (
+                        let (domain, client, config, done, cache, batchers, stop) = (
                             domain.clone(),
                             client.clone(),
                             config.clone(),
                             done_tx.clone(),
                             cache.clone(),
                             batchers.clone(),
+                            shutdown.clone(),
                         );
                         tokio::spawn(async move {
-                            deliver(&domain, &client, &config, &cache, &batchers, d).await;
+                            deliver(&domain, &client, &config, &cache, &batchers, stop, d).await;
                             let _ = done.send(key);
                         });
                     }
@@ -360,6 +366,7 @@ async fn deliver(
     config: &DispatcherConfig,
     cache: &payload::RenderCache,
     batchers: &Batchers,
+    mut stop: watch::Receiver<bool>,
     d: DueDelivery,
 ) {
     let DueDelivery {
@@ -446,17 +453,36 @@ async fn deliver(
         failing_after: config.failing_after,
         endpoint_was_unhealthy: webhook.consecutive_failures > 0 || webhook.failing_since.is_some(),
     };
-    match batchers.record.call(outcome).await {
-        Ok(h) if h.became_failing => tracing::warn!(
+    // An attempt the store refuses to record is recorded again later, the delivery staying
+    // in flight meanwhile: let go, it would fall due at once and be sent again and again
+    // (to a receiver that already has it) for as long as the store refuses writes. A stop
+    // abandons it, to be sent again after the restart.
+    let mut pause = RECORD_RETRY_FIRST;
+    let health = loop {
+        match batchers.record.call(outcome.clone()).await {
+            Ok(h) => break h,
+            Err(e) => {
+                tracing::warn!(
+                    webhook = %webhook.id, event = %event.id, error = %e,
+                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                    "recording a webhook attempt"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|stopping| *stopping) => return,
+                }
+                pause = (pause * 2).min(RECORD_RETRY_MAX);
+            }
+        }
+    };
+    if health.became_failing {
+        tracing::warn!(
             webhook = %webhook.id, url = %webhook.url,
             "webhook endpoint is failing: {} attempts in a row failed; its deliveries are retried, other endpoints are not affected",
             config.failing_after
-        ),
-        Ok(h) if h.recovered => {
-            tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook endpoint recovered")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "recording a webhook attempt"),
+        );
+    } else if health.recovered {
+        tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook endpoint recovered");
     }
 }
 

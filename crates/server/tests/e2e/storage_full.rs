@@ -12,18 +12,20 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
 
 use crate::process::{sigterm_and_wait, start};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 const KEY: &str = "k";
-/// The room left for the server once the tmpfs is full of filler.
+/// The room left for the writers of the first test once the tmpfs is full of filler.
 const ROOM: u64 = 1024 * 1024;
 
 /// Starts `switchboard serve` on an 8 MiB tmpfs mounted at `dir` in a mount namespace of
-/// its own; returns the child and its URL.
-async fn serve_on_tmpfs(dir: &Path) -> (Child, String) {
+/// its own, logging at `warn`; returns the child, its URL and its log lines.
+async fn serve_on_tmpfs(dir: &Path) -> (Child, String, mpsc::UnboundedReceiver<String>) {
     let probe = std::process::Command::new("unshare")
         .args(["--user", "--map-root-user", "--mount", "true"])
         .output()
@@ -41,11 +43,20 @@ async fn serve_on_tmpfs(dir: &Path) -> (Child, String) {
         )
         .arg(BIN)
         .arg(dir)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "warn")
         .env("SWITCHBOARD_API_KEY", KEY)
-        .stderr(Stdio::null());
-    let (child, url, _) = start(cmd).await;
-    (child, url)
+        .stderr(Stdio::piped());
+    let (mut child, url, _) = start(cmd).await;
+    // Read to the end whether the test looks or not, so that the server never blocks on a
+    // full pipe.
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, url, rx)
 }
 
 /// `dir` as the server sees it: inside its mount namespace, where the tmpfs is.
@@ -54,8 +65,8 @@ fn inside(child: &Child, dir: &Path) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(dir.strip_prefix("/").unwrap())
 }
 
-/// Fills the file system of `dir` with a file `filler`, then gives back [`ROOM`] bytes.
-fn fill(dir: &Path) {
+/// Fills the file system of `dir` with a file `filler`, then gives back `room` bytes.
+fn fill(dir: &Path, room: u64) {
     let path = dir.join("filler");
     let mut f = std::fs::File::create(&path).expect("create the filler");
     let chunk = vec![0u8; 64 * 1024];
@@ -69,8 +80,8 @@ fn fill(dir: &Path) {
             Err(e) => panic!("filling the tmpfs: {e}"),
         }
     }
-    assert!(written > ROOM, "the tmpfs took only {written} bytes");
-    f.set_len(written - ROOM).expect("give room back");
+    assert!(written > room, "the tmpfs took only {written} bytes");
+    f.set_len(written - room).expect("give room back");
 }
 
 struct Post {
@@ -161,7 +172,7 @@ async fn listed(http: &reqwest::Client, url: &str, visitor: &str) -> Vec<(String
 #[tokio::test]
 async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) = serve_on_tmpfs(dir.path()).await;
+    let (mut child, url, _log) = serve_on_tmpfs(dir.path()).await;
     let tmpfs = inside(&child, dir.path());
     assert!(tmpfs.join("s.db").exists(), "the database is on the tmpfs");
     let http = reqwest::Client::builder()
@@ -175,7 +186,7 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
         "before the disk filled".to_owned(),
     );
 
-    fill(&tmpfs);
+    fill(&tmpfs, ROOM);
     // Eight writers of 2 KB messages until each has been refused three times: the 1 MiB
     // left fill within a few hundred.
     let mut writers = Vec::new();
@@ -252,4 +263,122 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
         assert_eq!(&got, expected, "{visitor}'s messages");
     }
     sigterm_and_wait(&mut child).await;
+}
+
+/// A webhook receiver that holds its first request until released, then answers every
+/// request 200, recording each request's `webhook-id`.
+struct HeldReceiver {
+    hits: std::sync::Mutex<Vec<String>>,
+    arrived: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    release: watch::Receiver<bool>,
+}
+
+async fn held_receiver_hit(
+    axum::extract::State(r): axum::extract::State<std::sync::Arc<HeldReceiver>>,
+    headers: axum::http::HeaderMap,
+) -> &'static str {
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    r.hits.lock().unwrap().push(id);
+    let first = r.arrived.lock().unwrap().take();
+    if let Some(arrived) = first {
+        let _ = arrived.send(());
+        let _ = r.release.clone().wait_for(|go| *go).await;
+    }
+    "ok"
+}
+
+/// A receiver got an event and answered 200, but the store cannot record it (the disk is
+/// full): the delivery is recorded later, once there is room, and not sent again meanwhile.
+#[tokio::test]
+async fn a_delivery_the_store_cannot_record_is_not_sent_again() {
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (release, release_rx) = watch::channel(false);
+    let receiver = std::sync::Arc::new(HeldReceiver {
+        hits: Default::default(),
+        arrived: std::sync::Mutex::new(Some(arrived_tx)),
+        release: release_rx,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(held_receiver_hit))
+        .with_state(receiver.clone());
+    let receiver_task = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, url, mut log) = serve_on_tmpfs(dir.path()).await;
+    let tmpfs = inside(&child, dir.path());
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/v3/conversations/webhooks"))
+        .header("api-key", KEY)
+        .json(&json!({"url": hook_url, "events": ["conversationStarted"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "registering the webhook");
+    let webhook = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let p = post(&http, &url, "visitor-1", "a chat starts", None).await;
+    assert_eq!(p.status, 200, "{}", p.body);
+
+    let wait = std::time::Duration::from_secs(30);
+    tokio::time::timeout(wait, arrived)
+        .await
+        .expect("the event is delivered")
+        .unwrap();
+    let event = receiver.hits.lock().unwrap()[0].clone();
+    fill(&tmpfs, 0);
+    release.send(true).unwrap();
+    // Two failed tries to record the answer: before the fix, each came after a delivery
+    // of its own.
+    tokio::time::timeout(wait, async {
+        let mut failed = 0;
+        while failed < 2 {
+            let line = log.recv().await.expect("the server logs");
+            if line.contains("recording a webhook attempt") {
+                failed += 1;
+            }
+        }
+    })
+    .await
+    .expect("the server tries to record the attempt");
+    let sent = |hits: &[String]| hits.iter().filter(|h| **h == event).count();
+    assert_eq!(
+        sent(&receiver.hits.lock().unwrap()),
+        1,
+        "sent again while the store could not record it"
+    );
+
+    std::fs::remove_file(tmpfs.join("filler")).expect("remove the filler");
+    let deadline = tokio::time::Instant::now() + wait;
+    let delivery = loop {
+        let d: Value = http
+            .get(format!(
+                "{url}/v3/conversations/webhooks/{webhook}/deliveries/{event}"
+            ))
+            .header("api-key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if d["status"] == "delivered" {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not recorded: {d}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(delivery["attempts"], 1, "{delivery}");
+    assert_eq!(delivery["attemptLog"][0]["status"], 200, "{delivery}");
+    assert_eq!(sent(&receiver.hits.lock().unwrap()), 1);
+    sigterm_and_wait(&mut child).await;
+    receiver_task.abort();
 }
