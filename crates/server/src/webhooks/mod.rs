@@ -240,10 +240,10 @@ impl Batchers {
 /// cap and read again next time.
 const CLAIM_BATCH: usize = 64;
 
-/// The first and the longest pause before recording an attempt again after the store
-/// refused it (a full disk, a database that takes no writes).
-const RECORD_RETRY_FIRST: Duration = Duration::from_millis(250);
-const RECORD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The first and the longest pause before a delivery's write (its payload, its attempt)
+/// is tried again after the store refused it (a full disk, a database taking no writes).
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(250);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Delivers webhooks until `shutdown` turns true.
 pub async fn run(
@@ -380,14 +380,13 @@ async fn deliver(
         // Rendered once and stored before the first attempt: a retry after a crash, a
         // restart or a replay sends the same bytes, even if the visitor changed meanwhile.
         None => match payload::render(domain, cache, &event).await {
-            Ok(p) => match batchers.freeze.call((event.id.clone(), p)).await {
-                Ok(stored) => stored,
-                Err(e) => {
-                    tracing::warn!(error = %e, event = %event.id, "storing a webhook payload");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    return;
+            Ok(p) => {
+                let store = || batchers.freeze.call((event.id.clone(), p.clone()));
+                match until_stored(&mut stop, "storing a webhook payload", &event.id, store).await {
+                    Some(stored) => stored,
+                    None => return,
                 }
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %e, event = %event.id, "rendering a webhook payload");
                 // Try again later; nothing was sent.
@@ -455,25 +454,12 @@ async fn deliver(
     };
     // An attempt the store refuses to record is recorded again later, the delivery staying
     // in flight meanwhile: let go, it would fall due at once and be sent again and again
-    // (to a receiver that already has it) for as long as the store refuses writes. A stop
-    // abandons it, to be sent again after the restart.
-    let mut pause = RECORD_RETRY_FIRST;
-    let health = loop {
-        match batchers.record.call(outcome.clone()).await {
-            Ok(h) => break h,
-            Err(e) => {
-                tracing::warn!(
-                    webhook = %webhook.id, event = %event.id, error = %e,
-                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
-                    "recording a webhook attempt"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.wait_for(|stopping| *stopping) => return,
-                }
-                pause = (pause * 2).min(RECORD_RETRY_MAX);
-            }
-        }
+    // (to a receiver that already has it) for as long as the store refuses writes.
+    let record = || batchers.record.call(outcome.clone());
+    let Some(health) =
+        until_stored(&mut stop, "recording a webhook attempt", &event.id, record).await
+    else {
+        return;
     };
     if health.became_failing {
         tracing::warn!(
@@ -483,6 +469,37 @@ async fn deliver(
         );
     } else if health.recovered {
         tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook endpoint recovered");
+    }
+}
+
+/// Runs a store call until the store takes it (it refuses while it takes no writes, e.g. on
+/// a full disk), pausing [`STORE_RETRY_FIRST`], then twice as long each time up to
+/// [`STORE_RETRY_MAX`]. `None` when the dispatcher stops first: the delivery is abandoned,
+/// to be made again after the restart.
+async fn until_stored<T, F, Fut>(
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    event: &str,
+    mut call: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut pause = STORE_RETRY_FIRST;
+    loop {
+        match call().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(error = %e, event, retry_in_ms, "{what}");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|stopping| *stopping) => return None,
+                }
+                pause = (pause * 2).min(STORE_RETRY_MAX);
+            }
+        }
     }
 }
 
