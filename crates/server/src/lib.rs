@@ -81,6 +81,70 @@ impl Database {
     }
 }
 
+/// One serving process per SQLite file: held by `switchboard serve` for as long as it runs.
+///
+/// A second server on the same file would keep its own copy of the writer's state (the next
+/// message number, the open chats) and clash with the first, failing writes or worse. The
+/// CLI's short commands do not take it: they may run beside the server. PostgreSQL needs no
+/// such lock (its instances coordinate through the database).
+///
+/// It is an advisory lock (`flock`) on a file beside the database, `<db>-lock`, which holds
+/// the owner's process id; the kernel releases it when the process ends, however it ends,
+/// so a file left behind by a killed server is no obstacle.
+#[derive(Debug)]
+pub struct ServeLock {
+    _file: std::fs::File,
+}
+
+impl ServeLock {
+    /// Takes the lock of the database `db` names; `None` for PostgreSQL. Fails, naming the
+    /// process that holds it, when another server has the file.
+    pub fn acquire(db: &std::path::Path) -> anyhow::Result<Option<Self>> {
+        use std::io::{Read, Seek, Write};
+        let Database::Sqlite(path) = Database::parse(db)? else {
+            return Ok(None);
+        };
+        // The file itself when it exists, so that a symbolic link to it shares its lock.
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push("-lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| anyhow::anyhow!("creating the lock file {}: {e}", lock_path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                };
+                anyhow::bail!(
+                    "{} is served by another switchboard process{holder}: an SQLite database \
+                     takes one server at a time (the CLI may run beside it); for several \
+                     instances, use PostgreSQL (--db postgres://...)",
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("locking {}: {e}", lock_path.display())
+            }
+        }
+        // Who holds it, for the message above; the lock, not this text, is what counts.
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| anyhow::anyhow!("writing the lock file {}: {e}", lock_path.display()))?;
+        Ok(Some(Self { _file: file }))
+    }
+}
+
 /// Opens the database `db` names (a path, `sqlite://PATH` or `postgres://...`), runs its
 /// migrations and builds the domain service over it.
 pub async fn open(
@@ -280,5 +344,33 @@ async fn purge_idempotency_keys(domain: Arc<Domain>) {
             Ok(n) => tracing::info!(purged = n, "expired idempotency keys"),
             Err(e) => tracing::warn!(error = %e, "purging idempotency keys"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeLock;
+
+    #[test]
+    fn the_serve_lock_is_held_until_dropped_and_only_for_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let held = ServeLock::acquire(&db)
+            .unwrap()
+            .expect("an SQLite file is locked");
+        let pid = std::process::id().to_string();
+        let text = std::fs::read_to_string(dir.path().join("s.db-lock")).unwrap();
+        assert_eq!(text.trim(), pid);
+        let refused = ServeLock::acquire(&db).unwrap_err().to_string();
+        assert!(refused.contains(&format!("(pid {pid})")), "{refused}");
+        drop(held);
+        ServeLock::acquire(&db)
+            .unwrap()
+            .expect("free again once dropped");
+        assert!(
+            ServeLock::acquire(std::path::Path::new("postgres://u@127.0.0.1/db"))
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -292,6 +292,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    // Held until the store is closed, at the end of this function.
+    let _lock = switchboard_server::ServeLock::acquire(db)?;
     let domain = switchboard_server::open(
         db,
         args.store_options(),

@@ -995,3 +995,74 @@ async fn db_urls_are_understood_or_refused_clearly() {
         "no stray files: {names:?}"
     );
 }
+
+/// A second `serve` on an SQLite file another server has is refused, naming that server's
+/// process; the first goes on serving, the CLI still runs beside it, and once it has stopped
+/// the file can be served again, also after a SIGKILL.
+#[tokio::test]
+async fn a_second_server_on_one_sqlite_file_is_refused() {
+    let storage = TestDb::sqlite();
+    let db = storage.path.clone();
+    let (mut first, url, _) = serve(&db, Some("k")).await;
+    let http = reqwest::Client::new();
+    let send = |url: String, text: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .post(format!("{url}/v3/conversations/messages"))
+                .header("api-key", "k")
+                .json(&json!({"visitorId": "v", "text": text, "agentEmail": "a@x.com", "agentName": "A"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let id = send(url.clone(), "to the first").await;
+
+    // Three ways of naming the same file.
+    let url_form = format!("sqlite://{}", db.display());
+    let link = storage.dir().unwrap().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    for spelling in [db.as_os_str().to_owned(), url_form.into(), link.into()] {
+        let second = serve_command(Path::new(&spelling), Some("k"), &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let out = tokio::time::timeout(Duration::from_secs(30), second.wait_with_output())
+            .await
+            .expect("the second server gives up at once")
+            .unwrap();
+        assert!(!out.status.success(), "{:?}", out.status);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let pid = first.id().unwrap();
+        assert!(
+            stderr.contains("served by another switchboard process")
+                && stderr.contains(&format!("(pid {pid})")),
+            "{stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    }
+    send(url.clone(), "the first still serves").await;
+    assert_eq!(cli(&db, &["agents", "list"])[0]["name"], "A");
+
+    sigterm_and_wait(&mut first).await;
+    let (mut again, url, _) = serve(&db, Some("k")).await;
+    let r = http
+        .get(format!("{url}/v3/conversations/messages/{id}"))
+        .header("api-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    again.kill().await.unwrap();
+    let (mut after_kill, url, _) = serve(&db, Some("k")).await;
+    send(url, "after a SIGKILL").await;
+    after_kill.kill().await.unwrap();
+}
