@@ -42,7 +42,7 @@ pub enum StoreError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// A migration failed at start-up.
-    #[error(transparent)]
+    #[error("{}", migrate_message(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A read on one of SQLite's synchronous connections failed.
     #[error("reading the database: {0}")]
@@ -50,6 +50,18 @@ pub enum StoreError {
     /// The store was closed (the server is shutting down).
     #[error("the store is closed")]
     Closed,
+}
+
+/// Why migrating failed, in words an operator can act on: a database a newer switchboard
+/// has migrated (a downgrade) says so instead of naming a missing migration.
+fn migrate_message(e: &sqlx::migrate::MigrateError) -> String {
+    match e {
+        sqlx::migrate::MigrateError::VersionMissing(v) => format!(
+            "the database has migration {v}, which this switchboard does not know: a newer \
+             version has used it; run that version (or a newer one)"
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// Result type of the storage layer.

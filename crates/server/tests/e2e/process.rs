@@ -1066,3 +1066,46 @@ async fn a_second_server_on_one_sqlite_file_is_refused() {
     send(url, "after a SIGKILL").await;
     after_kill.kill().await.unwrap();
 }
+
+/// A database a newer switchboard has migrated (a downgrade) is refused by `serve` and the
+/// CLI, saying so, on the selected backend.
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused_clearly() {
+    let storage = TestDb::new().await;
+    let db = storage.path.clone();
+    cli(&db, &["accounts", "list"]);
+    let checksum = if storage.is_postgres() {
+        "decode('00', 'hex')"
+    } else {
+        "X'00'"
+    };
+    let mut conn = Conn::open_writable(&db).await;
+    conn.execute(&format!(
+        "INSERT INTO _sqlx_migrations \
+         (version, description, installed_on, success, checksum, execution_time) \
+         VALUES (999999, 'from a newer switchboard', CURRENT_TIMESTAMP, TRUE, {checksum}, 0)"
+    ))
+    .await;
+    conn.close().await;
+    let db_arg = db.to_string_lossy().into_owned();
+    let serve = ["serve", "--listen", "127.0.0.1:0", "--db", &db_arg];
+    let list = ["--db", &db_arg, "accounts", "list"];
+    for args in [&serve[..], &list[..]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("SWITCHBOARD_API_KEY")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), out)
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} still running after 120 s"))
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        assert!(
+            err.contains("migration 999999") && err.contains("a newer version"),
+            "{args:?}: {err}"
+        );
+    }
+}
