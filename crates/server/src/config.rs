@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// long is closed.
     #[arg(long, env = "SWITCHBOARD_WS_PING", default_value_t = 30)]
     pub ws_ping: u64,
+    /// Seconds a stop (SIGTERM, Ctrl-C) waits for open connections to finish their requests
+    /// before it closes them and the database.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", default_value_t = 10.0)]
+    pub shutdown_timeout: f64,
     /// Changes a live stream may have waiting before it is closed as too slow.
     #[arg(long, env = "SWITCHBOARD_STREAM_BUFFER", default_value_t = 256)]
     pub stream_buffer: usize,
@@ -146,6 +150,7 @@ impl ServeArgs {
             },
             stream_buffer: self.stream_buffer.max(1),
             trust_proxy: self.trust_proxy,
+            shutdown_grace: secs(self.shutdown_timeout),
             webhooks: Some(crate::webhooks::DispatcherConfig {
                 timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
                 retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),

@@ -15,7 +15,7 @@ pub mod realtime;
 pub mod store;
 pub mod webhooks;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,6 +211,9 @@ pub struct ServeOptions {
     /// Take client addresses from `X-Forwarded-For` (set only behind a reverse proxy that
     /// sets it).
     pub trust_proxy: bool,
+    /// How long a stop waits for the connections still open (requests in flight, and
+    /// clients that started a request without finishing it) before closing them.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -221,6 +224,7 @@ impl Default for ServeOptions {
             lifecycle_tick: Some(Duration::from_secs(1)),
             webhooks: Some(webhooks::DispatcherConfig::default()),
             trust_proxy: false,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -266,7 +270,8 @@ pub async fn serve_with(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    let result = axum::serve(
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let serving = axum::serve(
         listener,
         axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
             std::net::SocketAddr,
@@ -276,8 +281,30 @@ pub async fn serve_with(
         shutdown.await;
         // Live streams never end by themselves: tell them to close so the server can.
         let _ = stop_tx.send(true);
+        let _ = stopping_tx.send(());
     })
-    .await;
+    .into_future();
+    // A graceful stop waits for every connection, and a client that sent half a request
+    // (its headers, say) would hold it forever: after the grace period, stop serving them.
+    // Their tasks end with the process; a request among them that reaches the store gets a
+    // 503 once it is closed.
+    let grace = options.shutdown_grace;
+    let deadline = async move {
+        match stopping.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        result = serving => result,
+        () = deadline => {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                "stopping: connections still open after the grace period are left behind"
+            );
+            Ok(())
+        }
+    };
     purge.abort();
     if let Some(l) = lifecycle {
         l.abort();

@@ -1109,3 +1109,38 @@ async fn a_database_from_a_newer_version_is_refused_clearly() {
         );
     }
 }
+
+/// A client that sent half a request does not hold a stop up: after `--shutdown-timeout`
+/// the server leaves the connections still open behind and exits with success.
+#[tokio::test]
+async fn a_half_sent_request_does_not_hold_a_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let storage = TestDb::new().await;
+    let (mut child, url, _) =
+        serve_with(&storage.path, Some("k"), &["--shutdown-timeout", "1"]).await;
+    let addr = url.strip_prefix("http://").unwrap();
+    // The first request of a connection, whose headers never end.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v3/conversations/messages HTTP/1.1\r\nhost: x\r\napi-key: k\r\n")
+        .await
+        .unwrap();
+    // A whole request on a second connection: the server takes connections in the order
+    // they came, so once this one is answered the first is being served too.
+    let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+    whole
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    whole.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let started = std::time::Instant::now();
+    sigterm_and_wait(&mut child).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+    drop((stalled, whole));
+}
