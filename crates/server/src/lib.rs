@@ -104,6 +104,13 @@ impl ServeLock {
         let Database::Sqlite(path) = Database::parse(db)? else {
             return Ok(None);
         };
+        if path.is_dir() {
+            anyhow::bail!(
+                "--db {} is a directory: give the database's file, e.g. {}",
+                path.display(),
+                path.join("switchboard.db").display()
+            );
+        }
         // The file itself when it exists, so that a symbolic link to it shares its lock.
         let path = std::fs::canonicalize(&path).unwrap_or(path);
         let mut lock_path = path.clone().into_os_string();
@@ -115,7 +122,13 @@ impl ServeLock {
             .create(true)
             .truncate(false)
             .open(&lock_path)
-            .map_err(|e| anyhow::anyhow!("creating the lock file {}: {e}", lock_path.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "opening database {}: creating its lock file {}: {e}",
+                    path.display(),
+                    lock_path.display()
+                )
+            })?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -399,5 +412,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        let refused = ServeLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains("is a directory"), "{refused}");
     }
 }
