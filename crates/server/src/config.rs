@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// before it closes them and the database.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
+    /// Seconds a client has to send a request's headers once its connection is open (or,
+    /// on a kept-alive connection, once the request's first byte arrived); then the
+    /// connection is closed.
+    #[arg(long, env = "SWITCHBOARD_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
     /// Changes a live stream may have waiting before it is closed as too slow.
     #[arg(long, env = "SWITCHBOARD_STREAM_BUFFER", default_value_t = 256)]
     pub stream_buffer: usize,
@@ -151,6 +156,7 @@ impl ServeArgs {
             stream_buffer: self.stream_buffer.max(1),
             trust_proxy: self.trust_proxy,
             shutdown_grace: secs(self.shutdown_timeout),
+            header_timeout: secs(self.header_timeout).max(Duration::from_millis(100)),
             webhooks: Some(crate::webhooks::DispatcherConfig {
                 timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
                 retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),

@@ -15,7 +15,7 @@ pub mod realtime;
 pub mod store;
 pub mod webhooks;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,6 +227,9 @@ pub struct ServeOptions {
     /// How long a stop waits for the connections still open (requests in flight, and
     /// clients that started a request without finishing it) before closing them.
     pub shutdown_grace: Duration,
+    /// How long a client has to send a request's headers, from the moment its connection
+    /// opens (first request) or the request's first byte arrives (later ones).
+    pub header_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -238,6 +241,7 @@ impl Default for ServeOptions {
             webhooks: Some(webhooks::DispatcherConfig::default()),
             trust_proxy: false,
             shutdown_grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -275,28 +279,13 @@ pub async fn serve_with(
         .webhooks
         .clone()
         .map(|config| tokio::spawn(webhooks::run(domain.clone(), config, stop_rx_for_hooks)));
-    // Writes go out at once. With Nagle's algorithm the second of two frames pushed to an
-    // idle visitor's socket waits for the ACK of the first, which clients may delay by tens
-    // of milliseconds. (On loopback, POST throughput and push latency measured the same.)
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-    let serving = axum::serve(
-        listener,
-        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-            std::net::SocketAddr,
-        >(app),
-    )
-    .with_graceful_shutdown(async move {
+    let serving = http::listen::serve(listener, app, options.header_timeout, async move {
         shutdown.await;
         // Live streams never end by themselves: tell them to close so the server can.
         let _ = stop_tx.send(true);
         let _ = stopping_tx.send(());
-    })
-    .into_future();
+    });
     // A graceful stop waits for every connection, and a client that sent half a request
     // (its headers, say) would hold it forever: after the grace period, stop serving them.
     // Their tasks end with the process; a request among them that reaches the store gets a
@@ -308,16 +297,15 @@ pub async fn serve_with(
             Err(_) => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
-        result = serving => result,
+    tokio::select! {
+        () = serving => {}
         () = deadline => {
             tracing::warn!(
                 grace_secs = grace.as_secs_f64(),
                 "stopping: connections still open after the grace period are left behind"
             );
-            Ok(())
         }
-    };
+    }
     purge.abort();
     if let Some(l) = lifecycle {
         l.abort();
@@ -329,7 +317,7 @@ pub async fn serve_with(
     }
     domain.store().close().await;
     fanout.abort();
-    result.map_err(Into::into)
+    Ok(())
 }
 
 /// Runs the chat timers when they are due: at the next deadline the store reports, sooner

@@ -22,6 +22,7 @@ use tracing::Level;
 use crate::domain::{Domain, DomainError};
 
 mod hooks;
+pub mod listen;
 pub use hooks::{delivery_wire, webhook_wire};
 pub mod openapi;
 pub mod streams;

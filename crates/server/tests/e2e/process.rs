@@ -1144,3 +1144,31 @@ async fn a_half_sent_request_does_not_hold_a_stop() {
     );
     drop((stalled, whole));
 }
+
+/// A client that opens a connection and sends half a request head is cut off after
+/// `--header-timeout`, instead of holding the connection for good (slowloris); the server
+/// goes on answering others.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let storage = TestDb::new().await;
+    let (mut child, url, _) =
+        serve_with(&storage.path, Some("k"), &["--header-timeout", "1"]).await;
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is still open after 20 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the timeout",
+        started.elapsed()
+    );
+    let health = reqwest::get(format!("{url}/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    sigterm_and_wait(&mut child).await;
+}
