@@ -261,6 +261,7 @@ pub async fn serve_with(
     let fanout = hub.spawn(feed);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx_for_hooks = stop_rx.clone();
+    let stop_rx_for_deadline = stop_rx.clone();
     let app = http::router(http::AppState {
         domain: domain.clone(),
         hub: hub.clone(),
@@ -279,22 +280,24 @@ pub async fn serve_with(
         .webhooks
         .clone()
         .map(|config| tokio::spawn(webhooks::run(domain.clone(), config, stop_rx_for_hooks)));
-    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let mut stopping = stop_rx_for_deadline;
     let serving = http::listen::serve(listener, app, options.header_timeout, async move {
         shutdown.await;
         // Live streams never end by themselves: tell them to close so the server can.
         let _ = stop_tx.send(true);
-        let _ = stopping_tx.send(());
     });
     // A graceful stop waits for every connection, and a client that sent half a request
-    // (its headers, say) would hold it forever: after the grace period, stop serving them.
-    // Their tasks end with the process; a request among them that reaches the store gets a
-    // 503 once it is closed.
+    // (its headers, say) would hold it up until its header deadline: after the grace
+    // period, stop serving them. Their tasks end with the process; a request among them
+    // that reaches the store gets a 503 once it is closed.
     let grace = options.shutdown_grace;
     let deadline = async move {
-        match stopping.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            Err(_) => std::future::pending().await,
+        // The guard `wait_for` returns must not live across the sleep (it is not Send).
+        let stopped = stopping.wait_for(|stop| *stop).await.is_ok();
+        if stopped {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
         }
     };
     tokio::select! {
