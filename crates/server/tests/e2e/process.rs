@@ -934,6 +934,24 @@ async fn the_cli_shows_a_failing_webhook_and_its_log() {
     let _ = child.kill().await;
 }
 
+/// Runs `switchboard ARGS` in `dir`, which must fail within 120 s; returns its stderr.
+async fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("SWITCHBOARD_API_KEY")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} still running after 120 s"))
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {err}");
+    err
+}
+
 /// `--db` takes a path or `sqlite://PATH` (an SQLite file, whatever backend the suite runs
 /// on); a PostgreSQL server that cannot be reached, or another URL scheme, makes `serve` and
 /// the CLI exit non-zero with a clear message (password hidden), and no file is made.
@@ -967,19 +985,7 @@ async fn db_urls_are_understood_or_refused_clearly() {
         let serve = ["serve", "--listen", "127.0.0.1:0", "--db", db];
         let list = ["--db", db, "accounts", "list"];
         for args in [&serve[..], &list[..]] {
-            let out = Command::new(BIN)
-                .current_dir(dir.path())
-                .args(args)
-                .env_remove("SWITCHBOARD_API_KEY")
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output();
-            let out = tokio::time::timeout(Duration::from_secs(120), out)
-                .await
-                .unwrap_or_else(|_| panic!("{args:?} still running after 120 s"))
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "{args:?} succeeded: {err}");
+            let err = fails(dir.path(), args).await;
             for e in expect {
                 assert!(err.contains(e), "{args:?}: {e:?} not in: {err}");
             }
@@ -1090,19 +1096,9 @@ async fn a_database_from_a_newer_version_is_refused_clearly() {
     let db_arg = db.to_string_lossy().into_owned();
     let serve = ["serve", "--listen", "127.0.0.1:0", "--db", &db_arg];
     let list = ["--db", &db_arg, "accounts", "list"];
+    let cwd = std::env::current_dir().unwrap();
     for args in [&serve[..], &list[..]] {
-        let out = Command::new(BIN)
-            .args(args)
-            .env_remove("SWITCHBOARD_API_KEY")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(120), out)
-            .await
-            .unwrap_or_else(|_| panic!("{args:?} still running after 120 s"))
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        let err = fails(&cwd, args).await;
         assert!(
             err.contains("migration 999999") && err.contains("a newer version"),
             "{args:?}: {err}"
