@@ -24,8 +24,9 @@ use tower::{Service, ServiceExt};
 
 /// Serves `app` on `listener` over HTTP/1.1 (with upgrades, for WebSockets) until
 /// `shutdown` completes; then stops accepting, lets each connection finish the request it
-/// is in, and returns once every connection has closed. Requests carry the peer's
-/// [`ConnectInfo`] of the peer's `SocketAddr`, and accepted sockets are set to `TCP_NODELAY`.
+/// is in, and returns once every connection has closed. Requests carry the peer's address
+/// as [`ConnectInfo<SocketAddr>`](ConnectInfo), and accepted sockets are set to
+/// `TCP_NODELAY`.
 pub async fn serve<S>(
     listener: TcpListener,
     app: S,
