@@ -20,6 +20,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::domain::{Domain, DomainError};
+use crate::store::StoreError;
 
 mod hooks;
 pub mod listen;
@@ -186,6 +187,19 @@ impl From<DomainError> for ApiError {
                 );
                 e.retry_after = Some(*retry_after);
                 return e;
+            }
+            DomainError::Store(inner @ StoreError::CommitUnknown(_)) => {
+                // The one case where switchboard cannot say whether it wrote: the database
+                // went away mid-commit and stayed away. No status is right; this one says so.
+                tracing::error!(error = %inner, "storage failure during a commit");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    C::BadRequest,
+                    "the database connection broke while this request was being committed, \
+                     and whether the commit happened could not be found out: it may have been \
+                     applied. Check before retrying (a retry with the same Idempotency-Key is \
+                     always safe)",
+                );
             }
             DomainError::Store(inner) => {
                 // Nothing was committed (the store answers only after a commit), so a

@@ -31,7 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::cache::{email_key, AgentCache};
 use super::reads::ReadConnections;
 use super::shared::*;
-use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
+use super::writer::{
+    self, Answer, CommitFailure, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK,
+};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -101,8 +103,16 @@ struct WriterCtx {
     conn: PgConnection,
     /// To connect again after the connection broke.
     connect: PgConnectOptions,
-    /// This instance's name in `feed_head.writer`.
+    /// This writer's name in `feed_head.writer` (a new one after a single-statement commit
+    /// whose outcome had to be looked up: see [`statement_outcome`]).
     instance: String,
+    /// How long connecting again may take.
+    connect_timeout: Duration,
+    /// The backend process serving `conn`.
+    pid: i32,
+    /// The id of the current transaction (from `begin`), to ask PostgreSQL whether it
+    /// committed when the connection breaks during its COMMIT.
+    xid: i64,
     /// The head this writer committed last; if the head row shows anything else, another
     /// instance wrote since and `open_chats` must catch up.
     committed: i64,
@@ -223,7 +233,7 @@ impl PostgresStore {
         let _ = conn.close().await;
         let head = Arc::new(AtomicI64::new(head_now));
         let signals = Signals::default();
-        let instance = format!("{}-{}", std::process::id(), crate::ids::new_id());
+        let instance = instance_name();
         let (local_tx, local_rx) = mpsc::unbounded_channel();
 
         // The writer gets a thread and runtime of its own (its connection is made there): on
@@ -236,11 +246,12 @@ impl PostgresStore {
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), sqlx::Error>>();
         let (writer_connect, writer_instance, writer_signals) =
             (connect.clone(), instance.clone(), signals.clone());
+        let connect_timeout = options.connect_timeout;
         std::thread::Builder::new()
             .name("switchboard-writer".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let conn = match writer_connect.connect().await {
+                    let (conn, pid) = match connect_writer(&writer_connect, connect_timeout).await {
                         Ok(c) => {
                             let _ = ready_tx.send(Ok(()));
                             c
@@ -254,6 +265,9 @@ impl PostgresStore {
                         conn,
                         connect: writer_connect,
                         instance: writer_instance,
+                        connect_timeout,
+                        pid,
+                        xid: 0,
                         // Nothing matches: the first transaction loads the open chats.
                         committed: -1,
                         locked: 0,
@@ -362,11 +376,12 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
         reconnect(ctx).await;
         return Err(e.into());
     }
-    let locked: Result<(i64, String), sqlx::Error> =
-        sqlx::query_as("SELECT seq, writer FROM feed_head FOR UPDATE")
+    // The transaction id is assigned here rather than at its first write, to be known.
+    let locked: Result<(i64, String, i64), sqlx::Error> =
+        sqlx::query_as("SELECT seq, writer, txid_current() FROM feed_head FOR UPDATE")
             .fetch_one(&mut ctx.conn)
             .await;
-    let (head, writer) = match locked {
+    let (head, writer, xid) = match locked {
         Ok(row) => row,
         Err(e) => {
             let _ = ctx.exec("ROLLBACK").await;
@@ -381,6 +396,7 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
     }
     ctx.core.next_seq = head + 1;
     ctx.locked = head;
+    ctx.xid = xid;
     Ok(())
 }
 
@@ -388,15 +404,165 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
 /// batch is answered with an error; the next one uses the new connection).
 async fn reconnect(ctx: &mut WriterCtx) {
     ctx.committed = -1;
-    match ctx.connect.connect().await {
-        Ok(conn) => {
+    match connect_writer(&ctx.connect, ctx.connect_timeout).await {
+        Ok((conn, pid)) => {
             let old = std::mem::replace(&mut ctx.conn, conn);
+            ctx.pid = pid;
+            // Ends the old backend too if it still listens (and so any transaction it holds).
             let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(old.close());
-            let _ = close.await;
+            let _ = tokio::time::timeout(ctx.connect_timeout, close).await;
             tracing::info!("the writer reconnected to PostgreSQL");
         }
         Err(e) => tracing::error!(error = %e, "the writer cannot reconnect to PostgreSQL"),
     }
+}
+
+/// Opens the writer's connection; returns it with its backend's process id.
+async fn connect_writer(
+    options: &PgConnectOptions,
+    limit: Duration,
+) -> Result<(PgConnection, i32), sqlx::Error> {
+    let connected = tokio::time::timeout(limit, async {
+        let mut conn = options.connect().await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok((conn, pid))
+    });
+    connected.await.map_err(|_| sqlx::Error::PoolTimedOut)?
+}
+
+/// A new name for a writer in `feed_head.writer`.
+fn instance_name() -> String {
+    format!("{}-{}", std::process::id(), crate::ids::new_id())
+}
+
+/// What became of a commit whose answer was lost with the connection.
+enum Outcome {
+    Committed,
+    RolledBack,
+    /// PostgreSQL could not be asked (why) within [`OUTCOME_DEADLINE`].
+    Unknown(String),
+}
+
+/// How long the writer tries to find out what became of a commit whose connection broke
+/// (every other write waits meanwhile, as it would for the database anyway).
+const OUTCOME_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Asks again and again, on a new connection each time the last one failed, until `ask`
+/// has an answer or [`OUTCOME_DEADLINE`] passes.
+async fn find_out<F>(ctx: &mut WriterCtx, mut ask: F) -> Outcome
+where
+    F: for<'c> FnMut(&'c mut WriterCtx) -> BoxFuture<'c, Result<Option<Outcome>, String>>,
+{
+    let deadline = tokio::time::Instant::now() + OUTCOME_DEADLINE;
+    let mut pause = Duration::from_millis(10);
+    reconnect(ctx).await;
+    loop {
+        let why = match ask(ctx).await {
+            Ok(Some(outcome)) => return outcome,
+            Ok(None) => "the transaction is still in progress".to_owned(),
+            Err(e) => {
+                reconnect(ctx).await;
+                e
+            }
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            return Outcome::Unknown(why);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Finds out whether the current transaction, whose COMMIT failed, committed all the same
+/// (its answer lost with the connection), from PostgreSQL's record of transactions. While
+/// the old backend still holds it open, waiting for a COMMIT that may yet arrive, that
+/// backend is ended, which settles it.
+async fn transaction_outcome(ctx: &mut WriterCtx) -> Outcome {
+    let (xid, old_pid) = (ctx.xid, ctx.pid);
+    find_out(ctx, move |ctx| {
+        Box::pin(async move {
+            let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
+                .bind(xid)
+                .fetch_one(&mut ctx.conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            match status.as_deref() {
+                Some("committed") => Ok(Some(Outcome::Committed)),
+                Some("aborted") => Ok(Some(Outcome::RolledBack)),
+                Some(_) => {
+                    // Only that backend, and only while it runs that transaction: its pid
+                    // may have been given to another by now.
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE pid = $1 AND backend_xid::text = $2",
+                    )
+                    .bind(old_pid)
+                    .bind((xid & 0xffff_ffff).to_string())
+                    .execute(&mut ctx.conn)
+                    .await
+                    .map_err(|e| format!("ending the old backend: {e}"))?;
+                    Ok(None)
+                }
+                None => Ok(Some(Outcome::Unknown(format!(
+                    "PostgreSQL no longer knows transaction {xid}"
+                )))),
+            }
+        })
+    })
+    .await
+}
+
+/// Finds out whether a single-statement batch whose answer was lost with the connection was
+/// applied. Its statement moves the head only while the head row names this writer, so the
+/// writer takes a new name first; then, holding the head row (the statement, if it is still
+/// running, finishes first), it looks for the batch's first row, and if that is not there,
+/// writes the new name into the head row: the statement, should it still arrive, matches
+/// nothing.
+async fn statement_outcome(ctx: &mut WriterCtx, first_id: &str) -> Outcome {
+    ctx.instance = instance_name();
+    let first_id = first_id.to_owned();
+    find_out(ctx, move |ctx| {
+        let first_id = first_id.clone();
+        Box::pin(async move {
+            let found = fence(ctx, &first_id).await;
+            if found.is_err() {
+                let _ = ctx.exec("ROLLBACK").await;
+            }
+            found
+                .map(|found| {
+                    Some(if found {
+                        Outcome::Committed
+                    } else {
+                        Outcome::RolledBack
+                    })
+                })
+                .map_err(|e| e.to_string())
+        })
+    })
+    .await
+}
+
+/// See [`statement_outcome`]: whether the message `first_id` is there; if not, the head row
+/// now names this writer by its new name.
+async fn fence(ctx: &mut WriterCtx, first_id: &str) -> Result<bool, sqlx::Error> {
+    ctx.exec("BEGIN").await?;
+    sqlx::query("SELECT seq FROM feed_head FOR UPDATE")
+        .execute(&mut ctx.conn)
+        .await?;
+    let found: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM messages WHERE id = $1)")
+        .bind(first_id)
+        .fetch_one(&mut ctx.conn)
+        .await?;
+    if !found {
+        sqlx::query("UPDATE feed_head SET writer = $1")
+            .bind(&ctx.instance)
+            .execute(&mut ctx.conn)
+            .await?;
+    }
+    ctx.exec("COMMIT").await?;
+    Ok(found)
 }
 
 /// Reloads the open chats that other instances' writes since `ctx.committed` touched (all
@@ -426,8 +592,16 @@ async fn catch_up(ctx: &mut WriterCtx, head: i64) -> StoreResult<()> {
     Ok(())
 }
 
+/// Why [`commit`] failed.
+enum CommitError {
+    /// Before COMMIT was sent: the transaction cannot commit.
+    Before(sqlx::Error),
+    /// COMMIT was sent and failed: it may have committed all the same.
+    During(sqlx::Error),
+}
+
 /// Ends a write transaction: records the new head and this writer as its author, commits.
-async fn commit(ctx: &mut WriterCtx) -> Result<i64, sqlx::Error> {
+async fn commit(ctx: &mut WriterCtx) -> Result<i64, CommitError> {
     let head = ctx.core.next_seq - 1;
     let notify = if head > ctx.committed {
         format!(", n AS (SELECT pg_notify('{FEED_CHANNEL}', $1::text)) SELECT 1 FROM n")
@@ -440,8 +614,9 @@ async fn commit(ctx: &mut WriterCtx) -> Result<i64, sqlx::Error> {
     .bind(head)
     .bind(&ctx.instance)
     .execute(&mut ctx.conn)
-    .await?;
-    ctx.exec("COMMIT").await?;
+    .await
+    .map_err(CommitError::Before)?;
+    ctx.exec("COMMIT").await.map_err(CommitError::During)?;
     Ok(head)
 }
 
@@ -477,14 +652,25 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 r
             })
             .collect();
-        match insert_rows_at_head(ctx, &rows).await {
+        let applied = match insert_rows_at_head(ctx, &rows).await {
+            Ok(applied) => Ok(applied),
+            Err(e) => {
+                tracing::warn!(error = %e, "a single-statement commit failed; looking up whether it was applied");
+                match statement_outcome(ctx, &rows[0].id).await {
+                    Outcome::Committed => Ok(true),
+                    Outcome::RolledBack => Err(CommitFailure::RolledBack(e.to_string())),
+                    Outcome::Unknown(why) => Err(CommitFailure::Unknown(format!("{e}; {why}"))),
+                }
+            }
+        };
+        match applied {
             Ok(true) => {
                 for row in &rows {
                     if let Some(chat) = ctx.core.open_chats.get_mut(&row.conversation_id) {
                         chat.note(row);
                     }
                 }
-                let after = ctx.committed;
+                let after = first - 1;
                 ctx.committed = first + rows.len() as i64 - 1;
                 tracing::debug!(
                     size,
@@ -502,9 +688,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             }
             // Another instance wrote since: take the general path, which catches up.
             Ok(false) => {}
-            Err(e) => {
-                reconnect(ctx).await;
-                fail_fast_path(batch, &e);
+            Err(failure) => {
+                fail_fast_path(batch, &failure);
                 return;
             }
         }
@@ -542,8 +727,19 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     }
     let before_commit = started.elapsed();
     let commit = match ctx.core.may_commit() {
-        Ok(()) => commit(ctx).await.map_err(|e| e.to_string()),
-        Err(why) => Err(why),
+        Ok(()) => match commit(ctx).await {
+            Ok(head) => Ok(head),
+            Err(CommitError::Before(e)) => Err(CommitFailure::RolledBack(e.to_string())),
+            Err(CommitError::During(e)) => {
+                tracing::warn!(error = %e, "COMMIT failed; looking up whether it was applied");
+                match transaction_outcome(ctx).await {
+                    Outcome::Committed => Ok(ctx.core.next_seq - 1),
+                    Outcome::RolledBack => Err(CommitFailure::RolledBack(e.to_string())),
+                    Outcome::Unknown(why) => Err(CommitFailure::Unknown(format!("{e}; {why}"))),
+                }
+            }
+        },
+        Err(why) => Err(CommitFailure::RolledBack(why)),
     };
     tracing::debug!(
         size,
@@ -559,24 +755,24 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             ctx.publish(after, head);
             None
         }
-        Err(e) => {
-            tracing::error!(error = %e, "commit failed; the batch is rolled back");
+        Err(failure) => {
+            tracing::error!(?failure, "commit failed; the batch is rolled back");
             if ctx.exec("ROLLBACK").await.is_err() {
                 reconnect(ctx).await;
             }
             // The chats in memory may be ahead of the database now: reload them all.
             ctx.committed = -1;
             ctx.core.rolled_back();
-            Some(e)
+            Some(failure)
         }
     };
     for o in owed {
         match o {
-            Owed::Job(answer) => answer(commit_error.as_deref()),
+            Owed::Job(answer) => answer(commit_error.as_ref()),
             Owed::Insert(reply, result) => {
                 let _ = reply.send(match &commit_error {
                     None => result,
-                    Some(e) => Err(StoreError::Commit(e.clone())),
+                    Some(f) => Err(f.error()),
                 });
             }
         }
@@ -592,13 +788,12 @@ fn answer_fast_path(batch: &mut Vec<Pending>, rows: Vec<Arc<MessageRow>>) {
     }
 }
 
-/// Answers the callers of a single-statement batch that failed: nothing was written.
-fn fail_fast_path(batch: &mut Vec<Pending>, e: &StoreError) {
-    tracing::error!(error = %e, rows = batch.len(), "inserting messages failed");
-    let e = e.to_string();
+/// Answers the callers of a single-statement batch that failed (or may have).
+fn fail_fast_path(batch: &mut Vec<Pending>, failure: &CommitFailure) {
+    tracing::error!(?failure, rows = batch.len(), "inserting messages failed");
     for pending in batch.drain(..) {
         if let Pending::Insert(job) = pending {
-            let _ = job.reply.send(Err(StoreError::Commit(e.clone())));
+            let _ = job.reply.send(Err(failure.error()));
         }
     }
 }

@@ -26,7 +26,9 @@ use super::cache::{email_key, AgentCache, MessageCache};
 use super::inline_reads::{message_at, message_from_row, InlineReads};
 use super::reads::ReadConnections;
 use super::shared::*;
-use super::writer::{self, Answer, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK};
+use super::writer::{
+    self, Answer, CommitFailure, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK,
+};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -441,16 +443,16 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = ctx.exec("ROLLBACK").await;
             ctx.core.rolled_back();
-            Some(e)
+            Some(CommitFailure::RolledBack(e))
         }
     };
     for o in owed {
         match o {
-            Owed::Job(answer) => answer(commit_error.as_deref()),
+            Owed::Job(answer) => answer(commit_error.as_ref()),
             Owed::Insert(reply, result) => {
                 let _ = reply.send(match &commit_error {
                     None => result,
-                    Some(e) => Err(StoreError::Commit(e.clone())),
+                    Some(f) => Err(f.error()),
                 });
             }
         }

@@ -42,8 +42,27 @@ pub(super) struct JobDone {
     pub(super) answer: Answer,
 }
 
-/// Answers a job's caller, given the commit error if the commit failed.
-pub(super) type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+/// Answers a job's caller, given why the commit failed if it did.
+pub(super) type Answer = Box<dyn FnOnce(Option<&CommitFailure>) + Send>;
+
+/// Why a batch's transaction did not take effect, or may not have.
+#[derive(Debug, Clone)]
+pub(super) enum CommitFailure {
+    /// It was rolled back: nothing of it was written.
+    RolledBack(String),
+    /// The connection broke while it committed, and whether it did could not be found out.
+    Unknown(String),
+}
+
+impl CommitFailure {
+    /// The error its callers get.
+    pub(super) fn error(&self) -> StoreError {
+        match self {
+            Self::RolledBack(e) => StoreError::Commit(e.clone()),
+            Self::Unknown(e) => StoreError::CommitUnknown(e.clone()),
+        }
+    }
+}
 
 /// Work for the writer `W`, run inside its next transaction.
 pub(super) type Job<W> = Box<dyn for<'c> FnOnce(&'c mut W) -> BoxFuture<'c, JobDone> + Send>;
@@ -62,10 +81,10 @@ where
             let result = f(ctx).await;
             JobDone {
                 ok: result.is_ok(),
-                answer: Box::new(move |commit_error| {
-                    let _ = tx.send(match commit_error {
+                answer: Box::new(move |failure| {
+                    let _ = tx.send(match failure {
                         None => result,
-                        Some(e) => Err(StoreError::Commit(e.to_owned())),
+                        Some(f) => Err(f.error()),
                     });
                 }),
             }

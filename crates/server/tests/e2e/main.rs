@@ -6,6 +6,7 @@ mod harness;
 
 mod auth;
 mod cluster;
+mod commit_outcome;
 mod errors;
 mod idempotency;
 mod listing;
