@@ -292,6 +292,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    #[cfg(unix)]
+    raise_open_files_limit();
     // Held until the store is closed, at the end of this function.
     let _lock = switchboard_server::ServeLock::acquire(db)?;
     let domain = switchboard_server::open(
@@ -321,6 +323,37 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
         .await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one. Every connection and WebSocket holds
+/// a descriptor, and the usual soft default of 1,024 (systemd's, for one) would turn
+/// visitors away long before the machine runs short of anything.
+#[cfg(unix)]
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited: nothing to raise.
+    let Some(current) = limit.current else {
+        return;
+    };
+    // Without a hard limit the kernel still has one (Linux's fs.nr_open: 1,048,576 unless
+    // changed).
+    let target = limit.maximum.unwrap_or(1 << 20);
+    if target <= current {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(target),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(from = current, to = target, "raised the open-files limit"),
+        Err(e) => tracing::warn!(
+            limit = current,
+            error = %e,
+            "could not raise the open-files limit; connections beyond it will wait"
+        ),
+    }
 }
 
 async fn shutdown_signal() {

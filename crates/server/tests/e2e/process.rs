@@ -1162,3 +1162,52 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     assert_eq!(health.status(), 200);
     sigterm_and_wait(&mut child).await;
 }
+
+/// `serve` raises its soft open-files limit to the hard one, so that a soft limit far below
+/// (systemd's default is 1,024) does not cap the connections it can hold.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_open_files_limit_is_raised_to_the_hard_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CONNECTIONS: usize = 200;
+    let storage = TestDb::new().await;
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=64:4096")
+        .arg(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&storage.path)
+        .env("RUST_LOG", "warn")
+        .env("SWITCHBOARD_API_KEY", "k")
+        .stderr(Stdio::inherit());
+    let (mut child, url, _) = start(cmd).await;
+    let pid = child.id().expect("pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the open-files line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[3..5], ["4096", "4096"], "{limits}");
+    // More connections than the soft limit the server was started with, all open at once,
+    // and every one answered.
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("send");
+        held.push(c);
+    }
+    for c in &mut held {
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut head))
+            .await
+            .expect("answered within 5 s while all connections are open")
+            .expect("read");
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+    drop(held);
+    sigterm_and_wait(&mut child).await;
+}
