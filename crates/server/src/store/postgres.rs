@@ -29,7 +29,7 @@ use sqlx::{ConnectOptions, Connection, Executor, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{email_key, AgentCache};
-use super::reads::ReadConnections;
+use super::reads::{connection_lost, ReadConnections};
 use super::shared::*;
 use super::writer::{
     self, Answer, CommitFailure, InsertJob, Writer, WriterCore, WriterMap, INSERT_CHUNK,
@@ -372,20 +372,26 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
 /// every other instance's, and brings the open chats up to date if another instance wrote
 /// since this writer's last commit.
 async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
-    if let Err(e) = ctx.exec("BEGIN").await {
-        reconnect(ctx).await;
-        return Err(e.into());
-    }
-    // The transaction id is assigned here rather than at its first write, to be known.
-    let locked: Result<(i64, String, i64), sqlx::Error> =
-        sqlx::query_as("SELECT seq, writer, txid_current() FROM feed_head FOR UPDATE")
-            .fetch_one(&mut ctx.conn)
-            .await;
-    let (head, writer, xid) = match locked {
-        Ok(row) => row,
-        Err(e) => {
-            let _ = ctx.exec("ROLLBACK").await;
-            return Err(e.into());
+    let mut again = true;
+    let (head, writer, xid) = loop {
+        match lock_head(ctx).await {
+            Ok(row) => break row,
+            // A connection PostgreSQL ended while it was idle (a restart, a failover, an
+            // idle timeout) is found out here, and nothing of the batch has run: connect
+            // again and start over, once.
+            Err(e) if again && connection_lost(&e) => {
+                tracing::info!(error = %e, "the writer's connection was ended; connecting again");
+                again = false;
+                reconnect(ctx).await;
+            }
+            Err(e) => {
+                if connection_lost(&e) {
+                    reconnect(ctx).await;
+                } else {
+                    let _ = ctx.exec("ROLLBACK").await;
+                }
+                return Err(e.into());
+            }
         }
     };
     if head != ctx.committed || writer != ctx.instance {
@@ -398,6 +404,15 @@ async fn begin(ctx: &mut WriterCtx) -> StoreResult<()> {
     ctx.locked = head;
     ctx.xid = xid;
     Ok(())
+}
+
+/// Starts a transaction and locks the head row: the head, the writer that moved it last and
+/// this transaction's id (assigned here rather than at its first write, to be known).
+async fn lock_head(ctx: &mut WriterCtx) -> Result<(i64, String, i64), sqlx::Error> {
+    ctx.exec("BEGIN").await?;
+    sqlx::query_as("SELECT seq, writer, txid_current() FROM feed_head FOR UPDATE")
+        .fetch_one(&mut ctx.conn)
+        .await
 }
 
 /// Replaces the writer's connection after a failure that may have broken it (the failed
@@ -658,7 +673,9 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 tracing::warn!(error = %e, "a single-statement commit failed; looking up whether it was applied");
                 match statement_outcome(ctx, &rows[0].id).await {
                     Outcome::Committed => Ok(true),
-                    Outcome::RolledBack => Err(CommitFailure::RolledBack(e.to_string())),
+                    // Nothing written, and the statement can no longer apply: the general
+                    // path writes the batch on the new connection.
+                    Outcome::RolledBack => Ok(false),
                     Outcome::Unknown(why) => Err(CommitFailure::Unknown(format!("{e}; {why}"))),
                 }
             }
@@ -686,7 +703,8 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 answer_fast_path(batch, rows);
                 return;
             }
-            // Another instance wrote since: take the general path, which catches up.
+            // Another instance wrote since (or the statement was not applied): take the
+            // general path, which catches up.
             Ok(false) => {}
             Err(failure) => {
                 fail_fast_path(batch, &failure);
@@ -2195,7 +2213,6 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::reads::connection_lost;
     use crate::store::test_rows::{failing_jobs_in_one_batch, message, waiting_job, BusyWriter};
 
     /// `SELECT count(*)`-style queries on `pool`, answered as one number.

@@ -1,7 +1,9 @@
 //! A PostgreSQL connection that breaks while a commit is under way: the server finds out
 //! whether the commit happened before it answers. A commit that happened is answered as a
-//! success (a retryable 503 would make an SDK's retry write the message twice), one that did
-//! not is answered 503 and can never happen afterwards.
+//! success (a retryable 503 would make an SDK's retry write the message twice); one that did
+//! not can never happen afterwards, and is written again on a new connection where nothing
+//! of it had run (a single statement), or else answered 503. A connection PostgreSQL ended
+//! while it was idle costs no write at all.
 //!
 //! The server reaches PostgreSQL through a TCP proxy in the test, which watches what the
 //! server sends and, at the chosen moment on the writer's connection, either lets a request
@@ -354,7 +356,8 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     );
     acknowledged.push(id);
 
-    // 3. Single statement held back: refused, and still refused once it arrives late.
+    // 3. Single statement held back: not applied, so the writer writes the batch again on
+    // its new connection; the held copy, delivered late, must not add a second one.
     acknowledged.push(post("warm again").await);
     let fired = proxy.arm("fast held", None, Mode::Hold);
     let answer = post_later(&s, message(&agent, visitor, "fast held"), None);
@@ -364,13 +367,15 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
         .expect("fired");
     conn.cut();
     let (status, body) = answer.await.expect("POST task");
-    assert_eq!(status, 503, "nothing was applied: {body}");
+    assert_eq!(status, 200, "written on the new connection: {body}");
+    let id = body["id"].as_str().expect("id").to_owned();
     conn.deliver().await;
     assert_eq!(
         ids_with_text(&db, "fast held").await,
-        Vec::<String>::new(),
-        "a statement arriving after its 503 must not apply"
+        std::slice::from_ref(&id),
+        "the late statement must not apply"
     );
+    acknowledged.push(id);
 
     // 4. Transaction whose COMMIT is held back: refused, and a late COMMIT applies nothing.
     let fired = proxy.arm("general held", Some("COMMIT"), Mode::Hold);
@@ -410,5 +415,74 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     assert_eq!(listed, acknowledged);
     s.stop().await;
     drop(proxy);
+    drop(db);
+}
+
+/// Ends this database's switchboard connections and waits until they are gone.
+async fn end_connections(db: &crate::db::PgDatabase) -> usize {
+    let mut conn = sqlx::PgConnection::connect(&db.url)
+        .await
+        .expect("connect to the test database");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'switchboard'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("end the connections");
+    let _ = conn.close().await;
+    assert!(
+        ended.iter().all(|e| *e),
+        "every connection ended: {ended:?}"
+    );
+    ended.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_after_postgresql_ends_the_idle_connections() {
+    let Some((db, _)) = database().await else {
+        eprintln!(
+            "skipping commit_outcome: it runs in the PostgreSQL pass \
+             (SWITCHBOARD_TEST_BACKEND=postgres)"
+        );
+        return;
+    };
+    let s = TestServer::start_on_with(
+        PathBuf::from(&db.url),
+        DomainConfig::default(),
+        Clock::System,
+        ServeOptions::default(),
+    )
+    .await;
+    let agent = s.agent("Julia", None, None, &[]).await;
+    let visitor = "visitor-idle-connections";
+    s.post(
+        "/v3/conversations/messages",
+        message(&agent, visitor, "first"),
+    )
+    .await
+    .ok();
+    // A plain message takes the single-statement path, one with a key a transaction; a
+    // restart of PostgreSQL (here: its connections ended) is found out by either, and
+    // neither may cost the caller its write.
+    for (text, key) in [
+        ("plain", None),
+        ("with a key", Some("key-idle")),
+        ("plain again", None),
+    ] {
+        assert!(
+            end_connections(&db).await >= 1,
+            "the writer's connection ended"
+        );
+        let (status, body) = post_later(&s, message(&agent, visitor, text), key)
+            .await
+            .expect("POST task");
+        assert_eq!(status, 200, "{text}: {body}");
+        assert_eq!(
+            ids_with_text(&db, text).await,
+            [body["id"].as_str().expect("id").to_owned()]
+        );
+    }
+    s.stop().await;
     drop(db);
 }
