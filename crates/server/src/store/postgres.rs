@@ -110,6 +110,9 @@ struct WriterCtx {
     connect_timeout: Duration,
     /// The backend process serving `conn`.
     pid: i32,
+    /// How many times the writer connected again (a batch tells by it whether it lost its
+    /// connection).
+    reconnects: u64,
     /// The id of the current transaction (from `begin`), to ask PostgreSQL whether it
     /// committed when the connection breaks during its COMMIT.
     xid: i64,
@@ -267,6 +270,7 @@ impl PostgresStore {
                         instance: writer_instance,
                         connect_timeout,
                         pid,
+                        reconnects: 0,
                         xid: 0,
                         // Nothing matches: the first transaction loads the open chats.
                         committed: -1,
@@ -423,6 +427,7 @@ async fn reconnect(ctx: &mut WriterCtx) {
         Ok((conn, pid)) => {
             let old = std::mem::replace(&mut ctx.conn, conn);
             ctx.pid = pid;
+            ctx.reconnects += 1;
             // Ends the old backend too if it still listens (and so any transaction it holds).
             let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(old.close());
             let _ = tokio::time::timeout(ctx.connect_timeout, close).await;
@@ -636,7 +641,15 @@ async fn commit(ctx: &mut WriterCtx) -> Result<i64, CommitError> {
 }
 
 fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
-    Box::pin(run_batch_inner(ctx, batch))
+    Box::pin(async move {
+        if let Some(mut again) = run_batch_inner(ctx, batch, true).await {
+            tracing::info!(
+                size = again.len(),
+                "writing the batch again on the new connection"
+            );
+            run_batch_inner(ctx, &mut again, false).await;
+        }
+    })
 }
 
 /// An answer owed to a caller once the commit outcome is known.
@@ -650,7 +663,21 @@ enum Owed {
     ),
 }
 
-async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
+/// The new messages of a batch, to write them again: those with an idempotency key, then
+/// the others (the order of their answers).
+type Resend = (
+    Vec<(MessageRow, Option<IdempotencyRecord>)>,
+    Vec<MessageRow>,
+);
+
+/// Runs one batch. Returns the batch to run again when it was only new messages and its
+/// connection broke before it committed, and `may_retry` (jobs cannot be run again: running
+/// uses them up).
+async fn run_batch_inner(
+    ctx: &mut WriterCtx,
+    batch: &mut Vec<Pending>,
+    may_retry: bool,
+) -> Option<Vec<Pending>> {
     let started = std::time::Instant::now();
     ctx.core.wanted.clear();
     let size = batch.len();
@@ -701,14 +728,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
                 let head = ctx.committed;
                 ctx.publish(after, head);
                 answer_fast_path(batch, rows);
-                return;
+                return None;
             }
             // Another instance wrote since (or the statement was not applied): take the
             // general path, which catches up.
             Ok(false) => {}
             Err(failure) => {
                 fail_fast_path(batch, &failure);
-                return;
+                return None;
             }
         }
     }
@@ -717,11 +744,23 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
         ctx.committed = -1;
         // Dropping the jobs answers their callers with an error; nothing was written.
         batch.clear();
-        return;
+        return None;
     }
+    let connection = ctx.reconnects;
+    // The messages of a batch of new messages only, in the order of their answers in
+    // `owed` (keyed ones first, then plain ones), to write them again if need be.
+    let mut again: Option<Resend> = (may_retry
+        && batch.iter().all(|p| matches!(p, Pending::Insert(_))))
+    .then(|| (Vec::new(), Vec::new()));
     let mut owed: Vec<Owed> = Vec::with_capacity(batch.len());
     let mut plain: Vec<InsertJob> = Vec::new();
     for pending in batch.drain(..) {
+        if let (Some((keyed, plain)), Pending::Insert(job)) = (again.as_mut(), &pending) {
+            match &job.idem {
+                Some(_) => keyed.push((job.row.clone(), job.idem.clone())),
+                None => plain.push(job.row.clone()),
+            }
+        }
         match pending {
             Pending::Job(job) => {
                 // One failing job must not leave half its writes behind, nor undo the others'.
@@ -784,6 +823,24 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             Some(failure)
         }
     };
+    // Nothing of it was written, and the connection it was on is gone (so the failure was
+    // most likely the connection's, not the batch's): write it again on the new one.
+    if let (Some((keyed, plain)), Some(CommitFailure::RolledBack(_))) = (again, &commit_error) {
+        if ctx.reconnects != connection {
+            let rows = keyed
+                .into_iter()
+                .chain(plain.into_iter().map(|row| (row, None)));
+            let retry: Vec<Pending> = owed
+                .into_iter()
+                .zip(rows)
+                .filter_map(|(o, (row, idem))| match o {
+                    Owed::Insert(reply, _) => Some(Pending::Insert(InsertJob { row, idem, reply })),
+                    Owed::Job(_) => None,
+                })
+                .collect();
+            return Some(retry);
+        }
+    }
     for o in owed {
         match o {
             Owed::Job(answer) => answer(commit_error.as_ref()),
@@ -795,6 +852,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             }
         }
     }
+    None
 }
 
 /// Answers the callers of a committed single-statement batch, each with its row.

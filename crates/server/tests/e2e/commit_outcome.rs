@@ -1,9 +1,9 @@
 //! A PostgreSQL connection that breaks while a commit is under way: the server finds out
 //! whether the commit happened before it answers. A commit that happened is answered as a
 //! success (a retryable 503 would make an SDK's retry write the message twice); one that did
-//! not can never happen afterwards, and is written again on a new connection where nothing
-//! of it had run (a single statement), or else answered 503. A connection PostgreSQL ended
-//! while it was idle costs no write at all.
+//! not can never happen afterwards, and a batch of new messages is then written again on a
+//! new connection (other writes get a 503). A connection PostgreSQL ended while it was idle
+//! costs no write at all.
 //!
 //! The server reaches PostgreSQL through a TCP proxy in the test, which watches what the
 //! server sends and, at the chosen moment on the writer's connection, either lets a request
@@ -377,7 +377,9 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     );
     acknowledged.push(id);
 
-    // 4. Transaction whose COMMIT is held back: refused, and a late COMMIT applies nothing.
+    // 4. Transaction whose COMMIT is held back: the writer ends the backend that holds the
+    // transaction open, learns that it did not commit, and writes the message again on its
+    // new connection; the late COMMIT applies nothing.
     let fired = proxy.arm("general held", Some("COMMIT"), Mode::Hold);
     let answer = post_later(
         &s,
@@ -390,13 +392,37 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
         .expect("fired");
     conn.cut();
     let (status, body) = answer.await.expect("POST task");
-    assert_eq!(status, 503, "nothing was applied: {body}");
+    assert_eq!(status, 200, "written on the new connection: {body}");
+    let id = body["id"].as_str().expect("id").to_owned();
     conn.deliver().await;
     assert_eq!(
         ids_with_text(&db, "general held").await,
-        Vec::<String>::new(),
-        "a COMMIT arriving after its 503 must not apply"
+        std::slice::from_ref(&id),
+        "a COMMIT arriving late must not apply"
     );
+    acknowledged.push(id);
+
+    // 5. The connection breaks in the middle of a transaction: nothing of it committed,
+    // and the batch is written again on the new connection.
+    let fired = proxy.arm("general broken", None, Mode::Swallow);
+    let answer = post_later(
+        &s,
+        message(&agent, visitor, "general broken"),
+        Some("key-general-broken"),
+    );
+    let mut conn = tokio::time::timeout(WAIT, fired)
+        .await
+        .expect("the writer sent the message within the wait")
+        .expect("fired");
+    conn.cut();
+    let (status, body) = answer.await.expect("POST task");
+    assert_eq!(status, 200, "written on the new connection: {body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        ids_with_text(&db, "general broken").await,
+        std::slice::from_ref(&id)
+    );
+    acknowledged.push(id);
 
     // The writer goes on, and the visitor's conversation holds exactly what was
     // acknowledged, in order.
