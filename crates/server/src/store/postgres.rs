@@ -108,8 +108,8 @@ struct WriterCtx {
     instance: String,
     /// How long connecting again may take.
     connect_timeout: Duration,
-    /// The backend process serving `conn`.
-    pid: i32,
+    /// The backend serving `conn`.
+    backend: Backend,
     /// How many times the writer connected again (a batch tells by it whether it lost its
     /// connection).
     reconnects: u64,
@@ -254,22 +254,23 @@ impl PostgresStore {
             .name("switchboard-writer".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let (conn, pid) = match connect_writer(&writer_connect, connect_timeout).await {
-                        Ok(c) => {
-                            let _ = ready_tx.send(Ok(()));
-                            c
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                    let (conn, backend) =
+                        match connect_writer(&writer_connect, connect_timeout).await {
+                            Ok(c) => {
+                                let _ = ready_tx.send(Ok(()));
+                                c
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
                     let ctx = WriterCtx {
                         conn,
                         connect: writer_connect,
                         instance: writer_instance,
                         connect_timeout,
-                        pid,
+                        backend,
                         reconnects: 0,
                         xid: 0,
                         // Nothing matches: the first transaction loads the open chats.
@@ -424,32 +425,58 @@ async fn lock_head(ctx: &mut WriterCtx) -> Result<(i64, String, i64), sqlx::Erro
 async fn reconnect(ctx: &mut WriterCtx) {
     ctx.committed = -1;
     match connect_writer(&ctx.connect, ctx.connect_timeout).await {
-        Ok((conn, pid)) => {
+        Ok((conn, backend)) => {
             let old = std::mem::replace(&mut ctx.conn, conn);
-            ctx.pid = pid;
+            let old_backend = std::mem::replace(&mut ctx.backend, backend);
             ctx.reconnects += 1;
-            // Ends the old backend too if it still listens (and so any transaction it holds).
+            // Ends the old backend if it still listens (and so any transaction it holds).
             let close: BoxFuture<'_, Result<(), sqlx::Error>> = Box::pin(old.close());
             let _ = tokio::time::timeout(ctx.connect_timeout, close).await;
+            // It may not hear (a connection broken on the way): a transaction it holds open
+            // would keep the head row locked, every instance's writes waiting behind it.
+            if let Err(e) = end_backend(ctx, &old_backend).await {
+                tracing::warn!(error = %e, pid = old_backend.pid, "could not end the writer's old backend");
+            }
             tracing::info!("the writer reconnected to PostgreSQL");
         }
         Err(e) => tracing::error!(error = %e, "the writer cannot reconnect to PostgreSQL"),
     }
 }
 
-/// Opens the writer's connection; returns it with its backend's process id.
+/// A backend process, told apart from a later one given the same pid by its start time.
+struct Backend {
+    pid: i32,
+    started: String,
+}
+
+/// Opens the writer's connection; returns it with its backend.
 async fn connect_writer(
     options: &PgConnectOptions,
     limit: Duration,
-) -> Result<(PgConnection, i32), sqlx::Error> {
+) -> Result<(PgConnection, Backend), sqlx::Error> {
     let connected = tokio::time::timeout(limit, async {
         let mut conn = options.connect().await?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?;
-        Ok((conn, pid))
+        let (pid, started): (i32, String) = sqlx::query_as(
+            "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        Ok((conn, Backend { pid, started }))
     });
     connected.await.map_err(|_| sqlx::Error::PoolTimedOut)?
+}
+
+/// Ends `backend` if it still runs, through the writer's connection.
+async fn end_backend(ctx: &mut WriterCtx, backend: &Backend) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid = $1 AND backend_start::text = $2",
+    )
+    .bind(backend.pid)
+    .bind(&backend.started)
+    .execute(&mut ctx.conn)
+    .await
+    .map(|_| ())
 }
 
 /// A new name for a writer in `feed_head.writer`.
@@ -496,11 +523,11 @@ where
 }
 
 /// Finds out whether the current transaction, whose COMMIT failed, committed all the same
-/// (its answer lost with the connection), from PostgreSQL's record of transactions. While
-/// the old backend still holds it open, waiting for a COMMIT that may yet arrive, that
-/// backend is ended, which settles it.
+/// (its answer lost with the connection), from PostgreSQL's record of transactions. The old
+/// backend, which may still hold it open waiting for a COMMIT yet to arrive, is ended when
+/// the writer connects again, which settles it.
 async fn transaction_outcome(ctx: &mut WriterCtx) -> Outcome {
-    let (xid, old_pid) = (ctx.xid, ctx.pid);
+    let xid = ctx.xid;
     find_out(ctx, move |ctx| {
         Box::pin(async move {
             let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
@@ -511,20 +538,8 @@ async fn transaction_outcome(ctx: &mut WriterCtx) -> Outcome {
             match status.as_deref() {
                 Some("committed") => Ok(Some(Outcome::Committed)),
                 Some("aborted") => Ok(Some(Outcome::RolledBack)),
-                Some(_) => {
-                    // Only that backend, and only while it runs that transaction: its pid
-                    // may have been given to another by now.
-                    sqlx::query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE pid = $1 AND backend_xid::text = $2",
-                    )
-                    .bind(old_pid)
-                    .bind((xid & 0xffff_ffff).to_string())
-                    .execute(&mut ctx.conn)
-                    .await
-                    .map_err(|e| format!("ending the old backend: {e}"))?;
-                    Ok(None)
-                }
+                // Its backend, ended, has yet to finish with it.
+                Some(_) => Ok(None),
                 None => Ok(Some(Outcome::Unknown(format!(
                     "PostgreSQL no longer knows transaction {xid}"
                 )))),

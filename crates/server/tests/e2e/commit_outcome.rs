@@ -59,8 +59,8 @@ impl Fired {
         let _ = self.cut.take().expect("cut once").send(());
     }
 
-    /// Sends the held request to the database and returns once it has answered (or closed
-    /// the connection).
+    /// Sends the held request, if any, to the database and returns once it has answered (or
+    /// closed the connection).
     async fn deliver(&mut self) {
         let (tx, rx) = oneshot::channel();
         let _ = self.deliver.take().expect("deliver once").send(tx);
@@ -187,18 +187,71 @@ async fn pump(mut client: TcpStream, mut server: TcpStream, arm: Arc<Mutex<Optio
         }
     }
     drop(client);
-    let (Some(request), Some(deliver)) = (held, deliver) else {
+    // Until the test delivers (or drops its end): the database's side stays open meanwhile.
+    let Some(deliver) = deliver else {
         return;
     };
     let Ok(done) = deliver.await else {
         return;
     };
-    // The database may have closed this connection meanwhile (a terminated backend): then
-    // the write or the read fails, and that is its answer.
-    if server.write_all(&request).await.is_ok() {
-        let _ = server.read(&mut sbuf).await;
+    if let Some(request) = held {
+        // The database may have closed this connection meanwhile (a terminated backend):
+        // then the write or the read fails, and that is its answer.
+        if server.write_all(&request).await.is_ok() {
+            let _ = server.read(&mut sbuf).await;
+        }
     }
     let _ = done.send(());
+}
+
+impl Proxy {
+    /// Arms the trigger on `needle` (and `then`), POSTs `body` with `key`, and returns once
+    /// the trigger fired: its connection, and the POST's answer to come.
+    async fn post_until_fired(
+        &self,
+        s: &TestServer,
+        body: Value,
+        needle: &str,
+        key: Option<&str>,
+        then: Option<&str>,
+        mode: Mode,
+    ) -> (Fired, tokio::task::JoinHandle<(u16, Value)>) {
+        let fired = self.arm(needle, then, mode);
+        let answer = post_later(s, body, key);
+        let conn = tokio::time::timeout(WAIT, fired)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the writer sent {needle:?} (then {then:?}) within the wait")
+            })
+            .expect("fired");
+        (conn, answer)
+    }
+}
+
+/// Cuts the connection a trigger fired on, expects the POST answered 200 all the same
+/// (written again on a new connection), delivers what was held back if anything was, and
+/// checks that the database holds the message once: the acknowledged one, whose id it
+/// returns.
+async fn written_once(
+    db: &crate::db::PgDatabase,
+    text: &str,
+    mut conn: Fired,
+    answer: tokio::task::JoinHandle<(u16, Value)>,
+) -> String {
+    conn.cut();
+    let (status, body) = answer.await.expect("POST task");
+    assert_eq!(
+        status, 200,
+        "{text:?} written on the new connection: {body}"
+    );
+    let id = body["id"].as_str().expect("id").to_owned();
+    conn.deliver().await;
+    assert_eq!(
+        ids_with_text(db, text).await,
+        std::slice::from_ref(&id),
+        "{text:?} stored once: a late copy must not apply"
+    );
+    id
 }
 
 /// The database of the test: its own, dropped at the end, and a direct connection to it.
@@ -313,13 +366,12 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     acknowledged.push(post("first").await);
     acknowledged.push(post("warm").await);
 
+    let fire = |text: &'static str, key: Option<&'static str>, then, mode| {
+        proxy.post_until_fired(&s, message(&agent, visitor, text), text, key, then, mode)
+    };
+
     // 1. Single statement, committed, answer lost.
-    let fired = proxy.arm("fast committed", None, Mode::Swallow);
-    let answer = post_later(&s, message(&agent, visitor, "fast committed"), None);
-    let mut conn = tokio::time::timeout(WAIT, fired)
-        .await
-        .expect("the writer sent the message within the wait")
-        .expect("fired");
+    let (mut conn, answer) = fire("fast committed", None, None, Mode::Swallow).await;
     let id = committed(&db, "fast committed").await;
     conn.cut();
     let (status, body) = answer.await.expect("POST task");
@@ -331,13 +383,8 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     acknowledged.push(id);
 
     // 2. Transaction, COMMIT applied, answer lost; the key replays the message.
-    let fired = proxy.arm("general committed", Some("COMMIT"), Mode::Swallow);
-    let body = message(&agent, visitor, "general committed");
-    let answer = post_later(&s, body.clone(), Some("key-general-committed"));
-    let mut conn = tokio::time::timeout(WAIT, fired)
-        .await
-        .expect("the writer sent COMMIT within the wait")
-        .expect("fired");
+    let key = Some("key-general-committed");
+    let (mut conn, answer) = fire("general committed", key, Some("COMMIT"), Mode::Swallow).await;
     let id = committed(&db, "general committed").await;
     conn.cut();
     let (status, first) = answer.await.expect("POST task");
@@ -346,9 +393,8 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
         (200, Some(id.as_str())),
         "a committed transaction is answered as such: {first}"
     );
-    let (status, again) = post_later(&s, body, Some("key-general-committed"))
-        .await
-        .expect("POST task");
+    let again = message(&agent, visitor, "general committed");
+    let (status, again) = post_later(&s, again, key).await.expect("POST task");
     assert_eq!(
         (status, &again),
         (200, &first),
@@ -359,70 +405,21 @@ async fn a_commit_whose_answer_is_lost_is_found_out_before_answering() {
     // 3. Single statement held back: not applied, so the writer writes the batch again on
     // its new connection; the held copy, delivered late, must not add a second one.
     acknowledged.push(post("warm again").await);
-    let fired = proxy.arm("fast held", None, Mode::Hold);
-    let answer = post_later(&s, message(&agent, visitor, "fast held"), None);
-    let mut conn = tokio::time::timeout(WAIT, fired)
-        .await
-        .expect("the writer sent the message within the wait")
-        .expect("fired");
-    conn.cut();
-    let (status, body) = answer.await.expect("POST task");
-    assert_eq!(status, 200, "written on the new connection: {body}");
-    let id = body["id"].as_str().expect("id").to_owned();
-    conn.deliver().await;
-    assert_eq!(
-        ids_with_text(&db, "fast held").await,
-        std::slice::from_ref(&id),
-        "the late statement must not apply"
-    );
-    acknowledged.push(id);
+    let (conn, answer) = fire("fast held", None, None, Mode::Hold).await;
+    acknowledged.push(written_once(&db, "fast held", conn, answer).await);
 
     // 4. Transaction whose COMMIT is held back: the writer ends the backend that holds the
     // transaction open, learns that it did not commit, and writes the message again on its
     // new connection; the late COMMIT applies nothing.
-    let fired = proxy.arm("general held", Some("COMMIT"), Mode::Hold);
-    let answer = post_later(
-        &s,
-        message(&agent, visitor, "general held"),
-        Some("key-general-held"),
-    );
-    let mut conn = tokio::time::timeout(WAIT, fired)
-        .await
-        .expect("the writer sent COMMIT within the wait")
-        .expect("fired");
-    conn.cut();
-    let (status, body) = answer.await.expect("POST task");
-    assert_eq!(status, 200, "written on the new connection: {body}");
-    let id = body["id"].as_str().expect("id").to_owned();
-    conn.deliver().await;
-    assert_eq!(
-        ids_with_text(&db, "general held").await,
-        std::slice::from_ref(&id),
-        "a COMMIT arriving late must not apply"
-    );
-    acknowledged.push(id);
+    let key = Some("key-general-held");
+    let (conn, answer) = fire("general held", key, Some("COMMIT"), Mode::Hold).await;
+    acknowledged.push(written_once(&db, "general held", conn, answer).await);
 
     // 5. The connection breaks in the middle of a transaction: nothing of it committed,
     // and the batch is written again on the new connection.
-    let fired = proxy.arm("general broken", None, Mode::Swallow);
-    let answer = post_later(
-        &s,
-        message(&agent, visitor, "general broken"),
-        Some("key-general-broken"),
-    );
-    let mut conn = tokio::time::timeout(WAIT, fired)
-        .await
-        .expect("the writer sent the message within the wait")
-        .expect("fired");
-    conn.cut();
-    let (status, body) = answer.await.expect("POST task");
-    assert_eq!(status, 200, "written on the new connection: {body}");
-    let id = body["id"].as_str().expect("id").to_owned();
-    assert_eq!(
-        ids_with_text(&db, "general broken").await,
-        std::slice::from_ref(&id)
-    );
-    acknowledged.push(id);
+    let key = Some("key-general-broken");
+    let (conn, answer) = fire("general broken", key, None, Mode::Swallow).await;
+    acknowledged.push(written_once(&db, "general broken", conn, answer).await);
 
     // The writer goes on, and the visitor's conversation holds exactly what was
     // acknowledged, in order.
