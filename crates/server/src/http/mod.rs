@@ -190,15 +190,16 @@ impl From<DomainError> for ApiError {
             }
             DomainError::Store(inner @ StoreError::CommitUnknown(_)) => {
                 // The one case where switchboard cannot say whether it wrote: the database
-                // went away mid-commit and stayed away. No status is right; this one says so.
+                // went away mid-commit and stayed away, or the disk failed to flush the
+                // commit and then the next one. No status is right; this one says so.
                 tracing::error!(error = %inner, "storage failure during a commit");
                 return ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     C::BadRequest,
-                    "the database connection broke while this request was being committed, \
-                     and whether the commit happened could not be found out: it may have been \
-                     applied. Check before retrying (a retry with the same Idempotency-Key is \
-                     always safe)",
+                    "the database connection broke or the disk failed while this request was \
+                     being committed, and whether the commit happened could not be found out: \
+                     it may have been applied. Check before retrying (a retry with the same \
+                     Idempotency-Key is always safe)",
                 );
             }
             DomainError::Store(inner) => {

@@ -34,8 +34,9 @@ pub enum StoreError {
     /// The transaction holding this write failed to commit; nothing of it was written.
     #[error("commit failed: {0}")]
     Commit(String),
-    /// The connection to the database broke while this write's transaction committed, and
-    /// whether it was committed could not be found out: it may have been written.
+    /// The connection to the database broke while this write's transaction committed, or
+    /// the disk failed to flush it and then the commit meant to fence it off, and whether
+    /// it was committed could not be found out: it may have been written.
     #[error("the outcome of the commit is unknown: {0}")]
     CommitUnknown(String),
     /// The write was dropped before it ran (the writer could not start a transaction or

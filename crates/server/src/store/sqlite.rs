@@ -359,8 +359,7 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     if let Some(jobs) = ctx.fast_path_rows(batch) {
         // Only new messages for known conversations, none starting a chat: one
         // transaction on the writer's own synchronous connection, and nothing else.
-        let result = insert_rows_now(&ctx.fast, jobs.iter().map(|j| &j.row))
-            .map_err(|e| StoreError::Commit(format!("inserting messages: {e}")));
+        let result = insert_rows_now(&ctx.fast, jobs.iter().map(|j| &j.row));
         tracing::debug!(
             size,
             total_us = started.elapsed().as_micros() as u64,
@@ -379,7 +378,17 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             }
             Err(e) => {
                 ctx.core.events.clear();
-                fail_fast_path(jobs, &e);
+                let flush_failed = is_flush_failure(&e);
+                let e = format!("inserting messages: {e}");
+                tracing::error!(error = %e, rows = jobs.len(), "inserting messages failed");
+                let failure = if flush_failed {
+                    fence_off(&ctx.fast, e)
+                } else {
+                    CommitFailure::RolledBack(e)
+                };
+                for job in jobs {
+                    let _ = job.reply.send(Err(failure.error()));
+                }
             }
         }
         return;
@@ -424,8 +433,14 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     }
     let before_commit = started.elapsed();
     let commit = match ctx.core.may_commit() {
-        Ok(()) => ctx.exec("COMMIT").await.map_err(|e| e.to_string()),
-        Err(why) => Err(why),
+        Ok(()) => ctx.exec("COMMIT").await.map_err(|e| {
+            let flush_failed = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|code| code == FLUSH_FAILED_CODE);
+            (e.to_string(), flush_failed)
+        }),
+        Err(why) => Err((why, false)),
     };
     tracing::debug!(
         size,
@@ -439,11 +454,15 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
             ctx.publish();
             None
         }
-        Err(e) => {
+        Err((e, flush_failed)) => {
             tracing::error!(error = %e, "commit failed; the batch is rolled back");
             let _ = ctx.exec("ROLLBACK").await;
             ctx.core.rolled_back();
-            Some(CommitFailure::RolledBack(e))
+            Some(if flush_failed {
+                fence_off(&ctx.fast, e)
+            } else {
+                CommitFailure::RolledBack(e)
+            })
         }
     };
     for o in owed {
@@ -459,12 +478,46 @@ async fn run_batch_inner(ctx: &mut WriterCtx, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Answers the callers of a batch whose single transaction failed: nothing was written.
-fn fail_fast_path(jobs: Vec<InsertJob>, e: &StoreError) {
-    tracing::error!(error = %e, rows = jobs.len(), "inserting messages failed");
-    let e = e.to_string();
-    for job in jobs {
-        let _ = job.reply.send(Err(StoreError::Commit(e.clone())));
+/// SQLite's extended result code for a failed flush (`SQLITE_IOERR_FSYNC`), as sqlx words it.
+const FLUSH_FAILED_CODE: &str = "1034";
+
+/// Whether a statement failed because flushing the WAL failed: the one failure after which
+/// the transaction's frames, commit frame included, are all in the WAL file.
+fn is_flush_failure(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_IOERR_FSYNC)
+}
+
+/// Settles a commit whose WAL flush failed, so that its callers can be told it did not
+/// happen; returns the failure to answer them with.
+///
+/// SQLite gives up such a commit: the WAL index, and so every reader, never sees its
+/// frames. But the frames are in the WAL file, in the page cache and perhaps on the disk,
+/// and a restart's WAL recovery reads the file: it would find the commit whole and apply
+/// it, after its callers were told it failed and an SDK's retry had written it again. Any
+/// later commit writes its frames from where the failed one's begin, which breaks their
+/// checksum chain, and recovery stops at the first frame that does not chain. So this
+/// commits one at once (page 1 rewritten as it is) and flushes it. If that flush fails
+/// too, the disk is failing and nothing can be promised: the outcome is unknown.
+fn fence_off(conn: &rusqlite::Connection, e: String) -> CommitFailure {
+    let fence = conn
+        .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+        .and_then(|v| conn.pragma_update(None, "user_version", v));
+    match fence {
+        Ok(()) => {
+            tracing::error!(
+                "the disk failed to flush a commit; a commit after it was flushed, so the \
+                 failed one can never be applied and its callers are told it was not"
+            );
+            CommitFailure::RolledBack(e)
+        }
+        Err(fence) => {
+            tracing::error!(
+                error = %fence,
+                "the disk failed to flush a commit, and the commit meant to fence it off failed \
+                 too: a restart may yet apply it; its callers are told the outcome is unknown"
+            );
+            CommitFailure::Unknown(format!("{e}; the disk failed to flush the commit"))
+        }
     }
 }
 

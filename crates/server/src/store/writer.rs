@@ -50,7 +50,8 @@ pub(super) type Answer = Box<dyn FnOnce(Option<&CommitFailure>) + Send>;
 pub(super) enum CommitFailure {
     /// It was rolled back: nothing of it was written.
     RolledBack(String),
-    /// The connection broke while it committed, and whether it did could not be found out.
+    /// The connection broke while it committed (PostgreSQL), or its flush failed and so did
+    /// the commit after it (SQLite), and whether it took effect could not be found out.
     Unknown(String),
 }
 

@@ -8,6 +8,8 @@ mod auth;
 mod cluster;
 mod commit_outcome;
 mod errors;
+#[cfg(target_os = "linux")]
+mod flush_failure;
 mod idempotency;
 mod listing;
 mod messages;
