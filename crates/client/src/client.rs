@@ -24,6 +24,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default connect timeout: 10 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an idle connection is kept for the next call.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The header that makes a POST safe to repeat against switchboard.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
@@ -300,6 +303,10 @@ impl ClientBuilder {
             .connect_timeout(self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
             // The API never redirects; following one could turn a POST into a GET.
             .redirect(reqwest::redirect::Policy::none())
+            // Below switchboard's idle timeout (60 s by default), so that this side, not
+            // the server, ends an idle connection: a request sent just as the server
+            // closes one fails, and a POST cannot be retried safely without a key.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()
             .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
 

@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// connection is closed.
     #[arg(long, env = "SWITCHBOARD_HEADER_TIMEOUT", default_value_t = 10.0)]
     pub header_timeout: f64,
+    /// Seconds a kept-alive connection may stay idle after an answer before it is closed
+    /// (answers say so: `Keep-Alive: timeout=N`). Event streams and WebSockets are exempt.
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT", default_value_t = 60.0)]
+    pub idle_timeout: f64,
     /// Changes a live stream may have waiting before it is closed as too slow.
     #[arg(long, env = "SWITCHBOARD_STREAM_BUFFER", default_value_t = 256)]
     pub stream_buffer: usize,
@@ -157,6 +161,7 @@ impl ServeArgs {
             trust_proxy: self.trust_proxy,
             shutdown_grace: secs(self.shutdown_timeout),
             header_timeout: secs(self.header_timeout).max(Duration::from_millis(100)),
+            idle_timeout: secs(self.idle_timeout).max(Duration::from_millis(100)),
             webhooks: Some(crate::webhooks::DispatcherConfig {
                 timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
                 retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),

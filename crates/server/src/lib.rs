@@ -230,6 +230,9 @@ pub struct ServeOptions {
     /// How long a client has to send a request's headers, from the moment its connection
     /// opens (first request) or the request's first byte arrives (later ones).
     pub header_timeout: Duration,
+    /// How long a kept-alive connection may stay idle, from the end of an answer to the
+    /// first byte of the next request.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -242,6 +245,7 @@ impl Default for ServeOptions {
             trust_proxy: false,
             shutdown_grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -281,7 +285,11 @@ pub async fn serve_with(
         .clone()
         .map(|config| tokio::spawn(webhooks::run(domain.clone(), config, stop_rx_for_hooks)));
     let mut stopping = stop_rx_for_deadline;
-    let serving = http::listen::serve(listener, app, options.header_timeout, async move {
+    let deadlines = http::listen::Deadlines {
+        header: options.header_timeout,
+        idle: options.idle_timeout,
+    };
+    let serving = http::listen::serve(listener, app, deadlines, async move {
         shutdown.await;
         // Live streams never end by themselves: tell them to close so the server can.
         let _ = stop_tx.send(true);

@@ -1,36 +1,58 @@
-//! The accept loop: what `axum::serve` with graceful shutdown does, plus a deadline for a
-//! request's headers.
+//! The accept loop: what `axum::serve` with graceful shutdown does, plus two deadlines per
+//! connection, one for a request's headers and one for a kept-alive connection's idle time.
 //!
-//! `axum::serve` gives hyper no timer, and without one hyper's header read timeout is
-//! inert: a client that opens a connection and sends half a request head (or nothing) keeps
-//! it, and a task, for good; enough of them exhaust the process's file descriptors
-//! (slowloris). hyper starts that deadline when a connection opens (its first request) or
-//! when the first byte of a later request arrives, so idle keep-alive connections are not
-//! affected.
+//! `axum::serve` gives hyper no timer, so a client that opens a connection and sends half a
+//! request head (or nothing) keeps it, and a task, for good; enough of them exhaust the
+//! process's file descriptors (slowloris). hyper's own header read timeout does not fit
+//! either: it starts whenever hyper waits for a request head, so it also closes every idle
+//! keep-alive connection after that time, which a 10 s head deadline makes far too short
+//! for pooled SDK clients (a request sent as the server closes fails, and SDKs do not retry
+//! a POST on that). So the deadlines are kept here, by the connection's I/O ([`Timed`]):
+//! the head deadline runs from the connection's start or from the first byte of a later
+//! request, the idle one from the last byte of an answer.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
+use axum::http::header::{CONNECTION, CONTENT_TYPE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 use tower::{Service, ServiceExt};
+
+/// How long a connection may take over a request head, and stay idle between requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From a connection's start, or from the first byte of a later request, to the end of
+    /// the request's head.
+    pub header: Duration,
+    /// From the end of an answer to the first byte of the next request.
+    pub idle: Duration,
+}
 
 /// Serves `app` on `listener` over HTTP/1.1 (with upgrades, for WebSockets) until
 /// `shutdown` completes; then stops accepting, lets each connection finish the request it
 /// is in, and returns once every connection has closed. Requests carry the peer's address
-/// as [`ConnectInfo<SocketAddr>`](ConnectInfo), and accepted sockets are set to
-/// `TCP_NODELAY`.
+/// as [`ConnectInfo<SocketAddr>`](ConnectInfo), accepted sockets are set to `TCP_NODELAY`,
+/// and answers that leave the connection open say for how long (`Keep-Alive: timeout=N`).
 pub async fn serve<S>(
     listener: TcpListener,
     app: S,
-    header_timeout: Duration,
+    deadlines: Deadlines,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -44,6 +66,8 @@ pub async fn serve<S>(
     });
     // Every connection task holds a receiver; the loop waits for them all to drop.
     let (open_tx, open_rx) = watch::channel(());
+    let keep_alive = HeaderValue::from_str(&format!("timeout={}", deadlines.idle.as_secs()))
+        .expect("digits are a valid header value");
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -61,21 +85,29 @@ pub async fn serve<S>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let io = Timed::new(tcp, deadlines);
+        let (at_request, at_answer) = (io.phase.clone(), io.phase.clone());
+        let keep_alive = keep_alive.clone();
         let service = app
             .clone()
             .map_request(move |req: hyper::Request<Incoming>| {
+                at_request.store(BUSY, Ordering::Relaxed);
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(ConnectInfo(remote));
                 req
+            })
+            .map_response(move |mut res: Response| {
+                if is_open_ended(&res) {
+                    at_answer.store(FREE, Ordering::Relaxed);
+                } else if !res.headers().contains_key(CONNECTION) {
+                    res.headers_mut().insert(KEEP_ALIVE, keep_alive.clone());
+                }
+                res
             });
         let (stopping, open) = (stopping.clone(), open_rx.clone());
         tokio::spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = builder
-                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let mut stop = std::pin::pin!(stopping.closed());
@@ -114,4 +146,153 @@ async fn accept_error(e: std::io::Error) {
     }
     tracing::error!(error = %e, "accepting a connection failed; trying again in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// `Keep-Alive`, the header that tells a client how long an idle connection is kept.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+// What a connection is doing, for its deadlines (see [`Timed`]).
+/// Waiting for a request head or reading one: the head deadline runs.
+const HEAD: u8 = 0;
+/// A request is being served: no deadline (its body has one of its own, in the handlers).
+const BUSY: u8 = 1;
+/// An answer went out and the next request has not begun: the idle deadline runs.
+const IDLE: u8 = 2;
+/// Upgraded (a WebSocket) or streaming (Server-Sent Events): no deadline ever again.
+const FREE: u8 = 3;
+
+/// Whether an answer keeps its connection for as long as it lasts: a WebSocket upgrade or
+/// an event stream, which have keep-alives of their own.
+fn is_open_ended(res: &Response) -> bool {
+    res.status() == StatusCode::SWITCHING_PROTOCOLS
+        || res
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// A connection's socket, which ends the connection when a deadline passes: the head
+/// deadline (an error, as hyper's own timeout did) or the idle one (an end of stream, which
+/// hyper takes for the client closing an idle connection, and closes quietly).
+///
+/// The phase is shared with the connection's service, which marks a request's start
+/// ([`BUSY`]) and open-ended answers ([`FREE`]); the socket marks the rest, from what it
+/// sees: a write is an answer going out ([`IDLE`]), and bytes read while idle are a new
+/// request ([`HEAD`]). The deadlines are only checked while hyper waits to read, which it
+/// does whenever the connection is idle or inside a request head.
+struct Timed {
+    tcp: TcpStream,
+    phase: Arc<AtomicU8>,
+    deadlines: Deadlines,
+    /// When the current phase's deadline passes (in [`HEAD`] and [`IDLE`]).
+    deadline: Instant,
+    /// Armed at or before `deadline`; it is moved only when the deadline comes nearer, so
+    /// that a busy connection, whose idle deadline moves at every answer, does not touch
+    /// the timer wheel per request: an early wake-up just arms it again.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Timed {
+    fn new(tcp: TcpStream, deadlines: Deadlines) -> Self {
+        let deadline = Instant::now() + deadlines.header;
+        Self {
+            tcp,
+            phase: Arc::new(AtomicU8::new(HEAD)),
+            deadlines,
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// After a write: the answer is going out, and idle time counts from its last byte.
+    fn wrote(&mut self) {
+        if self.phase.load(Ordering::Relaxed) != FREE {
+            self.phase.store(IDLE, Ordering::Relaxed);
+            self.deadline = Instant::now() + self.deadlines.idle;
+        }
+    }
+
+    /// While a read waits: ends the connection once the phase's deadline has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase != HEAD && phase != IDLE {
+            return Poll::Pending;
+        }
+        if self.timer.deadline() > self.deadline {
+            self.timer.as_mut().reset(self.deadline);
+        }
+        // Twice at most: a timer that went off before the deadline is armed at it.
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            if self.timer.deadline() >= self.deadline {
+                return Poll::Ready(if phase == HEAD {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the request head did not arrive in time",
+                    ))
+                } else {
+                    Ok(())
+                });
+            }
+            self.timer.as_mut().reset(self.deadline);
+        }
+    }
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && this.phase.load(Ordering::Relaxed) == IDLE {
+                    this.phase.store(HEAD, Ordering::Relaxed);
+                    this.deadline = Instant::now() + this.deadlines.header;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.poll_deadline(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.wrote();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        this.wrote();
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }

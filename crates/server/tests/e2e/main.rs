@@ -7,6 +7,7 @@ mod harness;
 mod auth;
 mod cluster;
 mod commit_outcome;
+mod connections;
 mod errors;
 #[cfg(target_os = "linux")]
 mod flush_failure;

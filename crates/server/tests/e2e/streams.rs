@@ -541,3 +541,27 @@ async fn chats_start_and_end_on_inactivity_and_flag_unread_agent_messages() {
     assert_eq!(s.count("events WHERE kind = 'conversationEnded'").await, 3);
     drop(dir);
 }
+
+/// Event streams and WebSockets have keep-alives of their own: the HTTP idle timeout, which
+/// closes kept-alive connections between requests, does not cut them.
+#[tokio::test]
+async fn streams_outlive_the_http_idle_timeout() {
+    let options = ServeOptions {
+        header_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
+        ..ServeOptions::default()
+    };
+    let s = TestServer::start_full(DomainConfig::default(), Clock::System, options).await;
+    let agent = s.agent("Julia", None, None, &[]).await;
+    let (visitor, token) = s.new_visitor().await;
+    let mut ws = s.ws(&format!("token={token}")).await;
+    ws.until_ready().await;
+    let mut sse = Sse::open(&s, &[]).await;
+    // Both quiet for five idle timeouts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = s.agent_says(&agent, &visitor, "still there?").await;
+    assert_eq!(ws.next_json().await["message"]["id"], id.as_str());
+    let (_, name, data) = sse.next().await;
+    assert_eq!(name, "messageCreated");
+    assert_eq!(data["message"]["id"], id.as_str());
+}

@@ -1,0 +1,121 @@
+//! HTTP/1.1 connections over time: a kept-alive connection stays open between requests for
+//! the idle timeout, which is longer than the deadline for a request's head; a head begun
+//! on such a connection still has that deadline.
+
+use std::time::{Duration, Instant};
+
+use switchboard_server::domain::{Clock, DomainConfig};
+use switchboard_server::ServeOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{TestServer, WAIT};
+
+async fn server(header: Duration, idle: Duration) -> (TestServer, String) {
+    let options = ServeOptions {
+        header_timeout: header,
+        idle_timeout: idle,
+        ..ServeOptions::default()
+    };
+    let s = TestServer::start_full(DomainConfig::default(), Clock::System, options).await;
+    let addr = s.url.strip_prefix("http://").unwrap().to_owned();
+    (s, addr)
+}
+
+/// Sends `GET /health` on `c` and reads the whole answer; returns its head.
+async fn health(c: &mut TcpStream) -> String {
+    c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(WAIT, c.read(&mut chunk))
+            .await
+            .expect("an answer within the wait")
+            .expect("read");
+        assert!(n > 0, "the connection closed instead of answering");
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                assert_eq!(got.len(), end + 4 + length, "more than one answer");
+                return head;
+            }
+        }
+    }
+}
+
+/// Waits for the server to close `c`; returns how long that took.
+async fn closed(c: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+        .await
+        .expect("the connection is still open after the wait")
+        .expect("read to the end");
+    assert!(
+        rest.is_empty(),
+        "got {:?} instead of a close",
+        String::from_utf8_lossy(&rest)
+    );
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_connection_outlives_the_header_timeout_until_the_idle_timeout() {
+    let (header, idle) = (Duration::from_millis(300), Duration::from_millis(1500));
+    let (_s, addr) = server(header, idle).await;
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    let head = health(&mut c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("\r\nkeep-alive: timeout=1\r\n"), "{head}");
+    // Idle for more than the head deadline: the connection is still there.
+    tokio::time::sleep(header * 2).await;
+    let head = health(&mut c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Then it is closed, quietly, once idle for the idle timeout.
+    let after = closed(&mut c).await;
+    assert!(
+        after >= idle - Duration::from_millis(100) && after < idle * 3,
+        "closed {after:?} after the answer, with an idle timeout of {idle:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_begun_on_a_kept_alive_connection_must_end_in_time() {
+    let (header, idle) = (Duration::from_millis(300), Duration::from_secs(10));
+    let (_s, addr) = server(header, idle).await;
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    health(&mut c).await;
+    // Past the head deadline, but idle: then half a head, and nothing more.
+    tokio::time::sleep(header * 2).await;
+    c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let after = closed(&mut c).await;
+    assert!(
+        after >= header - Duration::from_millis(50) && after < idle / 2,
+        "closed {after:?} after half a head, with a head deadline of {header:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_has_the_header_timeout() {
+    let (header, idle) = (Duration::from_millis(300), Duration::from_secs(10));
+    let (_s, addr) = server(header, idle).await;
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    let after = closed(&mut c).await;
+    assert!(
+        after >= header - Duration::from_millis(50) && after < idle / 2,
+        "closed after {after:?}, with a head deadline of {header:?}"
+    );
+}
