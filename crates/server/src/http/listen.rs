@@ -171,6 +171,46 @@ fn is_open_ended(res: &Response) -> bool {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
+/// hyper's answer `head` to a request it could not parse (an empty 400, 414 or 431) with
+/// Brevo's error body in JSON; `None` if `head` is not one.
+fn with_error_body(head: &[u8]) -> Option<Vec<u8>> {
+    let head = std::str::from_utf8(head).ok()?;
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+    let (code, message) = match status {
+        "400" => (
+            "bad_request",
+            "the request is not valid HTTP/1.1: its request line or one of its headers is \
+             malformed",
+        ),
+        "414" => ("out_of_range", "the request's URI is too long"),
+        "431" => (
+            "out_of_range",
+            "the request's headers are too large, or more than 100",
+        ),
+        _ => return None,
+    };
+    // The whole answer, and nothing after its head.
+    let lines = head.strip_suffix("\r\n\r\n")?;
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let mut out = String::with_capacity(head.len() + body.len() + 64);
+    for line in lines.split("\r\n") {
+        if line.is_empty() {
+            return None;
+        }
+        if !line
+            .get(..15)
+            .is_some_and(|l| l.eq_ignore_ascii_case("content-length:"))
+        {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("content-type: application/json\r\n");
+    out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    out.push_str(&body);
+    Some(out.into_bytes())
+}
+
 /// A connection's socket, which ends the connection when a deadline passes: the head
 /// deadline (an error, as hyper's own timeout did) or the idle one (an end of stream, which
 /// hyper takes for the client closing an idle connection, and closes quietly).
@@ -190,6 +230,9 @@ struct Timed {
     /// that a busy connection, whose idle deadline moves at every answer, does not touch
     /// the timer wheel per request: an early wake-up just arms it again.
     timer: Pin<Box<Sleep>>,
+    /// hyper's own answer to a request it could not parse, rewritten with an error body
+    /// (see [`Timed::poll_rewrite`]), and how much of it is written.
+    rewrite: Option<(Vec<u8>, usize)>,
 }
 
 impl Timed {
@@ -201,7 +244,42 @@ impl Timed {
             deadlines,
             deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            rewrite: None,
         }
+    }
+
+    /// Writes hyper's own answer to a request it could not parse (a malformed request line
+    /// or header, too many or too large headers, a URI too long) with Brevo's error body,
+    /// in place of the empty one hyper gives it; `None` for every other write.
+    ///
+    /// A write while the phase is still [`HEAD`] is such an answer: no service ran, since a
+    /// request marks its start. hyper closes the connection after it. `head` is the first
+    /// buffer hyper writes, `total` the length of all it writes, reported as written once
+    /// the rewritten answer is.
+    fn poll_rewrite(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+        total: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.rewrite.is_none() {
+            if self.phase.load(Ordering::Relaxed) != HEAD {
+                return None;
+            }
+            self.rewrite = Some((with_error_body(head)?, 0));
+        }
+        let (answer, done) = self.rewrite.as_mut()?;
+        while *done < answer.len() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &answer[*done..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *done += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        Some(Poll::Ready(Ok(total)))
     }
 
     /// After a write: the answer is going out, and idle time counts from its last byte.
@@ -268,6 +346,9 @@ impl AsyncWrite for Timed {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(rewritten) = this.poll_rewrite(cx, buf, buf.len()) {
+            return rewritten;
+        }
         let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
         this.wrote();
         Poll::Ready(Ok(n))
@@ -279,6 +360,14 @@ impl AsyncWrite for Timed {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let head = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        let total = bufs.iter().map(|b| b.len()).sum();
+        if let Some(rewritten) = this.poll_rewrite(cx, head, total) {
+            return rewritten;
+        }
         let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
         this.wrote();
         Poll::Ready(Ok(n))
@@ -294,5 +383,47 @@ impl AsyncWrite for Timed {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypers_bare_error_answers_get_an_error_body() {
+        let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                     content-length: 0\r\ndate: Wed, 02 Dec 2026 11:52:48 GMT\r\n\r\n";
+        let out = String::from_utf8(with_error_body(bare).unwrap()).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            head,
+            format!(
+                "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                 date: Wed, 02 Dec 2026 11:52:48 GMT\r\ncontent-type: application/json\r\n\
+                 content-length: {}",
+                body.len()
+            )
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "out_of_range");
+    }
+
+    #[test]
+    fn other_writes_are_left_alone() {
+        // Another status, an answer with a body, a part of a head.
+        for bytes in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n",
+            b"",
+        ] {
+            assert_eq!(
+                with_error_body(bytes),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
     }
 }

@@ -119,3 +119,80 @@ async fn a_connection_that_sends_nothing_has_the_header_timeout() {
         "closed after {after:?}, with a head deadline of {header:?}"
     );
 }
+
+/// Sends `request` on a new connection and reads until the server closes it.
+async fn raw(addr: &str, request: &[u8]) -> String {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+        .await
+        .expect("closed within the wait")
+        .expect("read");
+    String::from_utf8(got).expect("UTF-8")
+}
+
+/// Requests hyper cannot parse, which it answers itself without calling switchboard, get
+/// Brevo's error body like every other error, and the connection is closed.
+#[tokio::test]
+async fn requests_that_are_not_valid_http_get_an_error_body() {
+    let (s, addr) = server(Duration::from_secs(10), Duration::from_secs(60)).await;
+    let many_headers: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases = [
+        (
+            "a malformed header",
+            "GET /health HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n".to_owned(),
+            "400 Bad Request",
+            "bad_request",
+        ),
+        (
+            "a malformed request line",
+            "GE T /health HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
+            "400 Bad Request",
+            "bad_request",
+        ),
+        (
+            "too many headers",
+            format!("GET /health HTTP/1.1\r\nhost: x\r\n{many_headers}\r\n"),
+            "431 Request Header Fields Too Large",
+            "out_of_range",
+        ),
+        (
+            "a URI too long",
+            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000)),
+            "414 URI Too Long",
+            "out_of_range",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let answer = raw(&addr, request.as_bytes()).await;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: {answer:?}"));
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with(&format!("http/1.1 {}", status.to_ascii_lowercase())),
+            "{what}: {head}"
+        );
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{what}: {head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{what}: {head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{what}: {head}"
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body:?}"));
+        assert_eq!(body["code"], code, "{what}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.len() > 20),
+            "{what}: {body}"
+        );
+    }
+    // The server goes on.
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    assert!(health(&mut c).await.starts_with("http/1.1 200"));
+    drop(s);
+}
