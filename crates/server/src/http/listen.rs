@@ -9,7 +9,8 @@
 //! for pooled SDK clients (a request sent as the server closes fails, and SDKs do not retry
 //! a POST on that). So the deadlines are kept here, by the connection's I/O ([`Timed`]):
 //! the head deadline runs from the connection's start or from the first byte of a later
-//! request, the idle one from the last byte of an answer.
+//! request, the idle one from the last byte of an answer. The same wrapper gives hyper's own
+//! answers to requests it cannot parse (which have no body) Brevo's error body.
 
 use std::convert::Infallible;
 use std::future::Future;
