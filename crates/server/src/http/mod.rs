@@ -627,6 +627,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
+    // Two keys leave it unsaid which request this is a retry of.
+    if headers.get_all("idempotency-key").iter().nth(1).is_some() {
+        return Err(ApiError::bad_request(
+            ErrorCode::DuplicateParameter,
+            "Idempotency-Key is given more than once; send it once",
+        ));
+    }
     let invalid = || {
         ApiError::bad_request(
             ErrorCode::InvalidParameter,

@@ -190,7 +190,7 @@ fn message_response(outcome: Outcome<std::sync::Arc<MessageRow>>) -> Response {
     }
 }
 
-const IDEMPOTENCY_DOC: &str = "switchboard extension: a retry with the same key and body within 24 hours returns the first response and writes nothing; the same key with another body is refused with 400 duplicate_request.";
+const IDEMPOTENCY_DOC: &str = "switchboard extension: a retry with the same key and body within 24 hours returns the first response and writes nothing; the same key with another body is refused with 400 duplicate_request, and two keys on one request with 400 duplicate_parameter.";
 
 /// Sets an agent's status to online for the presence window (150 s by default).
 #[utoipa::path(

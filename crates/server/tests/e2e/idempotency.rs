@@ -178,6 +178,43 @@ async fn invalid_idempotency_keys_are_refused() {
         .contains("Idempotency-Key"));
 }
 
+/// Two keys on one request are refused, whatever their order: neither is the one the
+/// request is a retry of. Nothing is written.
+#[tokio::test]
+async fn a_request_with_two_idempotency_keys_is_refused() {
+    let s = TestServer::start().await;
+    let agent = s.agent("Julia", None, None, &[]).await;
+    for (first, second) in [("k1", "k2"), ("k2", "k1"), ("k1", "k1")] {
+        let r = s
+            .raw(
+                s.request(Method::POST, "/v3/conversations/messages")
+                    .header("api-key", KEY)
+                    .header("idempotency-key", first)
+                    .header("idempotency-key", second)
+                    .json(&json!({"visitorId": "v", "text": "t", "agentId": agent})),
+            )
+            .await;
+        assert!(r
+            .expect_error(400, "duplicate_parameter")
+            .contains("Idempotency-Key"));
+    }
+    assert_eq!(
+        s.count("messages").await,
+        0,
+        "a refused request wrote a message"
+    );
+    // One key alone works.
+    let r = s
+        .raw(
+            s.request(Method::POST, "/v3/conversations/messages")
+                .header("api-key", KEY)
+                .header("idempotency-key", "k1")
+                .json(&json!({"visitorId": "v", "text": "t", "agentId": agent})),
+        )
+        .await;
+    r.ok();
+}
+
 #[tokio::test]
 async fn failed_requests_are_not_remembered() {
     let s = TestServer::start().await;
