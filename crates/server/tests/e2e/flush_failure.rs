@@ -14,15 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use serde_json::Value;
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
-use crate::process::start;
+use crate::process::{log_lines, serve_command, start};
+use crate::storage_full::{post, Post, KEY};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-const KEY: &str = "k";
 /// The writer's error line for a failed single-statement batch.
 const FAST: &str = "inserting messages failed";
 /// The writer's error line for a failed transaction.
@@ -71,32 +69,25 @@ async fn serve(
     db: &Path,
     faults: Option<(&Path, &Faults)>,
 ) -> (Child, String, mpsc::UnboundedReceiver<String>) {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--db")
-        .arg(db)
-        // No timer may commit while a fault waits for the request under test, and no
-        // checkpointer thread may empty the WAL (see the cases' warm-up).
-        .args(["--fragment-delay", "3600", "--chat-timeout", "600"])
-        .args(["--checkpoint-interval", "0"])
-        .env("RUST_LOG", "warn")
-        .env("SWITCHBOARD_API_KEY", KEY)
-        .stderr(Stdio::piped());
+    // No timer may commit while a fault waits for the request under test, and no
+    // checkpointer thread may empty the WAL (see the cases' warm-up).
+    let flags = [
+        "--fragment-delay",
+        "3600",
+        "--chat-timeout",
+        "600",
+        "--checkpoint-interval",
+        "0",
+    ];
+    let mut cmd = serve_command(db, Some(KEY), &flags);
+    cmd.stderr(Stdio::piped());
     if let Some((lib, control)) = faults {
         cmd.env("LD_PRELOAD", lib)
             .env("FAULT_FSYNC_FILE", &control.0);
     }
     let (mut child, url, _) = start(cmd).await;
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(line);
-        }
-    });
-    (child, url, rx)
+    let log = log_lines(&mut child);
+    (child, url, log)
 }
 
 /// Waits (at most 10 s) for a log line containing one of `what`; returns which.
@@ -111,27 +102,6 @@ async fn logged(log: &mut mpsc::UnboundedReceiver<String>, what: &[&'static str]
     })
     .await
     .unwrap_or_else(|_| panic!("no log line with any of {what:?} within 10 s"))
-}
-
-async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    visitor: &str,
-    text: &str,
-    key: Option<&str>,
-) -> (u16, Value) {
-    let mut req = http
-        .post(format!("{url}/v3/conversations/messages"))
-        .header("api-key", KEY)
-        .json(
-            &json!({"visitorId": visitor, "text": text, "agentEmail": "a@x.com", "agentName": "A"}),
-        );
-    if let Some(k) = key {
-        req = req.header("idempotency-key", k);
-    }
-    let r = req.send().await.expect("the server answers");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("a JSON body"))
 }
 
 /// The texts of `visitor`'s messages, oldest first; `None` for a visitor the server does
@@ -242,10 +212,10 @@ async fn a_commit_the_disk_failed_to_flush_is_not_applied_after_a_restart() {
             // failure there leaves nothing to recover and would hide what this test is
             // after.
             let warm_up = if case.warm { case.visitor } else { "warm-up" };
-            let (status, body) = post(&http, &url, warm_up, "before", None).await;
-            assert_eq!(status, 200, "{}: {body}", case.what);
+            let p = post(&http, &url, warm_up, "before", None).await;
+            assert_eq!(p.status, 200, "{}: {}", case.what, p.body);
             faults.set(case.failures);
-            let (status, body) = post(&http, &url, case.visitor, "lost", case.key).await;
+            let Post { status, body, .. } = post(&http, &url, case.visitor, "lost", case.key).await;
             assert_eq!(faults.left(), 0, "{}: not every fault was met", case.what);
             assert_eq!(status, case.status, "{}: {body}", case.what);
             assert_eq!(body["code"], "bad_request", "{}: {body}", case.what);
@@ -281,10 +251,10 @@ async fn a_commit_the_disk_failed_to_flush_is_not_applied_after_a_restart() {
         );
     }
     // "Safe to retry": the keyed retry is written, once.
-    let (status, body) = post(&http, &url, "keyed", "lost", Some("key-1")).await;
-    assert_eq!(status, 200, "{body}");
-    let (status, again) = post(&http, &url, "keyed", "lost", Some("key-1")).await;
-    assert_eq!((status, &again), (200, &body));
+    let first = post(&http, &url, "keyed", "lost", Some("key-1")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post(&http, &url, "keyed", "lost", Some("key-1")).await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
     assert_eq!(
         texts(&http, &url, "keyed").await,
         Some(vec!["before".to_owned(), "lost".to_owned()])

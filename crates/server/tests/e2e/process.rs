@@ -49,7 +49,7 @@ async fn serve_with(
 }
 
 /// The command line of [`serve_with`], logging at `warn`.
-fn serve_command(db: &Path, api_key: Option<&str>, flags: &[&str]) -> Command {
+pub(crate) fn serve_command(db: &Path, api_key: Option<&str>, flags: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
         .arg("--listen")
@@ -63,6 +63,19 @@ fn serve_command(db: &Path, api_key: Option<&str>, flags: &[&str]) -> Command {
         cmd.env("SWITCHBOARD_API_KEY", k);
     }
     cmd
+}
+
+/// The lines `child` writes to its piped stderr, read to the end whether a test looks or
+/// not, so that the child never blocks on a full pipe.
+pub(crate) fn log_lines(child: &mut Child) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 /// Spawns `cmd` and waits for its listening line: the child, its URL and the stdout lines

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
-use crate::process::{sigterm_and_wait, start};
+use crate::process::{log_lines, sigterm_and_wait, start};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-const KEY: &str = "k";
+/// The API key of the servers these tests start.
+pub(crate) const KEY: &str = "k";
 /// The room left for the writers of the first test once the tmpfs is full of filler.
 const ROOM: u64 = 1024 * 1024;
 
@@ -47,16 +47,8 @@ async fn serve_on_tmpfs(dir: &Path) -> (Child, String, mpsc::UnboundedReceiver<S
         .env("SWITCHBOARD_API_KEY", KEY)
         .stderr(Stdio::piped());
     let (mut child, url, _) = start(cmd).await;
-    // Read to the end whether the test looks or not, so that the server never blocks on a
-    // full pipe.
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(line);
-        }
-    });
-    (child, url, rx)
+    let log = log_lines(&mut child);
+    (child, url, log)
 }
 
 /// `dir` as the server sees it: inside its mount namespace, where the tmpfs is.
@@ -84,13 +76,16 @@ fn fill(dir: &Path, room: u64) {
     f.set_len(written - room).expect("give room back");
 }
 
-struct Post {
-    status: u16,
-    body: Value,
-    retry_after: Option<String>,
+/// An answer to [`post`].
+pub(crate) struct Post {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) retry_after: Option<String>,
 }
 
-async fn post(
+/// POSTs an agent message (agent `a@x.com`) with the key `k`, and an `Idempotency-Key`
+/// when given.
+pub(crate) async fn post(
     http: &reqwest::Client,
     url: &str,
     visitor: &str,
