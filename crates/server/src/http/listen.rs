@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -88,11 +88,16 @@ pub async fn serve<S>(
         }
         let io = Timed::new(tcp, deadlines);
         let (at_request, at_answer) = (io.phase.clone(), io.phase.clone());
+        // Whether the request being served ends its connection (hyper then closes it after
+        // the answer), so that its answer does not promise a keep-alive time.
+        let closing = Arc::new(AtomicBool::new(false));
+        let closing_seen = closing.clone();
         let keep_alive = keep_alive.clone();
         let service = app
             .clone()
             .map_request(move |req: hyper::Request<Incoming>| {
                 at_request.store(BUSY, Ordering::Relaxed);
+                closing.store(ends_connection(&req), Ordering::Relaxed);
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(ConnectInfo(remote));
                 req
@@ -100,7 +105,9 @@ pub async fn serve<S>(
             .map_response(move |mut res: Response| {
                 if is_open_ended(&res) {
                     at_answer.store(FREE, Ordering::Relaxed);
-                } else if !res.headers().contains_key(CONNECTION) {
+                } else if !closing_seen.load(Ordering::Relaxed)
+                    && !res.headers().contains_key(CONNECTION)
+                {
                     res.headers_mut().insert(KEEP_ALIVE, keep_alive.clone());
                 }
                 res
@@ -170,6 +177,22 @@ fn is_open_ended(res: &Response) -> bool {
             .headers()
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// Whether hyper closes the connection after answering `req`: it says `Connection: close`,
+/// or it is HTTP/1.0 without `Connection: keep-alive`.
+fn ends_connection<B>(req: &hyper::Request<B>) -> bool {
+    let has = |token: &str| {
+        req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if req.version() == axum::http::Version::HTTP_10 {
+        !has("keep-alive")
+    } else {
+        has("close")
+    }
 }
 
 /// hyper's answer `head` to a request it could not parse (an empty 400, 414 or 431) with
@@ -390,6 +413,25 @@ impl AsyncWrite for Timed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_that_end_their_connection_are_told_apart() {
+        use axum::http::Version;
+        let req = |version, connection: &[&str]| {
+            let mut b = hyper::Request::builder().version(version);
+            for c in connection {
+                b = b.header(CONNECTION, *c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!ends_connection(&req(Version::HTTP_11, &[])));
+        assert!(!ends_connection(&req(Version::HTTP_11, &["keep-alive"])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["close"])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["TE, Close"])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["te", "close"])));
+        assert!(ends_connection(&req(Version::HTTP_10, &[])));
+        assert!(!ends_connection(&req(Version::HTTP_10, &["Keep-Alive"])));
+    }
 
     #[test]
     fn hypers_bare_error_answers_get_an_error_body() {

@@ -120,6 +120,51 @@ async fn a_connection_that_sends_nothing_has_the_header_timeout() {
     );
 }
 
+/// An answer promises a keep-alive time only when its connection stays open: not to a
+/// request that said `Connection: close`, nor to HTTP/1.0 without `Connection: keep-alive`.
+#[tokio::test]
+async fn only_answers_that_keep_the_connection_say_for_how_long() {
+    let (_s, addr) = server(Duration::from_secs(10), Duration::from_secs(60)).await;
+    for (request, kept) in [
+        (
+            "GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            false,
+        ),
+        ("GET /health HTTP/1.0\r\nhost: x\r\n\r\n", false),
+        (
+            "GET /health HTTP/1.0\r\nhost: x\r\nconnection: keep-alive\r\n\r\n",
+            true,
+        ),
+        ("GET /health HTTP/1.1\r\nhost: x\r\n\r\n", true),
+    ] {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // Until the whole answer is there (its body ends in `}`), or the server closes.
+        while !got.ends_with(b"}") {
+            let n = tokio::time::timeout(WAIT, c.read(&mut chunk))
+                .await
+                .expect("an answer within the wait")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let answer = String::from_utf8(got).unwrap().to_ascii_lowercase();
+        assert!(answer.contains(" 200 ok\r\n"), "{request:?}: {answer}");
+        assert_eq!(
+            answer.contains("\r\nkeep-alive: timeout=60\r\n"),
+            kept,
+            "{request:?}: {answer}"
+        );
+        if !kept {
+            closed(&mut c).await;
+        }
+    }
+}
+
 /// Sends `request` on a new connection and reads until the server closes it.
 async fn raw(addr: &str, request: &[u8]) -> String {
     let mut c = TcpStream::connect(addr).await.unwrap();
