@@ -122,6 +122,11 @@ pub struct ServeArgs {
     /// entry of X-Forwarded-For. Only set it when the proxy sets that header.
     #[arg(long, env = "SWITCHBOARD_TRUST_PROXY")]
     pub trust_proxy: bool,
+    /// Browser origins allowed to call the API and the widget API (CORS): `*` for any, as
+    /// Brevo allows; a comma-separated list such as
+    /// `https://shop.example,http://localhost:3000`; or `none`.
+    #[arg(long, env = "SWITCHBOARD_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: crate::http::cors::CorsOrigins,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -162,6 +167,7 @@ impl ServeArgs {
             shutdown_grace: secs(self.shutdown_timeout),
             header_timeout: secs(self.header_timeout).max(Duration::from_millis(100)),
             idle_timeout: secs(self.idle_timeout).max(Duration::from_millis(100)),
+            cors: self.cors_origins.clone(),
             webhooks: Some(crate::webhooks::DispatcherConfig {
                 timeout: secs(self.webhook_timeout).max(Duration::from_millis(100)),
                 retry_first: secs(self.webhook_retry_first).max(Duration::from_millis(10)),

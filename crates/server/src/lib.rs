@@ -233,6 +233,8 @@ pub struct ServeOptions {
     /// How long a kept-alive connection may stay idle, from the end of an answer to the
     /// first byte of the next request.
     pub idle_timeout: Duration,
+    /// Browser origins allowed to call the server (CORS).
+    pub cors: http::cors::CorsOrigins,
 }
 
 impl Default for ServeOptions {
@@ -246,6 +248,7 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            cors: http::cors::CorsOrigins::Any,
         }
     }
 }
@@ -273,9 +276,12 @@ pub async fn serve_with(
         streams: options.streams.clone(),
         trust_proxy: options.trust_proxy,
     });
-    let app = http::DrainUnread(http::RejectNul(
-        tower::util::MapRequestLayer::new(http::collapse_slashes).layer(app),
-    ));
+    let app = http::cors::Cors::new(
+        http::DrainUnread(http::RejectNul(
+            tower::util::MapRequestLayer::new(http::collapse_slashes).layer(app),
+        )),
+        options.cors.clone(),
+    );
     let purge = tokio::spawn(purge_idempotency_keys(domain.clone()));
     let lifecycle = options
         .lifecycle_tick

@@ -25,6 +25,7 @@ use crate::store::StoreError;
 mod hooks;
 pub mod listen;
 pub use hooks::{delivery_wire, webhook_wire};
+pub mod cors;
 pub mod openapi;
 pub mod streams;
 mod v3;

@@ -8,6 +8,7 @@ mod auth;
 mod cluster;
 mod commit_outcome;
 mod connections;
+mod cors;
 mod errors;
 #[cfg(target_os = "linux")]
 mod flush_failure;

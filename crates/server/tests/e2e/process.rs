@@ -1015,6 +1015,51 @@ async fn db_urls_are_understood_or_refused_clearly() {
     );
 }
 
+/// A `--cors-origins` value that is not a list of origins stops `serve` before it opens
+/// anything, saying what is wrong and how to write it; a good one is taken, also from the
+/// environment.
+#[tokio::test]
+async fn cors_origins_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cors.db");
+    let db = db.to_str().unwrap();
+    let err = fails(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--cors-origins",
+            "https://shop.example/",
+        ],
+    )
+    .await;
+    assert!(err.contains("--cors-origins"), "{err}");
+    assert!(err.contains("no path"), "{err}");
+    assert!(err.contains("https://shop.example or"), "{err}");
+    assert!(!dir.path().join("cors.db").exists(), "nothing opened");
+
+    let mut cmd = serve_command(Path::new(db), Some("k"), &[]);
+    cmd.env("SWITCHBOARD_CORS_ORIGINS", "https://shop.example");
+    let (mut child, url, _) = start(cmd).await;
+    let http = reqwest::Client::new();
+    let answer = |origin: &'static str| {
+        http.get(format!("{url}/health"))
+            .header("origin", origin)
+            .send()
+    };
+    let shop = answer("https://shop.example").await.unwrap();
+    assert_eq!(
+        shop.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let other = answer("https://other.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    child.kill().await.unwrap();
+}
+
 /// A second `serve` on an SQLite file another server has is refused, naming that server's
 /// process; the first goes on serving, the CLI still runs beside it, and once it has stopped
 /// the file can be served again, also after a SIGKILL.
