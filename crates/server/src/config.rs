@@ -127,6 +127,13 @@ pub struct ServeArgs {
     /// `https://shop.example,http://localhost:3000`; or `none`.
     #[arg(long, env = "SWITCHBOARD_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: crate::http::cors::CorsOrigins,
+    /// Serve HTTPS with this certificate chain (PEM; the server's certificate first). Read
+    /// again whenever it or the key changes, so a renewal needs no restart.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM: PKCS#8, RSA or EC).
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,
@@ -153,7 +160,20 @@ impl ServeArgs {
         }
     }
 
-    /// The server settings these flags ask for.
+    /// The TLS files these flags name, loaded and checked (`None` without `--tls-cert`).
+    pub fn tls(&self) -> anyhow::Result<Option<crate::http::tls::Tls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        crate::http::tls::Tls::load(crate::http::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            check_every: Duration::from_secs(10),
+        })
+        .map(Some)
+    }
+
+    /// The server settings these flags ask for (without TLS: see [`ServeArgs::tls`]).
     pub fn serve_options(&self) -> crate::ServeOptions {
         let ping = Duration::from_secs(self.ws_ping.max(1));
         crate::ServeOptions {

@@ -235,6 +235,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Browser origins allowed to call the server (CORS).
     pub cors: http::cors::CorsOrigins,
+    /// Serve HTTPS with this certificate (else plain HTTP).
+    pub tls: Option<http::tls::Tls>,
 }
 
 impl Default for ServeOptions {
@@ -249,6 +251,7 @@ impl Default for ServeOptions {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             cors: http::cors::CorsOrigins::Any,
+            tls: None,
         }
     }
 }
@@ -269,6 +272,7 @@ pub async fn serve_with(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx_for_hooks = stop_rx.clone();
     let stop_rx_for_deadline = stop_rx.clone();
+    let stop_rx_for_tls = stop_rx.clone();
     let app = http::router(http::AppState {
         domain: domain.clone(),
         hub: hub.clone(),
@@ -295,7 +299,12 @@ pub async fn serve_with(
         header: options.header_timeout,
         idle: options.idle_timeout,
     };
-    let serving = http::listen::serve(listener, app, deadlines, async move {
+    let tls_watch = options
+        .tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(stop_rx_for_tls)));
+    let acceptor = options.tls.as_ref().map(http::tls::Tls::acceptor);
+    let serving = http::listen::serve(listener, app, deadlines, acceptor, async move {
         shutdown.await;
         // Live streams never end by themselves: tell them to close so the server can.
         let _ = stop_tx.send(true);
@@ -324,6 +333,9 @@ pub async fn serve_with(
         }
     }
     purge.abort();
+    if let Some(t) = tls_watch {
+        t.abort();
+    }
     if let Some(l) = lifecycle {
         l.abort();
     }

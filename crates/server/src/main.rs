@@ -294,6 +294,8 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     #[cfg(unix)]
     raise_open_files_limit();
+    // Before anything is opened: a bad certificate stops the server at once.
+    let tls = args.tls()?;
     // Held until the store is closed, at the end of this function.
     let _lock = switchboard_server::ServeLock::acquire(db)?;
     let domain = switchboard_server::open(
@@ -317,10 +319,14 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{addr}");
     tracing::info!(%addr, db = %db.display(), "switchboard is ready");
-    switchboard_server::serve_with(domain, listener, args.serve_options(), shutdown_signal())
-        .await?;
+    let options = switchboard_server::ServeOptions {
+        tls,
+        ..args.serve_options()
+    };
+    switchboard_server::serve_with(domain, listener, options, shutdown_signal()).await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

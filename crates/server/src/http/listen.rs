@@ -7,7 +7,7 @@
 //! either: it starts whenever hyper waits for a request head, so it also closes every idle
 //! keep-alive connection after that time, which a 10 s head deadline makes far too short
 //! for pooled SDK clients (a request sent as the server closes fails, and SDKs do not retry
-//! a POST on that). So the deadlines are kept here, by the connection's I/O ([`Timed`]):
+//! a POST on that). So the deadlines are kept here, by the connection's I/O (`Timed`):
 //! the head deadline runs from the connection's start or from the first byte of a later
 //! request, the idle one from the last byte of an answer. The same wrapper gives hyper's own
 //! answers to requests it cannot parse (which have no body) Brevo's error body.
@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower::{Service, ServiceExt};
@@ -54,6 +54,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     app: S,
     deadlines: Deadlines,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -86,8 +87,8 @@ pub async fn serve<S>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let io = Timed::new(tcp, deadlines);
-        let (at_request, at_answer) = (io.phase.clone(), io.phase.clone());
+        let phase = Arc::new(AtomicU8::new(HEAD));
+        let (at_request, at_answer) = (phase.clone(), phase.clone());
         // Whether the request being served ends its connection (hyper then closes it after
         // the answer), so that its answer does not promise a keep-alive time.
         let closing = Arc::new(AtomicBool::new(false));
@@ -112,27 +113,32 @@ pub async fn serve<S>(
                 }
                 res
             });
-        let (stopping, open) = (stopping.clone(), open_rx.clone());
+        let (stopping, open, tls) = (stopping.clone(), open_rx.clone(), tls.clone());
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let mut stop = std::pin::pin!(stopping.closed());
-            let mut asked = false;
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, peer = %remote, "connection ended");
-                        }
-                        break;
+            let Some(tls) = tls else {
+                serve_connection(
+                    Timed::new(tcp, phase, deadlines),
+                    service,
+                    &stopping,
+                    remote,
+                )
+                .await;
+                drop(open);
+                return;
+            };
+            // The handshake has the head deadline too, so that a client that opens a
+            // connection and never finishes it holds nothing for long.
+            let handshake = tokio::time::timeout(deadlines.header, tls.accept(tcp));
+            tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(stream)) => {
+                        let io = Timed::new(stream, phase, deadlines);
+                        serve_connection(io, service, &stopping, remote).await;
                     }
-                    () = &mut stop, if !asked => {
-                        asked = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+                    Ok(Err(e)) => tracing::debug!(error = %e, peer = %remote, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(peer = %remote, "TLS handshake not done in time"),
+                },
+                () = stopping.closed() => {}
             }
             drop(open);
         });
@@ -140,6 +146,43 @@ pub async fn serve<S>(
     drop(open_rx);
     drop(listener);
     open_tx.closed().await;
+}
+
+/// Serves one connection's requests until it closes; once `stopping` closes, the request
+/// in progress is finished and the connection closed.
+async fn serve_connection<IO, S>(
+    io: Timed<IO>,
+    service: S,
+    stopping: &watch::Sender<()>,
+    remote: std::net::SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut stop = std::pin::pin!(stopping.closed());
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, peer = %remote, "connection ended");
+                }
+                break;
+            }
+            () = &mut stop, if !asked => {
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// What to do when `accept` fails: nothing for a connection the peer gave up on; otherwise
@@ -244,8 +287,8 @@ fn with_error_body(head: &[u8]) -> Option<Vec<u8>> {
 /// sees: a write is an answer going out ([`IDLE`]), and bytes read while idle are a new
 /// request ([`HEAD`]). The deadlines are only checked while hyper waits to read, which it
 /// does whenever the connection is idle or inside a request head.
-struct Timed {
-    tcp: TcpStream,
+struct Timed<IO> {
+    tcp: IO,
     phase: Arc<AtomicU8>,
     deadlines: Deadlines,
     /// When the current phase's deadline passes (in [`HEAD`] and [`IDLE`]).
@@ -259,12 +302,12 @@ struct Timed {
     rewrite: Option<(Vec<u8>, usize)>,
 }
 
-impl Timed {
-    fn new(tcp: TcpStream, deadlines: Deadlines) -> Self {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Timed<IO> {
+    fn new(tcp: IO, phase: Arc<AtomicU8>, deadlines: Deadlines) -> Self {
         let deadline = Instant::now() + deadlines.header;
         Self {
             tcp,
-            phase: Arc::new(AtomicU8::new(HEAD)),
+            phase,
             deadlines,
             deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
@@ -341,7 +384,7 @@ impl Timed {
     }
 }
 
-impl AsyncRead for Timed {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Timed<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -363,7 +406,7 @@ impl AsyncRead for Timed {
     }
 }
 
-impl AsyncWrite for Timed {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -28,6 +28,7 @@ pub use hooks::{delivery_wire, webhook_wire};
 pub mod cors;
 pub mod openapi;
 pub mod streams;
+pub mod tls;
 mod v3;
 pub use v3::to_wire;
 mod widget;

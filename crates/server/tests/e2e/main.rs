@@ -21,6 +21,7 @@ mod pushed;
 #[cfg(target_os = "linux")]
 mod storage_full;
 mod streams;
+mod tls;
 mod visitor_group;
 mod webhooks;
 mod widget;

@@ -1060,6 +1060,79 @@ async fn cors_origins_are_checked_at_start() {
     child.kill().await.unwrap();
 }
 
+/// `serve --tls-cert --tls-key` serves HTTPS and says so; TLS files that cannot be used stop
+/// it before it opens the database, naming the file and what is wrong with it.
+#[tokio::test]
+async fn serve_takes_tls_files_or_says_what_is_wrong_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tls.db");
+    let made = |name: &str| {
+        let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let (c, k) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&c, pair.cert.pem()).unwrap();
+        std::fs::write(&k, pair.key_pair.serialize_pem()).unwrap();
+        (
+            c.to_str().unwrap().to_owned(),
+            k.to_str().unwrap().to_owned(),
+            pair.cert.pem(),
+        )
+    };
+    let (cert, key, pem) = made("a");
+    let (_, other_key, _) = made("b");
+    let missing = dir.path().join("missing.crt").to_str().unwrap().to_owned();
+    let serve = |flags: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for (flags, expect) in [
+        (vec!["--tls-cert", &cert], "--tls-key"),
+        (
+            vec!["--tls-cert", &missing, "--tls-key", &key],
+            "missing.crt",
+        ),
+        (
+            vec!["--tls-cert", &key, "--tls-key", &key],
+            "no certificate in",
+        ),
+        (
+            vec!["--tls-cert", &cert, "--tls-key", &cert],
+            "needs a PEM private key",
+        ),
+        (
+            vec!["--tls-cert", &cert, "--tls-key", &other_key],
+            "does not belong to the certificate",
+        ),
+    ] {
+        let args = serve(&flags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = fails(dir.path(), &args).await;
+        assert!(err.contains(expect), "{flags:?}: {expect:?} not in: {err}");
+        assert!(!db.exists(), "{flags:?}: the database was opened");
+    }
+
+    let cmd = serve_command(&db, Some("k"), &["--tls-cert", &cert, "--tls-key", &key]);
+    let (mut child, url, _) = start(cmd).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let r = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    child.kill().await.unwrap();
+}
+
 /// A second `serve` on an SQLite file another server has is refused, naming that server's
 /// process; the first goes on serving, the CLI still runs beside it, and once it has stopped
 /// the file can be served again, also after a SIGKILL.

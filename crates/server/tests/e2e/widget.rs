@@ -9,7 +9,7 @@ use switchboard_server::domain::{Clock, DomainConfig};
 
 use crate::harness::TestServer;
 
-fn identity_hash(key: &str, visitor: &str) -> String {
+pub(crate) fn identity_hash(key: &str, visitor: &str) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(visitor.as_bytes());
     hex::encode(mac.finalize().into_bytes())
