@@ -2,8 +2,12 @@
 # Compatibility suite runner: drives the official Brevo SDKs (brevo-python 1.2.0 and
 # @getbrevo/brevo 6.0.3) against a freshly started switchboard.
 #
-# usage: compat/run.sh PATH_TO_SWITCHBOARD_BINARY
+# usage: compat/run.sh [--tls] PATH_TO_SWITCHBOARD_BINARY
 #        SWITCHBOARD_COMPAT_DB=postgres://.../fresh_db compat/run.sh PATH   (another database)
+#
+# --tls: the server serves HTTPS (--tls-cert/--tls-key) with a self-signed certificate for
+#        127.0.0.1 made here with openssl, and the SDKs, urllib and the WebSocket clients
+#        trust only that certificate (SWITCHBOARD_CA_CERT, NODE_EXTRA_CA_CERTS).
 #
 # - installs the SDKs on first use (compat/python/.venv, compat/node/node_modules)
 # - creates a fresh database in a temp dir (or uses SWITCHBOARD_COMPAT_DB, which must be
@@ -17,8 +21,13 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+TLS=""
+if [[ "${1:-}" == "--tls" ]]; then
+    TLS=1
+    shift
+fi
 if [[ $# -ne 1 ]]; then
-    echo "usage: $0 PATH_TO_SWITCHBOARD_BINARY" >&2
+    echo "usage: $0 [--tls] PATH_TO_SWITCHBOARD_BINARY" >&2
     exit 2
 fi
 BIN="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
@@ -130,9 +139,25 @@ fi
 log "widget $WIDGET_ID"
 
 # ---------------------------------------------------------------- start the server
+SCHEME=http
+SERVE_TLS=()
+CURL_TLS=()
+if [[ -n "$TLS" ]]; then
+    SCHEME=https
+    log "TLS: a self-signed certificate for 127.0.0.1"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" \
+        -keyout "$TMP/tls.key" -out "$TMP/tls.crt" 2>"$TMP/openssl.err" || {
+        cat "$TMP/openssl.err" >&2
+        exit 1
+    }
+    SERVE_TLS=(--tls-cert "$TMP/tls.crt" --tls-key "$TMP/tls.key")
+    CURL_TLS=(--cacert "$TMP/tls.crt")
+    export SWITCHBOARD_CA_CERT="$TMP/tls.crt" NODE_EXTRA_CA_CERTS="$TMP/tls.crt"
+fi
 FIFO="$TMP/server.stdout"
 mkfifo "$FIFO"
-"$BIN" serve --listen 127.0.0.1:0 --db "$DB" >"$FIFO" 2>"$TMP/server.stderr" &
+"$BIN" serve --listen 127.0.0.1:0 --db "$DB" "${SERVE_TLS[@]}" >"$FIFO" 2>"$TMP/server.stderr" &
 SERVER_PID=$!
 exec 3<"$FIFO"
 
@@ -146,13 +171,13 @@ while ((SECONDS < deadline)); do
         break
     fi
     printf '%s\n' "$line" >>"$TMP/server.log"
-    if [[ "$line" =~ ^listening\ on\ http://(127\.0\.0\.1:[0-9]+)$ ]]; then
+    if [[ "$line" =~ ^listening\ on\ $SCHEME://(127\.0\.0\.1:[0-9]+)$ ]]; then
         ADDR="${BASH_REMATCH[1]}"
         break
     fi
 done
 if [[ -z "$ADDR" ]]; then
-    log "server did not print 'listening on http://127.0.0.1:PORT'"
+    log "server did not print 'listening on $SCHEME://127.0.0.1:PORT'"
     log "stdout:"; cat "$TMP/server.log" >&2
     log "stderr:"; tail -n 50 "$TMP/server.stderr" >&2
     exit 1
@@ -164,7 +189,7 @@ log "server pid $SERVER_PID listening on $ADDR"
 
 ready=""
 for _ in $(seq 1 50); do
-    if curl -fsS --max-time 2 -o /dev/null "http://$ADDR/health"; then
+    if curl -fsS --max-time 2 "${CURL_TLS[@]}" -o /dev/null "$SCHEME://$ADDR/health"; then
         ready=1
         break
     fi
@@ -178,7 +203,7 @@ if [[ -z "$ready" ]]; then
 fi
 
 # ---------------------------------------------------------------- run the suites
-export SWITCHBOARD_ROOT="http://$ADDR"
+export SWITCHBOARD_ROOT="$SCHEME://$ADDR"
 export SWITCHBOARD_URL="$SWITCHBOARD_ROOT/v3"
 export SWITCHBOARD_AGENT_ID="$AGENT_ID" SWITCHBOARD_AGENT_NAME="$AGENT_NAME"
 export SWITCHBOARD_AGENT_EMAIL="$AGENT_EMAIL" SWITCHBOARD_AGENT_USERPIC="$AGENT_USERPIC"

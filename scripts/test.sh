@@ -24,6 +24,9 @@ SWITCHBOARD_TEST_BACKEND=sqlite cargo test --workspace --release
 step "compatibility suite: official Brevo SDKs against target/release/switchboard (SQLite)"
 compat/run.sh target/release/switchboard
 
+step "compatibility suite over HTTPS (--tls-cert; SQLite)"
+compat/run.sh --tls target/release/switchboard
+
 if [[ -z "${SWITCHBOARD_TEST_POSTGRES:-}" ]]; then
     step "PostgreSQL runs skipped: SWITCHBOARD_TEST_POSTGRES is not set"
     exit 0

@@ -5,6 +5,8 @@
 //
 // Environment (set by compat/run.sh): SWITCHBOARD_URL (…/v3), SWITCHBOARD_API_KEY,
 // SWITCHBOARD_AGENT_ID/_NAME/_EMAIL/_USERPIC, SWITCHBOARD_AGENT2_ID/_NAME, SWITCHBOARD_GROUP_ID.
+// With `compat/run.sh --tls` the URL is https:// and Node trusts the server's self-signed
+// certificate through NODE_EXTRA_CA_CERTS, as a user's own CA would be trusted.
 //
 // Plain script: one line per check, closing line `N passed, N failed`, exit 1 on any failure.
 

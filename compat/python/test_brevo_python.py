@@ -19,6 +19,8 @@ Environment (set by compat/run.sh):
   SWITCHBOARD_WIDGET_ID / SWITCHBOARD_IDENTITY_KEY
                            the default account's widget id and identity key
                            (`switchboard accounts widget --json`)
+  SWITCHBOARD_CA_CERT      optional: the certificate (PEM) of a server serving HTTPS
+                           (compat/run.sh --tls); the URLs are then https:// and wss://
 
 The visitor API checks (ws_*, widget_*) talk to /widget/v1/... with urllib and to the
 visitor WebSocket with the `websockets` asyncio client, and drive the agent side with the
@@ -35,6 +37,7 @@ import hmac
 import json
 import os
 import re
+import ssl
 import sys
 import time
 import traceback
@@ -64,6 +67,9 @@ ROOT = os.environ.get("SWITCHBOARD_ROOT", "").rstrip("/")
 WIDGET_ID = os.environ.get("SWITCHBOARD_WIDGET_ID", "")
 IDENTITY_KEY = os.environ.get("SWITCHBOARD_IDENTITY_KEY", "")
 WS_WAIT = 10.0  # seconds: the longest wait for any one frame or HTTP answer
+# optional: the CA certificate (PEM) of a server run with --tls-cert (compat/run.sh --tls)
+CA_CERT = os.environ.get("SWITCHBOARD_CA_CERT", "")
+TLS = ssl.create_default_context(cafile=CA_CERT) if CA_CERT else None
 
 ID_RE = re.compile(r"^[23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz]{17}$")
 ERROR_CODES = {
@@ -79,6 +85,8 @@ RUN = uuid.uuid4().hex[:10]
 def make_api(api_key=KEY, partner_key=None, host=URL):
     cfg = brevo_python.Configuration()
     cfg.host = host
+    if CA_CERT:
+        cfg.ssl_ca_cert = CA_CERT
     if api_key is not None:
         cfg.api_key["api-key"] = api_key
     if partner_key is not None:
@@ -619,7 +627,8 @@ def unicode_and_escapes_round_trip():
 
 RUN_LIMIT = 60.0
 # urllib would honour *_proxy variables; the visitor API is only ever reached directly.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                      urllib.request.HTTPSHandler(context=TLS))
 
 
 def widget_env():
@@ -628,8 +637,10 @@ def widget_env():
     if missing:
         raise Failure("%s not set: run through compat/run.sh" % ", ".join(missing))
     parts = urllib.parse.urlsplit(ROOT)
-    check(parts.scheme == "http" and parts.hostname == "127.0.0.1" and parts.port,
-          "SWITCHBOARD_ROOT %r is not the http://127.0.0.1:PORT address the server printed" % (ROOT,))
+    scheme = "https" if CA_CERT else "http"
+    check(parts.scheme == scheme and parts.hostname == "127.0.0.1" and parts.port,
+          "SWITCHBOARD_ROOT %r is not the %s://127.0.0.1:PORT address the server printed"
+          % (ROOT, scheme))
 
 
 def widget_http(method, path, body=None, token=None):
@@ -672,7 +683,9 @@ def identity_hash(visitor_id, key=None):
 def ws_url(token, **params):
     widget_env()
     query = urllib.parse.urlencode(dict(token=token, **params))
-    return "ws://%s/widget/v1/%s/ws?%s" % (urllib.parse.urlsplit(ROOT).netloc, WIDGET_ID, query)
+    scheme = "wss" if CA_CERT else "ws"
+    return "%s://%s/widget/v1/%s/ws?%s" % (scheme, urllib.parse.urlsplit(ROOT).netloc, WIDGET_ID,
+                                          query)
 
 
 def run(coro):
@@ -740,7 +753,8 @@ class visitor_socket:
 
     async def __aenter__(self):
         # proxy=None: connect straight to the 127.0.0.1 address, whatever the environment says.
-        self.cm = ws_connect(self.url, open_timeout=WS_WAIT, close_timeout=5, proxy=None)
+        extra = {"ssl": TLS} if TLS else {}
+        self.cm = ws_connect(self.url, open_timeout=WS_WAIT, close_timeout=5, proxy=None, **extra)
         return VisitorSocket(await self.cm.__aenter__())
 
     async def __aexit__(self, *exc):
