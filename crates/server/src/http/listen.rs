@@ -11,6 +11,9 @@
 //! the head deadline runs from the connection's start or from the first byte of a later
 //! request, the idle one from the last byte of an answer. The same wrapper gives hyper's own
 //! answers to requests it cannot parse (which have no body) Brevo's error body.
+//!
+//! With TLS, a connection's handshake comes first, with the head deadline of its own; the
+//! wrapper then sits on the decrypted stream, so that all of the above works the same.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -50,6 +53,7 @@ pub struct Deadlines {
 /// is in, and returns once every connection has closed. Requests carry the peer's address
 /// as [`ConnectInfo<SocketAddr>`](ConnectInfo), accepted sockets are set to `TCP_NODELAY`,
 /// and answers that leave the connection open say for how long (`Keep-Alive: timeout=N`).
+/// With `tls`, connections are TLS (see the module).
 pub async fn serve<S>(
     listener: TcpListener,
     app: S,
