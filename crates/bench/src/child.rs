@@ -14,12 +14,13 @@ use tokio::process::{Child, Command};
 /// A server running as a child process.
 pub struct Server {
     child: Child,
-    /// `host:port` it listens on (always 127.0.0.1).
+    /// `host:port` it listens on (always 127.0.0.1), prefixed with `tls://` when it
+    /// serves HTTPS.
     pub addr: String,
 }
 
 impl Server {
-    /// Starts `cmd` and waits (60 s at most) for its `listening on http://ADDR` line.
+    /// Starts `cmd` and waits (60 s at most) for its `listening on http[s]://ADDR` line.
     pub async fn start(mut cmd: Command) -> anyhow::Result<Self> {
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -33,12 +34,15 @@ impl Server {
                 if let Some(url) = line.strip_prefix("listening on http://") {
                     return Ok(url.to_owned());
                 }
+                if let Some(url) = line.strip_prefix("listening on https://") {
+                    return Ok(format!("tls://{url}"));
+                }
             }
             bail!("server exited before listening")
         })
         .await
         .context("server did not start within 60 s")??;
-        if !addr.starts_with("127.0.0.1:") {
+        if !addr.trim_start_matches("tls://").starts_with("127.0.0.1:") {
             bail!("server listens on {addr}; the benchmarks only connect to 127.0.0.1");
         }
         // Keep reading the child's stdout so that a later line can never block it or fail.

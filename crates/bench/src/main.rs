@@ -66,6 +66,10 @@ struct Cli {
     /// messages (two reads of the database: the visitor, then the page).
     #[arg(long, value_enum, default_value_t = Read::Message)]
     read: Read,
+    /// Serve switchboard over HTTPS (`--tls-cert`, a self-signed certificate made here);
+    /// the bare handler and the reference stay plain HTTP, so the ratios include TLS.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// What the GET scenario reads.
@@ -244,6 +248,7 @@ impl Target {
                 .arg("--db")
                 .arg(&db)
                 .args(&cli.serve_arg)
+                .args(tls_flags(cli, dir)?)
                 .env("SWITCHBOARD_API_KEY", KEY)
                 // SWITCHBOARD_BENCH_LOG sets the server's RUST_LOG (to look inside a run).
                 .env(
@@ -411,11 +416,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "switchboard-bench: {} on {}, {} connections, {} round(s) of {} s per scenario after {} s warm-up, {} cores",
+        "switchboard-bench: {}{} on {}, {} connections, {} round(s) of {} s per scenario after {} s warm-up, {} cores",
         match cli.instances {
             0 | 1 => "one instance".to_owned(),
             n => format!("{n} instances"),
         },
+        if cli.tls { " over HTTPS" } else { "" },
         if cli.postgres.is_some() {
             "PostgreSQL"
         } else {
@@ -573,14 +579,75 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The certificate switchboard serves with `--tls`, and a client trusting only it.
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
+
+/// `--tls-cert`/`--tls-key` for `switchboard serve` with `--tls` (the pair is made once, in
+/// `dir`); nothing without it.
+fn tls_flags(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    if !cli.tls {
+        return Ok(Vec::new());
+    }
+    if TLS.get().is_none() {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])?;
+        let (cert, key) = (dir.join("bench.crt"), dir.join("bench.key"));
+        std::fs::write(&cert, made.cert.pem())?;
+        std::fs::write(&key, made.key_pair.serialize_pem())?;
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone())?;
+        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let _ = TLS.set(Tls {
+            cert,
+            key,
+            connector,
+        });
+    }
+    let tls = TLS.get().context("TLS set up")?;
+    Ok(vec![
+        "--tls-cert".into(),
+        tls.cert.clone().into(),
+        "--tls-key".into(),
+        tls.key.clone().into(),
+    ])
+}
+
+/// A keep-alive HTTP/1.1 connection to `addr` (`tls://host:port` for HTTPS).
 async fn connect(
     addr: &str,
 ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(addr).await?;
+    let (host, tls) = match addr.strip_prefix("tls://") {
+        Some(host) => (host, Some(TLS.get().context("a TLS server without --tls")?)),
+        None => (addr, None),
+    };
+    let stream = TcpStream::connect(host).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let sender = match tls {
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender
+        }
+        Some(tls) => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+            let stream = tls.connector.connect(name, stream).await?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     Ok(sender)
 }
 
@@ -588,7 +655,7 @@ fn build(addr: &str, s: &Scenario) -> anyhow::Result<Request<Full<Bytes>>> {
     let mut req = Request::builder()
         .method(s.method.clone())
         .uri(&s.path)
-        .header("host", addr)
+        .header("host", addr.trim_start_matches("tls://"))
         .header("accept", "application/json");
     if let Some(k) = &s.api_key {
         req = req.header("api-key", k);
