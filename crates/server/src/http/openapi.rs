@@ -51,7 +51,7 @@ use super::{hooks, v3, widget};
     tags(
         (name = "Conversations", description = "Brevo's Conversations API"),
         (name = "Extensions", description = "switchboard extensions that Brevo lacks"),
-        (name = "Widget", description = "switchboard's visitor API for a chat widget (an extension: Brevo's widget protocol is private). Authenticated by the account's public widget id and a visitor token (Authorization: Bearer), never by an api-key. See docs/realtime.md for the WebSocket frames.")
+        (name = "Widget", description = "switchboard's visitor API for a chat widget (an extension: Brevo's widget protocol is private). Authenticated by the account's public widget id and a visitor token (Authorization: Bearer), never by an api-key. Browser pages on other origins may call it: the server answers CORS preflights (--cors-origins, default any origin). See docs/realtime.md for the WebSocket frames.")
     )
 )]
 pub struct ApiDoc;
