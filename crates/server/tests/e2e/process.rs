@@ -1133,6 +1133,70 @@ async fn serve_takes_tls_files_or_says_what_is_wrong_with_them() {
     child.kill().await.unwrap();
 }
 
+/// Webhooks reach an HTTPS receiver whose certificate the machine trusts though no public CA
+/// issued it (a company CA; here through `SSL_CERT_FILE`, which the system's trust store
+/// honours too); without that trust the attempt is logged with the reason.
+#[tokio::test]
+async fn webhooks_trust_the_machines_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (crt, key) = (
+        dir.path().join("receiver.crt"),
+        dir.path().join("receiver.key"),
+    );
+    std::fs::write(&crt, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let (crt, key) = (crt.to_str().unwrap(), key.to_str().unwrap());
+    // The receiver: another switchboard over HTTPS, which answers 404 on /hook. An HTTP
+    // status in the log means the TLS connection was made.
+    let cmd = serve_command(
+        &dir.path().join("receiver.db"),
+        Some("r"),
+        &["--tls-cert", crt, "--tls-key", key],
+    );
+    let (mut receiver, hook, _) = start(cmd).await;
+    let hook = format!("{hook}/hook");
+    let http = reqwest::Client::new();
+    for trusted in [true, false] {
+        let db = dir.path().join(format!("sender-{trusted}.db"));
+        let endpoint = cli(&db, &["webhooks", "add", "--url", &hook]);
+        let id = endpoint["id"].as_str().unwrap().to_owned();
+        let mut cmd = serve_command(&db, Some("s"), &[]);
+        if trusted {
+            cmd.env("SSL_CERT_FILE", crt);
+        } else {
+            cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        }
+        let (mut sender, url, _) = start(cmd).await;
+        let r = http
+            .post(format!("{url}/v3/conversations/messages"))
+            .header("api-key", "s")
+            .json(&serde_json::json!({"visitorId": "v", "text": "hi", "agentEmail": "j@x.io", "agentName": "J"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut tries = 0;
+        let attempt = loop {
+            let log = cli(&db, &["webhooks", "log", &id]);
+            if log[0]["attempts"].as_i64().unwrap_or(0) >= 1 {
+                break log[0].clone();
+            }
+            tries += 1;
+            assert!(tries < 400, "no delivery attempt within 20 s: {log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if trusted {
+            assert_eq!(attempt["lastStatus"], 404, "{attempt}");
+        } else {
+            let why = attempt["lastError"].as_str().unwrap();
+            assert!(why.contains("UnknownIssuer"), "{attempt}");
+        }
+        sender.kill().await.unwrap();
+    }
+    receiver.kill().await.unwrap();
+}
+
 /// A second `serve` on an SQLite file another server has is refused, naming that server's
 /// process; the first goes on serving, the CLI still runs beside it, and once it has stopped
 /// the file can be served again, also after a SIGKILL.
