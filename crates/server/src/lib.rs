@@ -272,7 +272,6 @@ pub async fn serve_with(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx_for_hooks = stop_rx.clone();
     let stop_rx_for_deadline = stop_rx.clone();
-    let stop_rx_for_tls = stop_rx.clone();
     let app = http::router(http::AppState {
         domain: domain.clone(),
         hub: hub.clone(),
@@ -299,10 +298,7 @@ pub async fn serve_with(
         header: options.header_timeout,
         idle: options.idle_timeout,
     };
-    let tls_watch = options
-        .tls
-        .clone()
-        .map(|tls| tokio::spawn(tls.watch(stop_rx_for_tls)));
+    let tls_watch = options.tls.clone().map(|tls| tokio::spawn(tls.watch()));
     let acceptor = options.tls.as_ref().map(http::tls::Tls::acceptor);
     let serving = http::listen::serve(listener, app, deadlines, acceptor, async move {
         shutdown.await;

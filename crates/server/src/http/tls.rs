@@ -5,8 +5,9 @@
 //! The certificate chain and key are PEM files, read at start (a bad pair stops the server
 //! with the reason) and read again whenever either file changes, so that a renewal
 //! (certbot, an ACME client) takes effect without a restart. A pair that does not load,
-//! such as a key written before its certificate, leaves the current one in use until the
-//! files change again.
+//! such as a key written before its certificate, leaves the current one in use, and is
+//! tried again at every check until it loads: a file rewritten in place may be read between
+//! its truncation and its contents with both bearing the same modification time.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -37,6 +38,16 @@ pub struct Tls {
     files: TlsFiles,
     current: Arc<Current>,
     acceptor: TlsAcceptor,
+    reloads: Arc<tokio::sync::watch::Sender<Reloads>>,
+}
+
+/// How the reloads of a [`Tls`] went so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reloads {
+    /// Pairs read again and put in use.
+    pub loaded: u64,
+    /// Attempts whose pair did not load (the current one stayed in use).
+    pub failed: u64,
 }
 
 impl std::fmt::Debug for Tls {
@@ -104,7 +115,13 @@ impl Tls {
             files,
             current,
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            reloads: Arc::new(tokio::sync::watch::Sender::new(Reloads::default())),
         })
+    }
+
+    /// The reloads so far, and every one after (to wait for one).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<Reloads> {
+        self.reloads.subscribe()
     }
 
     /// What accepts TLS connections with the current certificate.
@@ -112,30 +129,40 @@ impl Tls {
         self.acceptor.clone()
     }
 
-    /// Reads the pair again whenever a file changes, until `stop` turns true.
-    pub async fn watch(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut seen = stamps(&self.files);
+    /// Reads the pair again whenever a file changes (and again at every check while the
+    /// changed pair does not load); runs until the task is aborted.
+    pub async fn watch(self) {
+        // The files' times when the pair in use was read, and when a pair last failed.
+        let mut loaded = stamps(&self.files);
+        let mut failed = None;
         let mut every = tokio::time::interval(self.files.check_every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.wait_for(|stopped| *stopped) => return,
-            }
+            every.tick().await;
             let now = stamps(&self.files);
-            if now == seen {
+            if now == loaded {
                 continue;
             }
-            seen = now;
             match load(&self.files) {
                 Ok(pair) => {
                     *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
+                    loaded = now;
+                    failed = None;
+                    self.reloads.send_modify(|r| r.loaded += 1);
                     tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
                 }
-                Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
-                    "the TLS files changed but do not load; the current certificate stays in use"
-                ),
+                Err(e) => {
+                    // Said once per change of the files, tried at every check.
+                    if failed != Some(now) {
+                        failed = Some(now);
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "the TLS files changed but do not load; the current certificate \
+                             stays in use"
+                        );
+                    }
+                    self.reloads.send_modify(|r| r.failed += 1);
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The `switchboard` binary as a user runs it: CLI verbs, start-up, SIGTERM and SIGKILL,
 //! on the backend the environment selects (see [`crate::db`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::db::{Conn, TestDb};
+use crate::tls::{self_signed, write_pair};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -1067,18 +1068,10 @@ async fn serve_takes_tls_files_or_says_what_is_wrong_with_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tls.db");
     let made = |name: &str| {
-        let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-        let (c, k) = (
-            dir.path().join(format!("{name}.crt")),
-            dir.path().join(format!("{name}.key")),
-        );
-        std::fs::write(&c, pair.cert.pem()).unwrap();
-        std::fs::write(&k, pair.key_pair.serialize_pem()).unwrap();
-        (
-            c.to_str().unwrap().to_owned(),
-            k.to_str().unwrap().to_owned(),
-            pair.cert.pem(),
-        )
+        let pair = self_signed();
+        let (c, k) = write_pair(dir.path(), name, &pair);
+        let path = |p: PathBuf| p.to_str().unwrap().to_owned();
+        (path(c), path(k), pair.0)
     };
     let (cert, key, pem) = made("a");
     let (_, other_key, _) = made("b");
@@ -1139,13 +1132,7 @@ async fn serve_takes_tls_files_or_says_what_is_wrong_with_them() {
 #[tokio::test]
 async fn webhooks_trust_the_machines_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let (crt, key) = (
-        dir.path().join("receiver.crt"),
-        dir.path().join("receiver.key"),
-    );
-    std::fs::write(&crt, pair.cert.pem()).unwrap();
-    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let (crt, key) = write_pair(dir.path(), "receiver", &self_signed());
     let (crt, key) = (crt.to_str().unwrap(), key.to_str().unwrap());
     // The receiver: another switchboard over HTTPS, which answers 404 on /hook. An HTTP
     // status in the log means the TLS connection was made.

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
 use switchboard_server::domain::{Clock, DomainConfig};
-use switchboard_server::http::tls::{Tls, TlsFiles};
+use switchboard_server::http::tls::{Reloads, Tls, TlsFiles};
 use switchboard_server::ServeOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
@@ -19,14 +19,22 @@ use crate::harness::{TestServer, KEY, WAIT};
 use crate::widget::identity_hash;
 
 /// A self-signed certificate for 127.0.0.1 and localhost: (certificate PEM, key PEM).
-fn self_signed() -> (String, String) {
+pub(crate) fn self_signed() -> (String, String) {
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
         .expect("certificate");
     (made.cert.pem(), made.key_pair.serialize_pem())
 }
 
-fn write_pair(dir: &Path, (cert, key): &(String, String)) -> (PathBuf, PathBuf) {
-    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+/// Writes `pair` to `NAME.crt` and `NAME.key` in `dir`; returns their paths.
+pub(crate) fn write_pair(
+    dir: &Path,
+    name: &str,
+    (cert, key): &(String, String),
+) -> (PathBuf, PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert).unwrap();
     std::fs::write(&k, key).unwrap();
     (c, k)
@@ -46,8 +54,10 @@ fn trusting(cert: &str) -> reqwest::Client {
 
 const CHECK_EVERY: Duration = Duration::from_millis(50);
 
-async fn https_server(dir: &Path, pair: &(String, String)) -> (TestServer, String) {
-    let (cert, key) = write_pair(dir, pair);
+/// A server over HTTPS with `pair` in `dir` (`server.crt`, `server.key`): the server, its
+/// `https://` URL and its TLS setup (to follow its reloads).
+async fn https_server(dir: &Path, pair: &(String, String)) -> (TestServer, String, Tls) {
+    let (cert, key) = write_pair(dir, "server", pair);
     let tls = Tls::load(TlsFiles {
         cert,
         key,
@@ -55,13 +65,23 @@ async fn https_server(dir: &Path, pair: &(String, String)) -> (TestServer, Strin
     })
     .expect("load the pair");
     let options = ServeOptions {
-        tls: Some(tls),
+        tls: Some(tls.clone()),
         header_timeout: Duration::from_millis(500),
         ..ServeOptions::default()
     };
     let s = TestServer::start_full(DomainConfig::default(), Clock::System, options).await;
     let url = s.url.replace("http://", "https://");
-    (s, url)
+    (s, url, tls)
+}
+
+/// Waits (within [`WAIT`]) until the reloads satisfy `done`.
+async fn reloads_until(tls: &Tls, done: impl FnMut(&Reloads) -> bool) -> Reloads {
+    let mut reloads = tls.reloads();
+    let seen = tokio::time::timeout(WAIT, reloads.wait_for(done))
+        .await
+        .expect("the reload within the wait")
+        .expect("the watcher runs");
+    *seen
 }
 
 async fn health(client: &reqwest::Client, url: &str) -> Result<Value, reqwest::Error> {
@@ -77,7 +97,7 @@ async fn health(client: &reqwest::Client, url: &str) -> Result<Value, reqwest::E
 async fn the_api_is_served_over_https() {
     let dir = tempfile::tempdir().unwrap();
     let pair = self_signed();
-    let (s, url) = https_server(dir.path(), &pair).await;
+    let (s, url, _) = https_server(dir.path(), &pair).await;
     let client = trusting(&pair.0);
     assert_eq!(health(&client, &url).await.unwrap()["status"], "ok");
     let agent = s.agent("Julia", Some("julia@example.com"), None, &[]).await;
@@ -158,47 +178,41 @@ fn first_der(pem: &str) -> Vec<u8> {
 async fn a_renewed_certificate_is_used_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let first = self_signed();
-    let (_s, url) = https_server(dir.path(), &first).await;
+    let (_s, url, tls) = https_server(dir.path(), &first).await;
     assert!(health(&trusting(&first.0), &url).await.is_ok());
 
-    // A renewal: new files in place. New connections get the new certificate soon after.
+    // A renewal: new files in place. The first pair that loads after it is the new one (the
+    // certificate alone, beside the old key, does not), and new connections get it.
     let renewed = self_signed();
-    write_pair(dir.path(), &renewed);
-    let mut tries = 0;
-    while health(&trusting(&renewed.0), &url).await.is_err() {
-        tries += 1;
-        assert!(
-            tries < 200,
-            "the renewed certificate was not taken up within 10 s"
-        );
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+    let (cert, key) = write_pair(dir.path(), "server", &renewed);
+    let before = reloads_until(&tls, |r| r.loaded >= 1).await;
+    assert!(health(&trusting(&renewed.0), &url).await.is_ok());
     assert!(health(&trusting(&first.0), &url).await.is_err());
 
-    // A certificate whose key is not (yet) the one beside it is not taken up: the renewed
-    // pair stays in use. (Given twenty checks' time to go wrong.)
+    // A certificate whose key is not (yet) the one beside it is not taken up: once it has
+    // been tried, the renewed pair is still in use.
     let other = self_signed();
-    std::fs::write(dir.path().join("cert.pem"), &other.0).unwrap();
-    tokio::time::sleep(CHECK_EVERY * 20).await;
+    std::fs::write(&cert, &other.0).unwrap();
+    let tried = reloads_until(&tls, |r| r.failed > before.failed).await;
+    assert_eq!(tried.loaded, before.loaded);
     assert!(health(&trusting(&renewed.0), &url).await.is_ok());
     assert!(health(&trusting(&other.0), &url).await.is_err());
-    // Once its key arrives too, the pair is taken up.
-    std::fs::write(dir.path().join("key.pem"), &other.1).unwrap();
-    let mut tries = 0;
-    while health(&trusting(&other.0), &url).await.is_err() {
-        tries += 1;
-        assert!(
-            tries < 200,
-            "the completed pair was not taken up within 10 s"
-        );
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+    // Once its key arrives too, the pair is taken up, also when the write does not show in
+    // the key file's time (a rewrite in place within one tick of the file system's clock):
+    // a pair that failed is tried again at every check.
+    let unchanged = std::fs::metadata(&key).unwrap().modified().unwrap();
+    std::fs::write(&key, &other.1).unwrap();
+    let file = std::fs::File::options().write(true).open(&key).unwrap();
+    file.set_modified(unchanged).unwrap();
+    reloads_until(&tls, |r| r.loaded > before.loaded).await;
+    assert!(health(&trusting(&other.0), &url).await.is_ok());
+    assert!(health(&trusting(&renewed.0), &url).await.is_err());
 }
 
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_handshake_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _url) = https_server(dir.path(), &self_signed()).await;
+    let (s, _url, _) = https_server(dir.path(), &self_signed()).await;
     let addr = s.url.strip_prefix("http://").unwrap();
     for sent in [&b""[..], b"\x16\x03\x01\x00\xc8\x01"] {
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
