@@ -149,11 +149,12 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         use futures::future::Either::{Left, Right};
-        let allow = match req.headers().get(ORIGIN) {
-            None => return Left(self.inner.call(req)),
-            Some(origin) => self.origins.allow(origin),
-        };
-        let Some(allow) = allow else {
+        // No Origin (not a browser), or one not allowed: the answer as it is.
+        let Some(allow) = req
+            .headers()
+            .get(ORIGIN)
+            .and_then(|o| self.origins.allow(o))
+        else {
             return Left(self.inner.call(req));
         };
         let echoed = allow != ANY;

@@ -119,30 +119,26 @@ pub async fn serve<S>(
             });
         let (stopping, open, tls) = (stopping.clone(), open_rx.clone(), tls.clone());
         tokio::spawn(async move {
-            let Some(tls) = tls else {
-                serve_connection(
-                    Timed::new(tcp, phase, deadlines),
-                    service,
-                    &stopping,
-                    remote,
-                )
-                .await;
-                drop(open);
-                return;
-            };
-            // The handshake has the head deadline too, so that a client that opens a
-            // connection and never finishes it holds nothing for long.
-            let handshake = tokio::time::timeout(deadlines.header, tls.accept(tcp));
-            tokio::select! {
-                done = handshake => match done {
-                    Ok(Ok(stream)) => {
-                        let io = Timed::new(stream, phase, deadlines);
-                        serve_connection(io, service, &stopping, remote).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, peer = %remote, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(peer = %remote, "TLS handshake not done in time"),
+            match tls {
+                None => {
+                    let io = Timed::new(tcp, phase, deadlines);
+                    serve_connection(io, service, &stopping, remote).await;
+                }
+                // The handshake has the head deadline too, so that a client that opens a
+                // connection and never finishes it holds nothing for long.
+                Some(tls) => tokio::select! {
+                    done = tokio::time::timeout(deadlines.header, tls.accept(tcp)) => match done {
+                        Ok(Ok(stream)) => {
+                            let io = Timed::new(stream, phase, deadlines);
+                            serve_connection(io, service, &stopping, remote).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, peer = %remote, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(peer = %remote, "TLS handshake not done in time"),
+                    },
+                    () = stopping.closed() => {}
                 },
-                () = stopping.closed() => {}
             }
             drop(open);
         });
@@ -292,7 +288,8 @@ fn with_error_body(head: &[u8]) -> Option<Vec<u8>> {
 /// request ([`HEAD`]). The deadlines are only checked while hyper waits to read, which it
 /// does whenever the connection is idle or inside a request head.
 struct Timed<IO> {
-    tcp: IO,
+    /// The connection's stream: TCP, or TLS over TCP.
+    io: IO,
     phase: Arc<AtomicU8>,
     deadlines: Deadlines,
     /// When the current phase's deadline passes (in [`HEAD`] and [`IDLE`]).
@@ -307,10 +304,10 @@ struct Timed<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Timed<IO> {
-    fn new(tcp: IO, phase: Arc<AtomicU8>, deadlines: Deadlines) -> Self {
+    fn new(io: IO, phase: Arc<AtomicU8>, deadlines: Deadlines) -> Self {
         let deadline = Instant::now() + deadlines.header;
         Self {
-            tcp,
+            io,
             phase,
             deadlines,
             deadline,
@@ -341,7 +338,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Timed<IO> {
         }
         let (answer, done) = self.rewrite.as_mut()?;
         while *done < answer.len() {
-            match Pin::new(&mut self.tcp).poll_write(cx, &answer[*done..]) {
+            match Pin::new(&mut self.io).poll_write(cx, &answer[*done..]) {
                 Poll::Ready(Ok(0)) => {
                     return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())))
                 }
@@ -396,7 +393,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Timed<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before && this.phase.load(Ordering::Relaxed) == IDLE {
                     this.phase.store(HEAD, Ordering::Relaxed);
@@ -420,7 +417,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<IO> {
         if let Some(rewritten) = this.poll_rewrite(cx, buf, buf.len()) {
             return rewritten;
         }
-        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
         this.wrote();
         Poll::Ready(Ok(n))
     }
@@ -439,21 +436,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<IO> {
         if let Some(rewritten) = this.poll_rewrite(cx, head, total) {
             return rewritten;
         }
-        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
         this.wrote();
         Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
