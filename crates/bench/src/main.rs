@@ -632,22 +632,23 @@ async fn connect(
     };
     let stream = TcpStream::connect(host).await?;
     stream.set_nodelay(true)?;
-    let sender = match tls {
-        None => {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            sender
-        }
+    match tls {
+        None => http1(stream).await,
         Some(tls) => {
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-            let stream = tls.connector.connect(name, stream).await?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            sender
+            http1(tls.connector.connect(name, stream).await?).await
         }
-    };
+    }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own.
+async fn http1<IO>(io: IO) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
     Ok(sender)
 }
 
