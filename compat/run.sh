@@ -7,7 +7,7 @@
 #
 # --tls: the server serves HTTPS (--tls-cert/--tls-key) with a self-signed certificate for
 #        127.0.0.1 made here with openssl, and the SDKs, urllib and the WebSocket clients
-#        trust only that certificate (SWITCHBOARD_CA_CERT, NODE_EXTRA_CA_CERTS).
+#        trust that certificate (SWITCHBOARD_CA_CERT, NODE_EXTRA_CA_CERTS).
 #
 # - installs the SDKs on first use (compat/python/.venv, compat/node/node_modules)
 # - creates a fresh database in a temp dir (or uses SWITCHBOARD_COMPAT_DB, which must be
