@@ -7,6 +7,7 @@
 //!
 //! [`serve`] runs the whole server on a listener until a shutdown future completes.
 
+pub mod backup;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -70,6 +70,19 @@ enum Command {
     Ping(main_api::PingArgs),
     /// Assign a visitor to a group, or remove it from its group, through the API.
     VisitorGroup(main_api::VisitorGroupArgs),
+    /// Copy the SQLite database to a new file, while the server runs (a consistent snapshot).
+    Backup {
+        /// The backup file to write (must not exist).
+        file: PathBuf,
+    },
+    /// Replace the SQLite database with a backup (the server must be stopped).
+    Restore {
+        /// A file written by `switchboard backup`.
+        file: PathBuf,
+        /// Replace an existing database (everything in it is lost).
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +283,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(cmd) => main_api::push(cmd, cli.json).await,
         Command::Ping(args) => main_api::ping(args, cli.json).await,
         Command::VisitorGroup(args) => main_api::visitor_group(args, cli.json).await,
+        Command::Backup { file } => {
+            let db = cli.db.clone();
+            let summary =
+                tokio::task::spawn_blocking(move || switchboard_server::backup::backup(&db, &file))
+                    .await??;
+            print_copy(cli.json, "backed up", &cli.db, &summary);
+            Ok(())
+        }
+        Command::Restore { file, replace } => {
+            let (db, from) = (cli.db.clone(), file.clone());
+            let summary = tokio::task::spawn_blocking(move || {
+                switchboard_server::backup::restore(&db, &from, replace)
+            })
+            .await??;
+            print_copy(cli.json, "restored", &file, &summary);
+            Ok(())
+        }
         other => {
             let domain = switchboard_server::open(
                 &cli.db,
@@ -415,13 +445,44 @@ fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> Strin
     }
 }
 
+/// Reports a backup (`from` is the database) or a restore (`from` is the backup).
+fn print_copy(
+    json_out: bool,
+    done: &str,
+    from: &std::path::Path,
+    s: &switchboard_server::backup::Summary,
+) {
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    let value = json!({
+        "file": s.path, "bytes": s.bytes, "accounts": s.accounts, "messages": s.messages,
+        "schemaVersion": s.schema_version, "seconds": s.elapsed.as_secs_f64(),
+        "warnings": s.warnings,
+    });
+    print(json_out, value, || {
+        format!(
+            "{done} {} to {}: {} accounts, {} messages, {} bytes (schema {}) in {:.2} s",
+            from.display(),
+            s.path.display(),
+            s.accounts,
+            s.messages,
+            s.bytes,
+            s.schema_version,
+            s.elapsed.as_secs_f64()
+        )
+    });
+}
+
 async fn admin(domain: &Arc<Domain>, cmd: Command, j: bool) -> anyhow::Result<()> {
     match cmd {
         Command::Serve(_)
         | Command::Msg(_)
         | Command::Push(_)
         | Command::Ping(_)
-        | Command::VisitorGroup(_) => unreachable!("handled by run"),
+        | Command::VisitorGroup(_)
+        | Command::Backup { .. }
+        | Command::Restore { .. } => unreachable!("handled by run"),
         Command::Accounts(AccountsCmd::Create { name }) => {
             let (account, key) = domain.create_account(&name).await?;
             print(

@@ -33,6 +33,11 @@ use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// The newest migration this build applies to an SQLite database.
+pub fn latest_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 /// How long opening a read connection may take (a file; it waits only on locks, as long
 /// as the busy timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -191,7 +196,14 @@ impl SqliteStore {
         )
         .fetch_one(&mut conn)
         .await?;
-        let next_seq = feed_max.max(webhook_max);
+        // A restored backup starts numbering above every position the database it replaced
+        // handed out (`switchboard restore` records it): a stream client resuming from one
+        // of those must not skip what is written after the restore.
+        let floor: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(value), 0) FROM meta WHERE key = 'seq_floor'")
+                .fetch_one(&mut conn)
+                .await?;
+        let next_seq = feed_max.max(webhook_max).max(floor);
         let head = Arc::new(AtomicI64::new(feed_max));
         let open_chats = load_open_chats(&mut conn).await?;
         let fast = open_fast(path, options.synchronous_full)?;

@@ -5,6 +5,7 @@ mod db;
 mod harness;
 
 mod auth;
+mod backup;
 mod cluster;
 mod commit_outcome;
 mod connections;

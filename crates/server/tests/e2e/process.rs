@@ -14,7 +14,7 @@ use crate::tls::{self_signed, write_pair};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
-fn cli(db: &Path, args: &[&str]) -> Value {
+pub(crate) fn cli(db: &Path, args: &[&str]) -> Value {
     let out = std::process::Command::new(BIN)
         .arg("--db")
         .arg(db)
@@ -34,7 +34,7 @@ fn cli(db: &Path, args: &[&str]) -> Value {
 
 /// Starts `switchboard serve` on port 0; returns the child, its URL and the stdout lines
 /// printed before the listening line.
-async fn serve(db: &Path, api_key: Option<&str>) -> (Child, String, Vec<String>) {
+pub(crate) async fn serve(db: &Path, api_key: Option<&str>) -> (Child, String, Vec<String>) {
     serve_with(db, api_key, &[]).await
 }
 
@@ -949,7 +949,7 @@ async fn the_cli_shows_a_failing_webhook_and_its_log() {
 }
 
 /// Runs `switchboard ARGS` in `dir`, which must fail within 120 s; returns its stderr.
-async fn fails(dir: &Path, args: &[&str]) -> String {
+pub(crate) async fn fails(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
         .current_dir(dir)
         .args(args)
