@@ -352,6 +352,8 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{addr}");
     tracing::info!(%addr, db = %db.display(), "switchboard is ready");
+    #[cfg(unix)]
+    reload_on_sighup(tls.clone())?;
     let options = switchboard_server::ServeOptions {
         tls,
         ..args.serve_options()
@@ -390,6 +392,26 @@ fn raise_open_files_limit() {
             "could not raise the open-files limit; connections beyond it will wait"
         ),
     }
+}
+
+/// SIGHUP reads the TLS files again at once (`systemctl reload`, a renewal tool's deploy
+/// hook) instead of ending the process, which is what it would do unhandled.
+#[cfg(unix)]
+fn reload_on_sighup(tls: Option<switchboard_server::http::tls::Tls>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                Some(tls) => {
+                    tracing::info!("SIGHUP: reading the TLS certificate and key again");
+                    tls.reload_now();
+                }
+                None => tracing::info!("SIGHUP: nothing to reload (no --tls-cert)"),
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -39,6 +39,8 @@ pub struct Tls {
     current: Arc<Current>,
     acceptor: TlsAcceptor,
     reloads: Arc<tokio::sync::watch::Sender<Reloads>>,
+    /// Asks [`Tls::watch`] to read the pair now (SIGHUP).
+    nudge: Arc<tokio::sync::Notify>,
 }
 
 /// How the reloads of a [`Tls`] went so far.
@@ -116,7 +118,15 @@ impl Tls {
             current,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             reloads: Arc::new(tokio::sync::watch::Sender::new(Reloads::default())),
+            nudge: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Has [`Tls::watch`] read the pair again now, changed or not (what SIGHUP does): for a
+    /// renewal tool that reloads the service after writing the files, and for files
+    /// rewritten with their old modification times.
+    pub fn reload_now(&self) {
+        self.nudge.notify_one();
     }
 
     /// The reloads so far, and every one after (to wait for one).
@@ -130,7 +140,8 @@ impl Tls {
     }
 
     /// Reads the pair again whenever a file changes (and again at every check while the
-    /// changed pair does not load); runs until the task is aborted.
+    /// changed pair does not load), and whenever [`Tls::reload_now`] asks; runs until the
+    /// task is aborted.
     pub async fn watch(self) {
         // The files' times when the pair in use was read, and when a pair last failed.
         let mut loaded = stamps(&self.files);
@@ -138,10 +149,17 @@ impl Tls {
         let mut every = tokio::time::interval(self.files.check_every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
+            let asked = tokio::select! {
+                _ = every.tick() => false,
+                () = self.nudge.notified() => true,
+            };
             let now = stamps(&self.files);
-            if now == loaded {
+            if now == loaded && !asked {
                 continue;
+            }
+            if asked {
+                // Said every time: the operator asked and wants to see the outcome.
+                failed = None;
             }
             match load(&self.files) {
                 Ok(pair) => {

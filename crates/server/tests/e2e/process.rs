@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::db::{Conn, TestDb};
-use crate::tls::{self_signed, write_pair};
+use crate::tls::{self_signed, trusting, write_pair};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -1391,5 +1391,93 @@ async fn the_open_files_limit_is_raised_to_the_hard_one() {
         assert_eq!(&head, b"HTTP/1.1 200");
     }
     drop(held);
+    sigterm_and_wait(&mut child).await;
+}
+
+/// Sends `signal` (e.g. `-HUP`) to `child`.
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits (at most 10 s) for a log line containing `text`.
+async fn log_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, text: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(text) {
+                return;
+            }
+        }
+        panic!("the server exited before logging {text:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line with {text:?} within 10 s"));
+}
+
+/// SIGHUP (`systemctl reload`, a renewal tool's deploy hook) reads the TLS files again at
+/// once, even files replaced with their old modification times, which the periodic check
+/// cannot see; and it stops nothing, with TLS or without.
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = self_signed();
+    let (cert, key) = write_pair(dir.path(), "server", &old);
+    let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut cmd = serve_command(
+        &dir.path().join("tls.db"),
+        Some("k"),
+        &["--tls-cert", cert_arg, "--tls-key", key_arg],
+    );
+    cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    let (mut child, url, _) = start(cmd).await;
+    let mut lines = log_lines(&mut child);
+    let health = format!("{url}/health");
+    assert_eq!(
+        trusting(&old.0).get(&health).send().await.unwrap().status(),
+        200
+    );
+
+    // The new pair goes in by rename, with the old files' times: at no moment do the files
+    // the periodic check looks at show a change.
+    let new = self_signed();
+    let (staged_cert, staged_key) = write_pair(dir.path(), "staged", &new);
+    for (staged, live) in [(&staged_cert, &cert), (&staged_key, &key)] {
+        let time = std::fs::metadata(live).unwrap().modified().unwrap();
+        let file = std::fs::File::options().write(true).open(staged).unwrap();
+        file.set_modified(time).unwrap();
+        std::fs::rename(staged, live).unwrap();
+    }
+    assert!(
+        trusting(&new.0).get(&health).send().await.is_err(),
+        "the new certificate was in use before SIGHUP"
+    );
+    signal(&child, "-HUP");
+    log_line(&mut lines, "TLS certificate reloaded").await;
+    assert_eq!(
+        trusting(&new.0).get(&health).send().await.unwrap().status(),
+        200
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the server"
+    );
+    sigterm_and_wait(&mut child).await;
+
+    let mut cmd = serve_command(&dir.path().join("plain.db"), Some("k"), &[]);
+    cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    let (mut child, url, _) = start(cmd).await;
+    let mut lines = log_lines(&mut child);
+    signal(&child, "-HUP");
+    log_line(&mut lines, "SIGHUP: nothing to reload").await;
+    let r = reqwest::get(format!("{url}/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the server"
+    );
     sigterm_and_wait(&mut child).await;
 }

@@ -42,7 +42,7 @@ pub(crate) fn write_pair(
 
 /// A client that trusts only `cert`, with no connection pool. A new one has no TLS session
 /// to resume either, so its handshake sees the certificate the server has now.
-fn trusting(cert: &str) -> reqwest::Client {
+pub(crate) fn trusting(cert: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
