@@ -61,6 +61,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let app = Router::new()
         .route("/health", get(health))
+        .route("/health/ready", get(ready))
         .route("/v3/openapi.json", get(openapi::serve))
         .merge(v3::routes())
         .merge(widget::routes())
@@ -120,8 +121,56 @@ fn make_span(req: &Request) -> tracing::Span {
     tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
 }
 
-async fn health() -> Json<serde_json::Value> {
+/// Liveness: answers as soon as the server accepts requests.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "Extensions",
+    summary = "Liveness",
+    description = "Answers {\"status\": \"ok\"} once the server accepts requests (after its migrations); no api-key needed. It checks nothing else: for the database, use /health/ready.",
+    responses((status = 200, description = "The server is up")),
+)]
+pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// How long `/health/ready` waits for the database and the writer.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness for a load balancer or a monitor: 200 only when the database answers a read
+/// and the writer a job within [`READY_WITHIN`], else 503 saying which failed.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "Extensions",
+    summary = "Readiness",
+    description = "Answers {\"status\": \"ok\"} when the database answers a read and the writer takes a job (an empty transaction, which writes nothing) within 2 s; else 503 with Retry-After: 1 and a message saying what failed (the database's error, or that it did not answer in time). For load balancer health checks and monitors; no api-key needed.",
+    responses(
+        (status = 200, description = "Ready to serve reads and writes"),
+        (status = 503, description = "The database or its writer failed or did not answer within 2 s", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn ready(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let not_ready = |why: String| {
+        tracing::warn!(%why, "readiness check failed");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::BadRequest,
+            format!("not ready: {why}"),
+        );
+        e.retry_after = Some(STORAGE_RETRY_AFTER_SECS);
+        e
+    };
+    match tokio::time::timeout(READY_WITHIN, state.domain.store().ready()).await {
+        Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ok" }))),
+        Ok(Err(e)) => Err(not_ready(format!("the database failed: {e}"))),
+        Err(_) => Err(not_ready(format!(
+            "the database and its writer did not answer within {} s",
+            READY_WITHIN.as_secs()
+        ))),
+    }
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {

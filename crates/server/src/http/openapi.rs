@@ -45,6 +45,8 @@ use super::{hooks, v3, widget};
         widget::send_message,
         widget::mark_read,
         widget::socket,
+        super::health,
+        super::ready,
     ),
     components(schemas(switchboard_wire::StreamEvent)),
     modifiers(&Security),

@@ -591,6 +591,10 @@ pub struct Signals {
 /// the writer but its connection (implemented once, in `portable.rs`).
 #[async_trait]
 pub trait Portable: Send + Sync + 'static {
+    /// Whether the database answers a read on a read connection, and the writer an empty
+    /// job (what `GET /health/ready` checks).
+    async fn ready(&self) -> StoreResult<()>;
+
     // --- reads, on the pool ------------------------------------------------------------
 
     /// All accounts.

@@ -156,6 +156,16 @@ where
     for<'r> AttemptRow: FromRow<'r, <S::Db as Database>::Row>,
     for<'r> ChatRow: FromRow<'r, <S::Db as Database>::Row>,
 {
+    async fn ready(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(self.reader()).await?;
+        // Through the writer's queue, in its next transaction: one that changes nothing,
+        // so it writes nothing to disk.
+        self.write_sql(|_: &mut Connection<S>| -> BoxFuture<'_, StoreResult<()>> {
+            Box::pin(async { Ok(()) })
+        })
+        .await
+    }
+
     async fn list_accounts(&self) -> StoreResult<Vec<Account>> {
         Ok(sqlx::query_as(
             "SELECT id, name, is_default, created_at FROM accounts ORDER BY created_at, id",

@@ -19,6 +19,7 @@ mod messages;
 mod openapi;
 mod process;
 mod pushed;
+mod ready;
 #[cfg(target_os = "linux")]
 mod storage_full;
 mod streams;

@@ -64,6 +64,8 @@ async fn openapi_document_matches_the_routes() {
         "GET /v3/conversations/webhooks/{id}/deliveries",
         "GET /v3/conversations/webhooks/{id}/deliveries/{eventId}",
         "POST /v3/conversations/webhooks/{id}/deliveries/{eventId}/replay",
+        "GET /health",
+        "GET /health/ready",
     ];
     let mut expected = expected.to_vec();
     expected.sort();
