@@ -134,6 +134,10 @@ pub struct ServeArgs {
     /// The private key of `--tls-cert` (PEM: PKCS#8, RSA or EC).
     #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address, a listener of its own
+    /// (e.g. 127.0.0.1:9100; port 0 picks a free port). Off by default.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(
         long,

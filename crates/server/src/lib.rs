@@ -12,6 +12,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod realtime;
 pub mod store;
 pub mod webhooks;
@@ -238,6 +239,27 @@ pub struct ServeOptions {
     pub cors: http::cors::CorsOrigins,
     /// Serve HTTPS with this certificate (else plain HTTP).
     pub tls: Option<http::tls::Tls>,
+    /// Serve `GET /metrics` on this listener of its own (else no metrics).
+    pub metrics: Option<MetricsListener>,
+}
+
+/// A bound listener for [`ServeOptions::metrics`].
+#[derive(Debug, Clone)]
+pub struct MetricsListener(Arc<std::net::TcpListener>);
+
+impl MetricsListener {
+    /// Binds `addr` (port 0 picks a free port).
+    pub fn bind(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("listening for metrics on {addr}: {e}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self(Arc::new(listener)))
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
 }
 
 impl Default for ServeOptions {
@@ -253,6 +275,7 @@ impl Default for ServeOptions {
             idle_timeout: Duration::from_secs(60),
             cors: http::cors::CorsOrigins::Any,
             tls: None,
+            metrics: None,
         }
     }
 }
@@ -286,6 +309,18 @@ pub async fn serve_with(
         )),
         options.cors.clone(),
     );
+    let metrics = match &options.metrics {
+        Some(MetricsListener(listener)) => {
+            let listener = TcpListener::from_std(listener.try_clone()?)?;
+            let app = metrics::router(domain.clone(), hub.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let purge = tokio::spawn(purge_idempotency_keys(domain.clone()));
     let lifecycle = options
         .lifecycle_tick
@@ -330,6 +365,9 @@ pub async fn serve_with(
         }
     }
     purge.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     if let Some(t) = tls_watch {
         t.abort();
     }

@@ -345,6 +345,14 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
             boot.account.id
         );
     }
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = switchboard_server::MetricsListener::bind(addr)?;
+            println!("metrics on http://{}/metrics", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -356,6 +364,7 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     reload_on_sighup(tls.clone())?;
     let options = switchboard_server::ServeOptions {
         tls,
+        metrics,
         ..args.serve_options()
     };
     switchboard_server::serve_with(domain, listener, options, shutdown_signal()).await?;

@@ -91,6 +91,7 @@ pub async fn serve<S>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let counted = crate::metrics::counters().connection();
         let phase = Arc::new(AtomicU8::new(HEAD));
         let (at_request, at_answer) = (phase.clone(), phase.clone());
         // Whether the request being served ends its connection (hyper then closes it after
@@ -141,6 +142,7 @@ pub async fn serve<S>(
                 },
             }
             drop(open);
+            drop(counted);
         });
     }
     drop(open_rx);

@@ -594,6 +594,9 @@ pub trait Portable: Send + Sync + 'static {
     /// Whether the database answers a read on a read connection, and the writer an empty
     /// job (what `GET /health/ready` checks).
     async fn ready(&self) -> StoreResult<()>;
+    /// Webhook deliveries in the outbox by status (`pending`, `delivered`, `failed`), for
+    /// the metrics.
+    async fn webhook_delivery_counts(&self) -> StoreResult<Vec<(String, i64)>>;
 
     // --- reads, on the pool ------------------------------------------------------------
 

@@ -144,6 +144,7 @@ where
     for<'q> i64: Encode<'q, S::Db> + Type<S::Db>,
     for<'q> Option<&'q str>: Encode<'q, S::Db> + Type<S::Db>,
     for<'r> (String, String): FromRow<'r, <S::Db as Database>::Row>,
+    for<'r> (String, i64): FromRow<'r, <S::Db as Database>::Row>,
     for<'r> Account: FromRow<'r, <S::Db as Database>::Row>,
     for<'r> ApiKey: FromRow<'r, <S::Db as Database>::Row>,
     for<'r> AgentRow: FromRow<'r, <S::Db as Database>::Row>,
@@ -164,6 +165,14 @@ where
             Box::pin(async { Ok(()) })
         })
         .await
+    }
+
+    async fn webhook_delivery_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT status, count(*) FROM webhook_deliveries GROUP BY status ORDER BY status",
+        )
+        .fetch_all(self.reader())
+        .await?)
     }
 
     async fn list_accounts(&self) -> StoreResult<Vec<Account>> {

@@ -657,6 +657,7 @@ async fn commit(ctx: &mut WriterCtx) -> Result<i64, CommitError> {
 
 fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
     Box::pin(async move {
+        let (writes, started) = (batch.len(), std::time::Instant::now());
         if let Some(mut again) = run_batch_inner(ctx, batch, true).await {
             tracing::info!(
                 size = again.len(),
@@ -664,6 +665,7 @@ fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFutu
             );
             run_batch_inner(ctx, &mut again, false).await;
         }
+        crate::metrics::counters().commit(writes, started.elapsed());
     })
 }
 

@@ -350,7 +350,11 @@ async fn writer_loop(mut ctx: WriterCtx, mut rx: mpsc::Receiver<WriterMsg>, max_
 }
 
 fn run_batch<'a>(ctx: &'a mut WriterCtx, batch: &'a mut Vec<Pending>) -> BoxFuture<'a, ()> {
-    Box::pin(run_batch_inner(ctx, batch))
+    Box::pin(async move {
+        let (writes, started) = (batch.len(), std::time::Instant::now());
+        run_batch_inner(ctx, batch).await;
+        crate::metrics::counters().commit(writes, started.elapsed());
+    })
 }
 
 /// An answer owed to a caller once the commit outcome is known.

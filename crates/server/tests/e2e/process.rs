@@ -1481,3 +1481,130 @@ async fn sighup_reloads_the_certificate_and_stops_nothing() {
     );
     sigterm_and_wait(&mut child).await;
 }
+
+/// Prometheus text: `name{labels} value` by series, every name declared with `# TYPE`.
+fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut series = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').expect("series and value");
+        let base = name.split('{').next().unwrap();
+        assert!(
+            typed.iter().any(|t| base == *t
+                || base.strip_suffix("_bucket").is_some_and(|b| b == *t)
+                || base.strip_suffix("_sum").is_some_and(|b| b == *t)
+                || base.strip_suffix("_count").is_some_and(|b| b == *t)),
+            "{name} has no # TYPE"
+        );
+        series.insert(name.to_owned(), value.parse::<f64>().expect("a number"));
+    }
+    series
+}
+
+/// `--metrics-listen` serves Prometheus metrics on a port of its own (the API's has none):
+/// group commits with their writes and durations, connections, live streams, webhook
+/// deliveries by status, and the process's memory and files.
+#[tokio::test]
+async fn metrics_are_served_on_a_port_of_their_own() {
+    let storage = TestDb::new().await;
+    let cmd = serve_command(
+        &storage.path,
+        Some("k"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let (mut child, url, before) = start(cmd).await;
+    let metrics = before
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics on "))
+        .unwrap_or_else(|| panic!("no metrics address in {before:?}"))
+        .to_owned();
+    let scrape = || async {
+        let r = reqwest::get(&metrics).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        parse_metrics(&r.text().await.unwrap())
+    };
+    let start_counts = scrape().await;
+    let http = reqwest::Client::new();
+    let hook = http
+        .post(format!("{url}/v3/conversations/webhooks"))
+        .header("api-key", "k")
+        .json(&json!({"url": "http://127.0.0.1:9/hook"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status(), 201);
+    for i in 0..5 {
+        let r = http
+            .post(format!("{url}/v3/conversations/messages"))
+            .header("api-key", "k")
+            .json(&json!({"visitorId": "v", "text": format!("m{i}"), "agentEmail": "a@x.com", "agentName": "A"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let events = http
+        .get(format!("{url}/v3/conversations/events"))
+        .header("api-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+
+    let mut m = scrape().await;
+    for _ in 0..100 {
+        if m["switchboard_live_streams"] >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = scrape().await;
+    }
+    let grew = |name: &str| m[name] - start_counts[name];
+    assert!(grew("switchboard_commit_writes_total") >= 6.0, "{m:?}");
+    assert!(grew("switchboard_commits_total") >= 1.0, "{m:?}");
+    let commits = m["switchboard_commits_total"];
+    assert_eq!(m["switchboard_commit_duration_seconds_count"], commits);
+    assert_eq!(
+        m["switchboard_commit_duration_seconds_bucket{le=\"+Inf\"}"],
+        commits
+    );
+    assert!(m["switchboard_commit_duration_seconds_sum"] > 0.0);
+    assert!(m["switchboard_connections_total"] >= 1.0, "{m:?}");
+    assert!(m["switchboard_connections_open"] >= 1.0, "{m:?}");
+    assert_eq!(m["switchboard_live_streams"], 1.0);
+    assert!(
+        m.iter()
+            .filter(|(k, _)| k.starts_with("switchboard_webhook_deliveries{"))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+            >= 1.0,
+        "{m:?}"
+    );
+    assert!(m["process_resident_memory_bytes"] > 1e6);
+    assert!(m["process_open_fds"] > 3.0);
+    assert!(m.contains_key("process_cpu_seconds_total"));
+    drop(events);
+
+    let r = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "the API's port serves no metrics");
+    // Closed connections are counted out.
+    drop(http);
+    let mut open = f64::MAX;
+    for _ in 0..100 {
+        open = scrape().await["switchboard_connections_open"];
+        if open == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open, 0.0, "connections closed but still counted open");
+    sigterm_and_wait(&mut child).await;
+}
