@@ -75,6 +75,7 @@ pub fn backup(db: &Path, to: &Path) -> anyhow::Result<Summary> {
         _ => {}
     }
     let written = (|| -> anyhow::Result<Summary> {
+        // Read-write only because a reader of a WAL database writes its `-shm` index.
         let conn = open_existing(&source, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         let schema_version = schema_version(&conn, &source)?;
         conn.execute("VACUUM INTO ?1", [&partial_name])

@@ -326,6 +326,9 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     raise_open_files_limit();
     // Before anything is opened: a bad certificate stops the server at once.
     let tls = args.tls()?;
+    // Before the listening line: from then on a SIGHUP must find its handler.
+    #[cfg(unix)]
+    reload_on_sighup(tls.clone())?;
     // Held until the store is closed, at the end of this function.
     let _lock = switchboard_server::ServeLock::acquire(db)?;
     let domain = switchboard_server::open(
@@ -360,8 +363,6 @@ async fn serve(db: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{addr}");
     tracing::info!(%addr, db = %db.display(), "switchboard is ready");
-    #[cfg(unix)]
-    reload_on_sighup(tls.clone())?;
     let options = switchboard_server::ServeOptions {
         tls,
         metrics,
