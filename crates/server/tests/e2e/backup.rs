@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::db::TestDb;
-use crate::process::{cli, fails, serve, sigterm_and_wait};
+use crate::process::{cli, fails, missing_messages, serve, sigterm_and_wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -162,20 +162,7 @@ async fn a_backup_under_load_holds_every_message_acknowledged_before_it() {
     );
 
     let (mut child, url, _) = serve(&backup, Some("k")).await;
-    let mut missing = Vec::new();
-    for (id, text) in &before {
-        let r = http
-            .get(format!("{url}/v3/conversations/messages/{id}"))
-            .header("api-key", "k")
-            .send()
-            .await
-            .unwrap();
-        if r.status() != 200 {
-            missing.push(id.clone());
-            continue;
-        }
-        assert_eq!(r.json::<Value>().await.unwrap()["text"], text.as_str());
-    }
+    let missing = missing_messages(&http, &url, &before).await;
     assert!(
         missing.is_empty(),
         "{} of {} messages acknowledged before the backup are not in it: {missing:?}",

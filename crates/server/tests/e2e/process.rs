@@ -403,8 +403,25 @@ async fn acknowledged_writes_survive(stop: Stop) {
     );
 
     let (mut child, url, _) = serve(&db, Some("k")).await;
+    let missing = missing_messages(&http, &url, &acked).await;
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages lost: {missing:?}",
+        missing.len(),
+        acked.len()
+    );
+    child.kill().await.unwrap();
+}
+
+/// The ids of `messages` (id, text) that the server at `url` (key `k`) does not have; the
+/// ones it has must carry their text.
+pub(crate) async fn missing_messages(
+    http: &reqwest::Client,
+    url: &str,
+    messages: &[(String, String)],
+) -> Vec<String> {
     let mut missing = Vec::new();
-    for (id, text) in &acked {
+    for (id, text) in messages {
         let r = http
             .get(format!("{url}/v3/conversations/messages/{id}"))
             .header("api-key", "k")
@@ -417,13 +434,7 @@ async fn acknowledged_writes_survive(stop: Stop) {
         }
         assert_eq!(r.json::<Value>().await.unwrap()["text"], text.as_str());
     }
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged messages lost: {missing:?}",
-        missing.len(),
-        acked.len()
-    );
-    child.kill().await.unwrap();
+    missing
 }
 
 /// One request that reached the test's webhook receiver.
